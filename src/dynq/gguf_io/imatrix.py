@@ -1,0 +1,194 @@
+"""Importance matrices in llama.cpp's two file formats: GGUF (`*.in_sum2` / `*.counts`) and the legacy `.dat`.
+
+An entry holds, for one weight matrix, the sum of squared input activations per input column, one row per matrix
+(per expert for 3-D expert tensors), and the number of tokens each matrix saw. What a quantizer wants is the mean:
+`importance()` gives it the way llama-quantize computes it (a matrix that saw no token gets all ones).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGUFReader, GGUFWriter
+
+from dynq.errors import DynqError
+from dynq.gguf_io.reader import field_value
+
+F32Array = npt.NDArray[np.float32]
+
+
+@dataclass
+class ImatrixEntry:
+    sums: F32Array  # shape [n_mat, row_length]: sum of x² per column
+    counts: F32Array  # shape [n_mat]: tokens seen per matrix
+
+    @property
+    def n_mat(self) -> int:
+        return int(self.sums.shape[0])
+
+    @property
+    def row_length(self) -> int:
+        return int(self.sums.shape[1])
+
+    def with_row_length(self, row_length: int) -> ImatrixEntry | None:
+        """The same data laid out as rows of `row_length` (.dat files store one flat vector), or None if it
+        does not divide."""
+        total = self.sums.size
+        if total % row_length:
+            return None
+        sums = self.sums.reshape(-1, row_length)
+        counts = self.counts if self.counts.size == sums.shape[0] else np.full(sums.shape[0], self.counts[0])
+        return ImatrixEntry(sums, counts.astype(np.float32))
+
+    def importance(self) -> F32Array:
+        """Per-column mean of x², [n_mat, row_length]; ones for a matrix without data (as llama-quantize does)."""
+        counts = self.counts[:, None]
+        safe = np.where(counts > 0, counts, 1.0).astype(np.float32)
+        return np.where(counts > 0, self.sums / safe, np.float32(1.0)).astype(np.float32)
+
+
+@dataclass
+class Imatrix:
+    entries: dict[str, ImatrixEntry]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+
+def read_imatrix(path: str | Path) -> Imatrix:
+    """Read an imatrix in GGUF or legacy .dat format (told apart by the GGUF magic)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DynqError(f"{path}: no such imatrix file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    return _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+
+
+def _read_gguf(path: Path) -> Imatrix:
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError) as e:
+        raise DynqError(f"{path}: truncated or corrupt imatrix ({e}); make it again") from None
+    if field_value(reader, "general.type") != "imatrix":
+        raise DynqError(f"{path}: a GGUF file but not an imatrix (general.type is not 'imatrix')")
+    tensors = {t.name: t for t in reader.tensors}
+    entries = {}
+    for name, t in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name.removesuffix(".in_sum2")
+        counts_t = tensors.get(base + ".counts")
+        if counts_t is None:
+            raise DynqError(f"{path}: entry {base} has sums but no counts; the imatrix is corrupt")
+        sums = np.array(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))
+        counts = np.array(counts_t.data, dtype=np.float32).reshape(-1)
+        if counts.size != sums.shape[0]:
+            raise DynqError(f"{path}: entry {base} has {sums.shape[0]} matrices but {counts.size} counts")
+        entries[base] = ImatrixEntry(sums, counts)
+    datasets = field_value(reader, "imatrix.datasets") or []
+    return Imatrix(
+        entries,
+        [str(d) for d in (datasets if isinstance(datasets, list) else [datasets])],
+        int(field_value(reader, "imatrix.chunk_count") or 0),
+        int(field_value(reader, "imatrix.chunk_size") or 0),
+    )
+
+
+class _DatReader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = path.read_bytes()
+        self.pos = 0
+
+    def take(self, fmt: str) -> tuple[int, ...]:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise DynqError(f"{self.path}: truncated or not an imatrix (.dat ends at byte {len(self.data)})")
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return values
+
+    def floats(self, n: int) -> F32Array:
+        end = self.pos + 4 * n
+        if end > len(self.data):
+            raise DynqError(f"{self.path}: truncated or not an imatrix (.dat ends at byte {len(self.data)})")
+        out = np.frombuffer(self.data, dtype="<f4", count=n, offset=self.pos).astype(np.float32)
+        self.pos = end
+        return out
+
+
+def _read_dat(path: Path) -> Imatrix:
+    r = _DatReader(path)
+    (n_entries,) = r.take("<i")
+    if not 0 < n_entries < 1_000_000:
+        raise DynqError(f"{path}: neither a GGUF imatrix nor a legacy .dat one (entry count {n_entries})")
+    entries = {}
+    for _ in range(n_entries):
+        (name_len,) = r.take("<i")
+        if not 0 < name_len < 4096:
+            raise DynqError(f"{path}: not a valid .dat imatrix (name length {name_len})")
+        name = r.data[r.pos : r.pos + name_len].decode("utf-8", errors="replace")
+        r.pos += name_len
+        ncall, nval = r.take("<ii")
+        values = r.floats(nval)
+        # Stored as mean·ncall: keep ncall as the token count so that sums / counts gives the mean back.
+        calls = np.float32(max(ncall, 1))
+        entries[name] = ImatrixEntry(values.reshape(1, -1), np.array([calls], dtype=np.float32))
+    chunk_count = r.take("<i")[0] if r.pos + 4 <= len(r.data) else 0
+    datasets = []
+    if r.pos + 4 <= len(r.data):
+        (n,) = r.take("<i")
+        datasets.append(r.data[r.pos : r.pos + n].decode("utf-8", errors="replace"))
+    return Imatrix(entries, datasets, chunk_count)
+
+
+def write_imatrix_gguf(imatrix: Imatrix, path: str | Path) -> None:
+    """Write llama.cpp's GGUF imatrix format (to a temporary name, then renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = GGUFWriter(tmp, arch="imatrix")
+    writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry general.type only
+    writer.add_string("general.type", "imatrix")
+    writer.add_array("imatrix.datasets", imatrix.datasets)
+    writer.add_uint32("imatrix.chunk_count", imatrix.chunk_count)
+    writer.add_uint32("imatrix.chunk_size", imatrix.chunk_size)
+    for name in sorted(imatrix.entries):
+        e = imatrix.entries[name]
+        writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(e.sums, dtype=np.float32))
+        writer.add_tensor(f"{name}.counts", np.ascontiguousarray(e.counts.reshape(-1, 1), dtype=np.float32))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_imatrix_dat(imatrix: Imatrix, path: str | Path) -> None:
+    """Write the legacy .dat format: per entry mean·ncall, as llama-imatrix --output-format dat does."""
+    path = Path(path)
+    chunk = max(imatrix.chunk_size, 1)
+    out = [struct.pack("<i", len(imatrix.entries))]
+    for name in sorted(imatrix.entries):
+        e = imatrix.entries[name]
+        ncall = int(max(1, -(-int(e.counts.max(initial=0)) // chunk)))
+        mean = e.importance()
+        raw = name.encode()
+        out += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, mean.size)]
+        out.append((mean.reshape(-1) * np.float32(ncall)).astype("<f4").tobytes())
+    dataset = (imatrix.datasets[-1] if imatrix.datasets else "").encode()
+    out += [struct.pack("<i", imatrix.chunk_count), struct.pack("<i", len(dataset)), dataset]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(b"".join(out))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

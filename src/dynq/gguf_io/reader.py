@@ -1,0 +1,157 @@
+"""Reading GGUF models, single files and llama.cpp split shards, with tensor data memory-mapped.
+
+Parsing and decoding are the `gguf` package's; this module adds split discovery, checks that turn a damaged file
+into one clear error, and dequantization of one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGUFReader, GGUFValueType, ReaderTensor, dequantize
+
+from dynq.errors import DynqError
+from dynq.sources.tensor_info import ModelInventory, TensorInfo
+from dynq.types import qtype
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+# Metadata that is bulky and says nothing about sizes; kept out of `metadata`, still readable via `field()`.
+_BULKY_PREFIXES = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                   "tokenizer.ggml.scores")  # fmt: skip
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """All shards of a split model given any one of them (or just `[path]` for a single file)."""
+    m = SPLIT_NAME.match(path.name)
+    if m is None:
+        return [path]
+    count = int(m.group("count"))
+    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise DynqError(f"{path}: split model is missing shard(s) {', '.join(missing)}; put all shards together")
+    return paths
+
+
+def _open_reader(path: Path) -> GGUFReader:
+    if not path.exists():
+        raise DynqError(f"{path}: no such file")
+    if path.is_dir():
+        raise DynqError(f"{path}: is a directory, expected a .gguf file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise DynqError(f"{path}: not a GGUF file (it does not start with 'GGUF'); pass a .gguf model")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OverflowError, MemoryError) as e:
+        raise DynqError(f"{path}: truncated or corrupt GGUF ({e}); download or convert it again") from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise DynqError(
+                f"{path}: truncated GGUF: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
+                f"but the file has {size}; download or convert it again"
+            )
+    return reader
+
+
+def field_value(reader: GGUFReader, key: str) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    value = f.contents()
+    if f.types and f.types[0] == GGUFValueType.BOOL and not isinstance(value, list):
+        return bool(value)
+    return value
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    info: TensorInfo
+    shard: int
+    raw: ReaderTensor
+
+
+class GGUFModel:
+    """A GGUF model on disk (one file or all shards of a split), read lazily."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.shards = shard_paths(self.path)
+        self.readers = [_open_reader(p) for p in self.shards]
+        self._check_split()
+        self._tensors: dict[str, GGUFTensor] = {}
+        for i, reader in enumerate(self.readers):
+            for t in reader.tensors:
+                if t.name in self._tensors:
+                    raise DynqError(f"{self.shards[i]}: tensor {t.name} appears twice; the model is corrupt")
+                shape = tuple(int(d) for d in t.shape)
+                self._tensors[t.name] = GGUFTensor(TensorInfo(t.name, shape, qtype(int(t.tensor_type))), i, t)
+
+    def _check_split(self) -> None:
+        if len(self.shards) == 1:
+            return
+        for i, reader in enumerate(self.readers):
+            no, count = field_value(reader, "split.no"), field_value(reader, "split.count")
+            if no != i or count != len(self.shards):
+                raise DynqError(
+                    f"{self.shards[i]}: split metadata says shard {no} of {count}, expected {i} of "
+                    f"{len(self.shards)}; the shards do not belong together"
+                )
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        """All key/value metadata of the model (from the first shard), without the split bookkeeping keys."""
+        reader = self.readers[0]
+        return {
+            k: field_value(reader, k)
+            for k in reader.fields
+            if not k.startswith("GGUF.") and k not in SPLIT_KEYS and not k.startswith(_BULKY_PREFIXES)
+        }
+
+    def field(self, key: str) -> Any:
+        return field_value(self.readers[0], key)
+
+    @property
+    def arch(self) -> str:
+        arch = self.field("general.architecture")
+        return str(arch) if arch is not None else "unknown"
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return [t.info for t in self._tensors.values()]
+
+    def inventory(self) -> ModelInventory:
+        return ModelInventory(str(self.path), self.arch, tuple(self.tensors), self.metadata)
+
+    def raw(self, name: str) -> npt.NDArray[Any]:
+        """The tensor's bytes (or elements, for float types) as stored, memory-mapped."""
+        return self._get(name).raw.data
+
+    def dequantize(self, name: str) -> npt.NDArray[np.float32]:
+        """One tensor as float32, numpy shape (reversed GGUF shape: rows last-to-first, row length last)."""
+        t = self._get(name)
+        values = dequantize(t.raw.data, t.raw.tensor_type)
+        return np.asarray(values, dtype=np.float32).reshape(tuple(reversed(t.info.shape)))
+
+    def iter_dequantized(self) -> Iterator[tuple[TensorInfo, npt.NDArray[np.float32]]]:
+        for name, t in self._tensors.items():
+            yield t.info, self.dequantize(name)
+
+    def _get(self, name: str) -> GGUFTensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise DynqError(f"{self.path}: no tensor named {name}") from None

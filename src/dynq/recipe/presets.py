@@ -1,0 +1,66 @@
+"""Finding recipes: shipped presets (YAML files beside this module), generated `uniform-<type>`, or a user's file."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+from dynq.errors import DynqError
+from dynq.recipe.rules import Recipe, recipe_from_dict
+from dynq.types import QType, qtype, quantizable_qtypes
+
+UNIFORM = "uniform-"
+
+
+def _preset_files() -> dict[str, Path]:
+    folder = Path(str(files("dynq.recipe") / "presets"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def preset_names() -> list[str]:
+    """Every preset name: the shipped files and one `uniform-<type>` per quantizable type."""
+    return sorted(_preset_files()) + [UNIFORM + t.name.lower() for t in quantizable_qtypes()]
+
+
+def uniform_recipe(t: QType) -> Recipe:
+    """The naive baseline: every weight matrix at `t` (the keep-list and row-length fallbacks aside)."""
+    return recipe_from_dict(
+        {
+            "name": UNIFORM + t.name.lower(),
+            "description": f"every weight matrix at {t.name}: the uniform baseline dynamic recipes are judged against",
+            "rules": [{"match": ".", "type": t.name, "note": "uniform"}],
+        },
+        f"preset {UNIFORM}{t.name.lower()}",
+    )
+
+
+def load_yaml_recipe(path: Path) -> Recipe:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise DynqError(f"{path}: cannot read recipe ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise DynqError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return recipe_from_dict(data, str(path))
+
+
+def load_recipe(spec: str) -> Recipe:
+    """A preset name (`dyn-iq1_s`, `uniform-q4_k`, `f16` ...) or the path of a YAML recipe."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise DynqError(f"{path}: no such recipe file")
+        return load_yaml_recipe(path)
+    shipped = _preset_files()
+    if spec in shipped:
+        return load_yaml_recipe(shipped[spec])
+    if spec.startswith(UNIFORM):
+        try:
+            t = qtype(spec.removeprefix(UNIFORM))
+        except DynqError:
+            t = None
+        if t is not None and t.quantizable:
+            return uniform_recipe(t)
+    raise DynqError(f"unknown recipe '{spec}'; use a YAML file or one of: {', '.join(preset_names())}")

@@ -1,0 +1,221 @@
+"""Recipes as data: an ordered list of rules on GGUF tensor names, first match wins, plus a keep-list.
+
+A rule matches a tensor when its regex is found in the tensor's name (`re.search`, as llama-quantize's
+`--tensor-type` does), its block range (if any) holds the tensor's block, and its `when` condition (if any) holds
+for the model. Block ranges are absolute (`0-2,58-60`) or relative to the blocks where the rule's regex occurs
+(`first:3` = the first three blocks that have such a tensor; `last:2`), which lets one preset speak of "the first
+MoE blocks" for any architecture.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from dynq.errors import DynqError
+from dynq.types import QType, qtype
+
+# Tensors that always stay F32, whatever the rules say: llama.cpp never quantizes them either.
+DEFAULT_KEEP = (
+    r"norm",
+    r"ffn_gate_inp",
+    r"\.bias$",
+    r"exp_probs_b",
+    r"rope_freqs",
+    r"pos_embd",
+    r"token_types",
+)
+
+_RECIPE_KEYS = {"name", "description", "keep", "default", "rules"}
+_RULE_KEYS = {"match", "type", "blocks", "when", "optional", "note"}
+_ITEM = re.compile(r"^\s*(?:(?P<a>\d+)\s*(?:-\s*(?P<b>\d+))?|(?P<rel>first|last)\s*:\s*(?P<k>\d+))\s*$")
+
+
+class When(StrEnum):
+    """A condition on the model: rules for MoE models only, or for dense models only."""
+
+    MOE = "moe"
+    DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A set of blocks: absolute numbers plus `first:K` / `last:K` counts resolved per model."""
+
+    text: str
+    absolute: frozenset[int]
+    first: int = 0
+    last: int = 0
+
+    @staticmethod
+    def parse(text: str, where: str) -> BlockSpec:
+        absolute: set[int] = set()
+        first = last = 0
+        for item in str(text).split(","):
+            m = _ITEM.match(item)
+            if m is None:
+                raise DynqError(f"{where}: bad block range '{item.strip()}' in '{text}'; use e.g. 0-2,58-60 or first:3")
+            if m.group("rel"):
+                k = int(m.group("k"))
+                if k < 1:
+                    raise DynqError(f"{where}: empty block range '{item.strip()}'; the count must be at least 1")
+                if m.group("rel") == "first":
+                    if first:
+                        raise DynqError(f"{where}: 'first:' given twice in '{text}'")
+                    first = k
+                else:
+                    if last:
+                        raise DynqError(f"{where}: 'last:' given twice in '{text}'")
+                    last = k
+                continue
+            a = int(m.group("a"))
+            b = int(m.group("b")) if m.group("b") is not None else a
+            if b < a:
+                raise DynqError(f"{where}: empty block range '{item.strip()}' ({a} > {b})")
+            span = set(range(a, b + 1))
+            if span & absolute:
+                overlap = ", ".join(str(x) for x in sorted(span & absolute))
+                raise DynqError(f"{where}: block ranges in '{text}' overlap (block {overlap} given twice)")
+            absolute |= span
+        return BlockSpec(str(text), frozenset(absolute), first, last)
+
+    def resolve(self, present: Sequence[int]) -> frozenset[int]:
+        """The blocks this spec selects, given the sorted blocks where the rule's regex occurs."""
+        chosen = set(self.absolute)
+        if self.first:
+            chosen |= set(present[: self.first])
+        if self.last:
+            chosen |= set(present[-self.last :])
+        return frozenset(chosen)
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int  # 1-based position in the recipe, as reasons cite it
+    pattern: re.Pattern[str]
+    qtype: QType
+    blocks: BlockSpec | None = None
+    when: When | None = None
+    optional: bool = False  # for tensors only some architectures have: no warning when nothing matches
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        where = f" blocks {self.blocks.text}" if self.blocks else ""
+        cond = f" ({self.when.value} models)" if self.when else ""
+        return f"rule {self.index}: {self.pattern.pattern}{where}{cond}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"match": self.pattern.pattern, "type": self.qtype.name}
+        if self.blocks:
+            d["blocks"] = self.blocks.text
+        if self.when:
+            d["when"] = self.when.value
+        if self.optional:
+            d["optional"] = True
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rules: tuple[Rule, ...]
+    keep: tuple[re.Pattern[str], ...] = field(default_factory=lambda: _compile_all(DEFAULT_KEEP, "keep"))
+    default: QType | None = None
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as data again (what a quantized file records as its resolved recipe)."""
+        d: dict[str, Any] = {"name": self.name}
+        if self.description:
+            d["description"] = self.description
+        d["keep"] = [p.pattern for p in self.keep if p.pattern not in DEFAULT_KEEP]
+        if self.default:
+            d["default"] = self.default.name
+        d["rules"] = [r.to_dict() for r in self.rules]
+        return d
+
+
+def _compile(pattern: object, where: str) -> re.Pattern[str]:
+    if not isinstance(pattern, str) or not pattern:
+        raise DynqError(f"{where}: 'match' must be a non-empty regular expression string")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise DynqError(f"{where}: bad regular expression '{pattern}': {e}") from None
+
+
+def _compile_all(patterns: Iterable[str], where: str) -> tuple[re.Pattern[str], ...]:
+    return tuple(_compile(p, where) for p in patterns)
+
+
+def _type(value: object, where: str) -> QType:
+    if not isinstance(value, str):
+        raise DynqError(f"{where}: 'type' must be a type name such as IQ1_S or Q4_K")
+    try:
+        t = qtype(value)
+    except DynqError as e:
+        raise DynqError(f"{where}: {e}") from None
+    if not (t.quantizable or t.is_float):
+        raise DynqError(f"{where}: type {t.name} is not a target llama.cpp can quantize to")
+    return t
+
+
+def _rule(index: int, raw: object, where: str) -> Rule:
+    at = f"{where}, rule {index}"
+    if not isinstance(raw, dict):
+        raise DynqError(f"{at}: each rule must be a mapping with 'match' and 'type'")
+    unknown = set(raw) - _RULE_KEYS
+    if unknown:
+        raise DynqError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_RULE_KEYS))}")
+    for key in ("match", "type"):
+        if key not in raw:
+            raise DynqError(f"{at}: missing '{key}'")
+    when = raw.get("when")
+    if when is not None and when not in {w.value for w in When}:
+        raise DynqError(f"{at}: 'when' must be 'moe' or 'dense', not '{when}'")
+    blocks = raw.get("blocks")
+    optional = raw.get("optional", False)
+    if not isinstance(optional, bool):
+        raise DynqError(f"{at}: 'optional' must be true or false")
+    return Rule(
+        index=index,
+        pattern=_compile(raw["match"], at),
+        qtype=_type(raw["type"], at),
+        blocks=BlockSpec.parse(str(blocks), at) if blocks is not None else None,
+        when=When(when) if when is not None else None,
+        optional=optional,
+        note=str(raw.get("note", "")),
+    )
+
+
+def recipe_from_dict(data: object, where: str) -> Recipe:
+    """Validate and build a recipe; `where` names its origin (file or preset) in error messages."""
+    if not isinstance(data, dict):
+        raise DynqError(f"{where}: a recipe is a mapping with 'name' and 'rules'")
+    unknown = set(data) - _RECIPE_KEYS
+    if unknown:
+        raise DynqError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_RECIPE_KEYS))}"
+        )
+    rules_raw = data.get("rules", [])
+    if not isinstance(rules_raw, list):
+        raise DynqError(f"{where}: 'rules' must be a list")
+    keep_raw = data.get("keep", [])
+    if not isinstance(keep_raw, list):
+        raise DynqError(f"{where}: 'keep' must be a list of regular expressions")
+    default = data.get("default")
+    if not rules_raw and default is None:
+        raise DynqError(f"{where}: the recipe has no rules and no default type")
+    return Recipe(
+        name=str(data.get("name", where)),
+        description=str(data.get("description", "")).strip(),
+        rules=tuple(_rule(i + 1, r, where) for i, r in enumerate(rules_raw)),
+        keep=_compile_all((*DEFAULT_KEEP, *keep_raw), f"{where}, keep"),
+        default=_type(default, f"{where}, default") if default is not None else None,
+    )

