@@ -79,3 +79,14 @@ def test_unmatched_rule_warns(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert "matches no tensor" in done.stderr
     assert json.loads(done.stdout)["warnings"]
+
+
+def test_readme_recipe_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    recipe = tmp_path / "my-mix.yaml"
+    recipe.write_text(example)
+    result = runner.invoke(app, ["plan", "shapes:deepseek-r1", "-r", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["census"]["IQ2_XXS"] == 3 and data["census"]["IQ1_S"] == 171

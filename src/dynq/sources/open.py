@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from dynq.gguf_io.reader import GGUFModel
@@ -25,4 +26,4 @@ def open_inventory(spec: str) -> ModelInventory:
     """Names and shapes of `spec`: `shapes:NAME`, `zoo:NAME` or a GGUF path."""
     if spec.startswith(shapes.PREFIX):
         return shapes.shape_inventory(spec)
-    return open_model(spec).inventory()
+    return replace(open_model(spec).inventory(), source=spec)
