@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from dynq import api
+from dynq.calib.collector import ChunkDone, collect_imatrix
+from dynq.calib.text import calibration_text, read_texts
 from dynq.cli_render import draw_comparison, draw_plan, draw_summary
 from dynq.errors import DynqError
-from dynq.gguf_io.imatrix import read_imatrix
+from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
+from dynq.gguf_io.writer import parse_size
+from dynq.quantize import TensorDone
+from dynq.quantize import quantize as api_quantize
 from dynq.recipe.coverage import coverage_summary, imatrix_coverage
 from dynq.recipe.llama_args import llama_quantize_command
 from dynq.recipe.presets import load_recipe, preset_names
 from dynq.sources import shapes, zoo
+from dynq.sources.open import resolve_path
 
 app = typer.Typer(
     help="Dynamic low-bit GGUF quantization: plan every tensor's type, then quantize, evaluate and deploy.",
@@ -37,6 +54,11 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
 ) -> None:
     logging.getLogger("dynq").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _progress_columns(*extra: ProgressColumn) -> tuple[ProgressColumn, ...]:
+    return (TextColumn("{task.description}"), BarColumn(), *extra, TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
 
 
 def _print_json(obj: Any) -> None:
@@ -99,6 +121,60 @@ def compare(
     """Plan several recipes on one model and compare sizes and bits per weight per tensor class."""
     plans = [api.plan(source, r) for r in recipes]
     draw_comparison(out, plans)
+
+
+@app.command()
+def quantize(
+    source: Annotated[str, typer.Argument(help="GGUF file (any type; split shards too) or zoo:NAME")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="preset name or YAML recipe file")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output .gguf (shards are named after it)")],
+    imatrix: Annotated[str | None, typer.Option(help="importance matrix (GGUF or .dat)")] = None,
+    threads: Annotated[int, typer.Option(help="encoder threads")] = os.cpu_count() or 1,
+    split_max_size: Annotated[str | None, typer.Option(help="split into shards of at most this size (e.g. 2G)")] = None,
+    backend: Annotated[str, typer.Option(help="kernel backend")] = "ggml",
+) -> None:
+    """Quantize a model with a recipe, streaming one tensor at a time into GGUF."""
+    max_size = parse_size(split_max_size) if split_max_size else 0
+    with Progress(*_progress_columns(DownloadColumn()), console=err, transient=True) as bar:
+        task = bar.add_task("quantizing", total=None, detail="")
+
+        def on_tensor(done: TensorDone) -> None:
+            bar.update(task, total=done.bytes_total, completed=done.bytes_done,
+                       detail=f"{done.index}/{done.n_tensors} tensors", description=done.name)  # fmt: skip
+
+        result = api_quantize(source, recipe, output, imatrix, threads, max_size, backend, on_tensor)
+    p = result.plan
+    names = ", ".join(str(f) for f in result.files)
+    out.print(
+        f"wrote {names}: {p.total_bytes / 2**30:.3f} GiB, {p.bpw:.3f} bpw, {len(p.tensors)} tensors "
+        f"in {result.seconds:.1f} s (peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB)"
+    )
+
+
+@app.command()
+def imatrix(
+    source: Annotated[str, typer.Argument(help="GGUF file or zoo:NAME (ideally the full-precision reference)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output imatrix (.gguf, or .dat for legacy)")],
+    text: Annotated[list[Path] | None, typer.Option(help="calibration text file(s); default: the built-in set")] = None,
+    ctx: Annotated[int, typer.Option(help="tokens per chunk")] = 512,
+    chunks: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = os.cpu_count() or 1,
+    all_experts: Annotated[bool, typer.Option(help="route every token through every expert (MoE)")] = False,
+) -> None:
+    """Collect an importance matrix on llama.cpp's runtime (the format llama-quantize reads)."""
+    calib = read_texts(text) if text else calibration_text()
+    with Progress(*_progress_columns(), console=err, transient=True) as bar:
+        task = bar.add_task("imatrix", total=None, detail="")
+
+        def on_chunk(done: ChunkDone) -> None:
+            bar.update(task, total=done.n_chunks, completed=done.index, detail=f"chunk {done.index}/{done.n_chunks}")
+
+        imx = collect_imatrix(resolve_path(source), calib.text, [calib.provenance], ctx, chunks, threads,
+                              all_experts, on_chunk)  # fmt: skip
+    (write_imatrix_dat if output.suffix == ".dat" else write_imatrix_gguf)(imx, output)
+    out.print(
+        f"wrote {output}: {len(imx.entries)} tensors, {imx.chunk_count} chunks of {ctx} tokens ({calib.provenance})"
+    )
 
 
 @app.command()

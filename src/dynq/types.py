@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType, dequantize
 
 from dynq.errors import DynqError
 
@@ -67,6 +67,16 @@ class QType:
     def decodable(self) -> bool:
         """Whether the gguf package can dequantize it (every type a model may hold, in practice)."""
         return _decodable(self.ggml)
+
+    @property
+    def file_type(self) -> int:
+        """llama.cpp's `general.file_type` for a file mostly of this type (K types name their _M mix)."""
+        if self.name == "F32":
+            return int(LlamaFileType.ALL_F32)
+        for name in (f"MOSTLY_{self.name}", f"MOSTLY_{self.name}_M", f"MOSTLY_{self.name}_MOE"):
+            if name in LlamaFileType.__members__:
+                return int(LlamaFileType[name])
+        return int(LlamaFileType.GUESSED)
 
     def fits(self, row_length: int) -> bool:
         return row_length % self.block_size == 0

@@ -155,6 +155,51 @@ def gqa_moe_tensors(c: GqaMoeConfig) -> tuple[list[TensorInfo], dict[str, object
     return tensors, meta
 
 
+@dataclass(frozen=True)
+class DenseConfig:
+    """A dense GQA transformer with llama.cpp `llama` naming."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    n_vocab: int
+    context_length: int
+
+
+def dense_tensors(c: DenseConfig) -> tuple[list[TensorInfo], dict[str, object]]:
+    head_dim = c.n_embd // c.n_head
+    tensors = [_t("token_embd.weight", c.n_embd, c.n_vocab)]
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        tensors += [
+            _t(p + "attn_norm.weight", c.n_embd),
+            _t(p + "attn_q.weight", c.n_embd, c.n_embd),
+            _t(p + "attn_k.weight", c.n_embd, c.n_head_kv * head_dim),
+            _t(p + "attn_v.weight", c.n_embd, c.n_head_kv * head_dim),
+            _t(p + "attn_output.weight", c.n_embd, c.n_embd),
+            _t(p + "ffn_norm.weight", c.n_embd),
+            _t(p + "ffn_gate.weight", c.n_embd, c.n_ff),
+            _t(p + "ffn_up.weight", c.n_embd, c.n_ff),
+            _t(p + "ffn_down.weight", c.n_ff, c.n_embd),
+        ]
+    tensors += [_t("output_norm.weight", c.n_embd), _t("output.weight", c.n_embd, c.n_vocab)]
+    a = c.arch
+    meta: dict[str, object] = {
+        f"{a}.block_count": c.n_layer,
+        f"{a}.context_length": c.context_length,
+        f"{a}.embedding_length": c.n_embd,
+        f"{a}.feed_forward_length": c.n_ff,
+        f"{a}.attention.head_count": c.n_head,
+        f"{a}.attention.head_count_kv": c.n_head_kv,
+        f"{a}.rope.dimension_count": head_dim,
+        f"{a}.vocab_size": c.n_vocab,
+    }
+    return tensors, meta
+
+
 # Published configs: deepseek-ai/DeepSeek-R1 (= V3 architecture; the MTP block 61 is not part of GGUF files),
 # Qwen/Qwen3-235B-A22B, mistralai/Mixtral-8x7B-v0.1.
 _INVENTORIES: dict[str, tuple[str, Callable[[], tuple[list[TensorInfo], dict[str, object]]]]] = {

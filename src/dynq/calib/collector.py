@@ -1,0 +1,184 @@
+"""Importance-matrix collection on llama.cpp's own runtime (llama-cpp-python), through the scheduler's eval callback.
+
+The model runs over calibration text in chunks of `n_ctx` tokens exactly as `llama-imatrix` runs it (BOS at the
+start of each chunk, the KV cache cleared between chunks). For every matrix multiplication whose weight is a block
+tensor (`MUL_MAT`) and for every expert multiplication (`MUL_MAT_ID`), the callback adds the squares of the input
+activations per input column, per expert for 3-D expert tensors, and counts the tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dynq.errors import DynqError
+from dynq.gguf_io.imatrix import Imatrix, ImatrixEntry
+from dynq.kernels.ggml import ggml_library
+
+log = logging.getLogger(__name__)
+
+_MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
+_GGML_TYPE_F32 = 0
+_MIN_TOKENS = 16  # llama-imatrix ignores small matrix multiplications (single-token decode steps)
+
+
+class GgmlTensor(ctypes.Structure):
+    """`struct ggml_tensor` of the bundled ggml (ggml/include/ggml.h)."""
+
+
+GgmlTensor._fields_ = [
+    ("type", ctypes.c_int),
+    ("buffer", ctypes.c_void_p),
+    ("ne", ctypes.c_int64 * _MAX_DIMS),
+    ("nb", ctypes.c_size_t * _MAX_DIMS),
+    ("op", ctypes.c_int),
+    ("op_params", ctypes.c_int32 * (_MAX_OP_PARAMS // 4)),
+    ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(GgmlTensor) * _MAX_SRC),
+    ("view_src", ctypes.POINTER(GgmlTensor)),
+    ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p),
+    ("name", ctypes.c_char * _MAX_NAME),
+    ("extra", ctypes.c_void_p),
+    ("padding", ctypes.c_char * 8),
+]
+
+
+def _view(t: GgmlTensor, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """The tensor's host data as a strided numpy array in numpy order [ne3, ne2, ne1, ne0]."""
+    if not t.data:
+        raise DynqError(f"activation {t.name.decode()} has no host data")
+    ne = [int(t.ne[i]) for i in range(_MAX_DIMS)]
+    nb = [int(t.nb[i]) for i in range(_MAX_DIMS)]
+    span = sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + np.dtype(dtype).itemsize
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(t.data))
+    return np.lib.stride_tricks.as_strided(
+        raw.view(dtype) if nb[0] == np.dtype(dtype).itemsize else raw,
+        shape=tuple(reversed(ne)),
+        strides=tuple(reversed(nb)),
+    )
+
+
+@dataclass
+class _Stat:
+    sums: npt.NDArray[np.float64]  # [n_mat, ne0]
+    counts: npt.NDArray[np.int64]  # [n_mat]
+
+
+class ActivationStats:
+    """The accumulator the eval callback feeds: Σx² per column and token counts, per weight (and expert)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, _Stat] = {}
+        lib = ggml_library()
+        lib.ggml_op_name.restype = ctypes.c_char_p
+        lib.ggml_op_name.argtypes = [ctypes.c_int]
+        self._op_names: dict[int, str] = {}
+        self._lib = lib
+
+    def _op(self, op: int) -> str:
+        if op not in self._op_names:
+            self._op_names[op] = (self._lib.ggml_op_name(op) or b"").decode()
+        return self._op_names[op]
+
+    def wants(self, t: GgmlTensor) -> bool:
+        op = self._op(t.op)
+        if op == "MUL_MAT_ID":
+            return True
+        if op != "MUL_MAT":
+            return False
+        src0, src1 = t.src[0].contents, t.src[1].contents
+        big_enough = int(src1.ne[1]) >= _MIN_TOKENS and int(src1.type) == _GGML_TYPE_F32
+        return big_enough and src0.name.decode().startswith("blk.")
+
+    def _stat(self, name: str, n_mat: int, ne0: int) -> _Stat:
+        s = self.stats.get(name)
+        if s is None:
+            s = self.stats[name] = _Stat(np.zeros((n_mat, ne0)), np.zeros(n_mat, np.int64))
+        elif s.sums.shape != (n_mat, ne0):
+            raise DynqError(f"{name}: activations of shape {n_mat}×{ne0} after {s.sums.shape}; inconsistent graph")
+        return s
+
+    def collect(self, t: GgmlTensor) -> None:
+        src0, src1 = t.src[0].contents, t.src[1].contents
+        name = src0.name.decode()
+        x = _view(src1, np.float32).astype(np.float64)  # [ne3, ne2, ne1, ne0]
+        ne0 = x.shape[-1]
+        if self._op(t.op) == "MUL_MAT_ID":
+            n_as = int(src0.ne[2])
+            ids = _view(t.src[2].contents, np.int32)[0, 0]  # [n_tokens, n_ids]
+            s = self._stat(name, n_as, ne0)
+            acts = x[0]  # [n_tokens, ne11, ne0]
+            for slot in range(ids.shape[1]):
+                sq = acts[:, slot % acts.shape[1], :] ** 2
+                experts = ids[:, slot]
+                np.add.at(s.sums, experts, sq)
+                s.counts += np.bincount(experts, minlength=n_as)
+            return
+        n2, n3 = int(src0.ne[2]), int(src0.ne[3])
+        s = self._stat(name, n2 * n3, ne0)
+        sq = (x**2).sum(axis=2)  # [ne3, ne2, ne0]
+        for i3 in range(sq.shape[0]):
+            for i2 in range(sq.shape[1]):
+                s.sums[(i3 % n3) * n2 + (i2 % n2)] += sq[i3, i2]
+        s.counts += x.shape[0] * x.shape[1] * x.shape[2] // (n2 * n3)
+
+    def to_imatrix(self, datasets: Sequence[str], chunk_count: int, chunk_size: int) -> Imatrix:
+        entries = {
+            name: ImatrixEntry(s.sums.astype(np.float32), s.counts.astype(np.float32))
+            for name, s in sorted(self.stats.items())
+        }
+        return Imatrix(entries, list(datasets), chunk_count, chunk_size)
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    index: int
+    n_chunks: int
+
+
+def collect_imatrix(
+    model_path: str | Path,
+    text: str,
+    datasets: Sequence[str],
+    n_ctx: int = 512,
+    n_chunks: int | None = None,
+    threads: int = 1,
+    all_experts: bool = False,
+    progress: Callable[[ChunkDone], None] | None = None,
+) -> Imatrix:
+    """Run the model over `text` and return its importance matrix.
+
+    `all_experts` routes every token through every expert (llama.cpp's `expert_used_count` raised to
+    `expert_count` for the run), so that no expert is left without statistics. It changes the forward pass: later
+    layers see activations of a denser mixture than the trained one.
+    """
+    from dynq.calib.runtime import LlamaRuntime
+
+    stats = ActivationStats()
+
+    def on_eval(t_ptr: int, ask: bool, _user: int) -> bool:
+        t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
+        if ask:
+            return stats.wants(t)
+        stats.collect(t)
+        return True
+
+    with LlamaRuntime(model_path, n_ctx, threads, eval_callback=on_eval, all_experts=all_experts) as rt:
+        tokens = rt.tokenize(text)
+        available = len(tokens) // n_ctx
+        if available < 1:
+            raise DynqError(f"calibration text has {len(tokens)} tokens; at least {n_ctx} (one chunk) are needed")
+        count = available if n_chunks is None else min(n_chunks, available)
+        for i in range(count):
+            rt.evaluate_chunk(tokens[i * n_ctx : (i + 1) * n_ctx])
+            if progress is not None:
+                progress(ChunkDone(i + 1, count))
+    return stats.to_imatrix(datasets, count, n_ctx)

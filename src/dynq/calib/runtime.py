@@ -1,0 +1,153 @@
+"""A thin, explicit handle on llama.cpp's runtime (llama-cpp-python's low-level API) for chunked evaluation.
+
+Chunks are evaluated the way llama.cpp's perplexity and imatrix tools do it: the first token of every chunk is
+replaced by BOS when the vocabulary adds one, and the KV cache is cleared before each chunk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dynq.errors import DynqError
+
+log = logging.getLogger(__name__)
+
+EvalCallback = Callable[[int, bool, int], bool]
+
+
+def llama() -> Any:
+    """llama-cpp-python's low-level bindings, imported on first use (loading them loads llama.cpp)."""
+    import llama_cpp
+
+    return llama_cpp
+
+
+def _quiet_llama() -> Any:
+    """Silence llama.cpp's own logging (it writes to stderr); returns the callback to keep alive."""
+    L = llama()
+    sink = L.llama_log_callback(lambda level, text, user: None)
+    L.llama_log_set(sink, ctypes.c_void_p(0))
+    return sink
+
+
+class LlamaRuntime:
+    def __init__(
+        self,
+        model_path: str | Path,
+        n_ctx: int = 512,
+        threads: int = 1,
+        eval_callback: EvalCallback | None = None,
+        all_experts: bool = False,
+        logits: bool = False,
+    ) -> None:
+        L = self._L = llama()
+        self._keep: list[Any] = [_quiet_llama()]
+        L.llama_backend_init()
+        path = Path(model_path)
+        if not path.is_file():
+            raise DynqError(f"{path}: no such model file")
+        mparams = L.llama_model_default_params()
+        if all_experts:
+            self._keep.append(self._override_expert_count(path, mparams))
+        self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise DynqError(f"{path}: llama.cpp could not load this model")
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_ctx
+        cparams.n_ubatch = n_ctx
+        cparams.n_seq_max = 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        if eval_callback is not None:
+            cb = L.ggml_backend_sched_eval_callback(eval_callback)
+            self._keep.append(cb)
+            cparams.cb_eval = cb
+            cparams.cb_eval_user_data = None
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise DynqError(f"{path}: llama.cpp could not create a context (n_ctx {n_ctx})")
+        self.n_ctx = n_ctx
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(L.llama_vocab_bos(self.vocab))
+        self.want_logits = logits
+
+    @staticmethod
+    def _override_expert_count(path: Path, mparams: Any) -> Any:
+        from dynq.gguf_io.reader import GGUFModel
+
+        L = llama()
+        model = GGUFModel(path)
+        n_expert = model.field(f"{model.arch}.expert_count")
+        if not n_expert:
+            raise DynqError(f"{path}: not a Mixture-of-Experts model; --all-experts does not apply")
+        overrides = (L.llama_model_kv_override * 2)()
+        overrides[0].key = f"{model.arch}.expert_used_count".encode()
+        overrides[0].tag = L.LLAMA_KV_OVERRIDE_TYPE_INT
+        overrides[0].value.val_i64 = int(n_expert)
+        mparams.kv_overrides = overrides
+        return overrides
+
+    def tokenize(self, text: str) -> list[int]:
+        L = self._L
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        buf = (L.llama_token * capacity)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, capacity, True, False)
+        if n < 0:
+            raise DynqError(f"tokenization needs {-n} tokens, more than the buffer of {capacity}")
+        return list(buf[:n])
+
+    def evaluate_chunk(self, tokens: list[int]) -> npt.NDArray[np.float32] | None:
+        """Evaluate one chunk from an empty cache; returns the logits [n_tokens, n_vocab] if asked for."""
+        L = self._L
+        if len(tokens) > self.n_ctx:
+            raise DynqError(f"chunk of {len(tokens)} tokens exceeds n_ctx {self.n_ctx}")
+        chunk = list(tokens)
+        if self.add_bos:
+            chunk[0] = self.bos
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        batch = L.llama_batch_init(len(chunk), 0, 1)
+        try:
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = self.want_logits
+            batch.n_tokens = len(chunk)
+            rc = L.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise DynqError(f"llama_decode failed with code {rc}")
+        finally:
+            L.llama_batch_free(batch)
+        if not self.want_logits:
+            return None
+        ptr = L.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab)).copy()
+
+    def close(self) -> None:
+        L = self._L
+        if getattr(self, "ctx", None):
+            L.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            L.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> LlamaRuntime:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
