@@ -4,12 +4,29 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+PIP := $(PY) -m pip --disable-pip-version-check
+
+# llama-cpp-python is built from source. Its native build uses AMX where the CPU advertises it, and some virtual
+# machines advertise AMX but fault on its instructions (SIGILL on the first matrix multiply), so on x86-64 the
+# wheel is built with AMX off, once, into dynq's cache, and installed from there.
+LLAMA_VERSION := 0.3.36
+LLAMA_WHEELS := $(HOME)/.cache/dynq/wheels/llama-cpp-python-$(LLAMA_VERSION)-native-noamx
+ifeq ($(shell uname -m),x86_64)
+LLAMA_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
 
 .PHONY: setup test lint demo clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(LLAMA_WHEELS)/.built:
+	mkdir -p $(LLAMA_WHEELS)
+	CMAKE_ARGS='-DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$(LLAMA_FLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_FLAGS)"' \
+		$(PYTHON) -m pip wheel --quiet --no-deps --no-cache-dir -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	touch $@
+
+$(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEELS)/.built
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PIP) install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	$(PIP) install --quiet -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -18,12 +35,13 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests scripts bench
+	$(VENV)/bin/ruff format --check src tests scripts bench
 	$(VENV)/bin/mypy
 
 demo: setup
 	$(VENV)/bin/dynq compare shapes:deepseek-r1 -r uniform-iq1_s -r dyn-iq1_s -r dyn-iq1_m -r dyn-iq2_xxs -r dyn-q2_k_xl
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

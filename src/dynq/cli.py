@@ -37,6 +37,7 @@ from dynq.recipe.llama_args import llama_quantize_command
 from dynq.recipe.presets import load_recipe, preset_names
 from dynq.sources import shapes, zoo
 from dynq.sources.open import resolve_path
+from dynq.sources.synthetic import write_synthetic
 
 app = typer.Typer(
     help="Dynamic low-bit GGUF quantization: plan every tensor's type, then quantize, evaluate and deploy.",
@@ -188,6 +189,17 @@ def presets() -> None:
     out.print(table)
     out.print("shape inventories: " + ", ".join(shapes.PREFIX + n for n in shapes.inventory_names()))
     out.print("zoo models: " + ", ".join(zoo.PREFIX + n for n in zoo.MODELS))
+
+
+@app.command()
+def synthetic(
+    kind: Annotated[str, typer.Argument(help="deepseek2, qwen3moe or llama")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output .gguf")],
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Write a tiny random model of a real llama.cpp architecture (MoE code paths without MoE weights)."""
+    path = write_synthetic(kind, output, seed)
+    out.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
 @app.command()

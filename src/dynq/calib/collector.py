@@ -108,6 +108,8 @@ class ActivationStats:
 
     def collect(self, t: GgmlTensor) -> None:
         src0, src1 = t.src[0].contents, t.src[1].contents
+        if any(int(n) == 0 for n in src1.ne):
+            return
         name = src0.name.decode()
         x = _view(src1, np.float32).astype(np.float64)  # [ne3, ne2, ne1, ne0]
         ne0 = x.shape[-1]
@@ -163,13 +165,19 @@ def collect_imatrix(
     from dynq.calib.runtime import LlamaRuntime
 
     stats = ActivationStats()
+    failures: list[BaseException] = []
 
     def on_eval(t_ptr: int, ask: bool, _user: int) -> bool:
-        t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
-        if ask:
-            return stats.wants(t)
-        stats.collect(t)
-        return True
+        # an exception cannot cross the C boundary: keep it, stop the graph, and raise it after llama_decode
+        try:
+            t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
+            if ask:
+                return stats.wants(t)
+            stats.collect(t)
+            return True
+        except BaseException as e:
+            failures.append(e)
+            return False
 
     with LlamaRuntime(model_path, n_ctx, threads, eval_callback=on_eval, all_experts=all_experts) as rt:
         tokens = rt.tokenize(text)
@@ -179,6 +187,8 @@ def collect_imatrix(
         count = available if n_chunks is None else min(n_chunks, available)
         for i in range(count):
             rt.evaluate_chunk(tokens[i * n_ctx : (i + 1) * n_ctx])
+            if failures:
+                raise failures[0]
             if progress is not None:
                 progress(ChunkDone(i + 1, count))
     return stats.to_imatrix(datasets, count, n_ctx)

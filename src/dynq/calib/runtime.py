@@ -125,7 +125,9 @@ class LlamaRuntime:
                 batch.pos[i] = i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = self.want_logits
+                # every position asks for logits, as llama-imatrix does: otherwise llama.cpp skips the last
+                # block's rows for tokens without output, and their activations are never seen
+                batch.logits[i] = True
             batch.n_tokens = len(chunk)
             rc = L.llama_decode(self.ctx, batch)
             if rc != 0:

@@ -1,0 +1,225 @@
+"""Quantizing end to end: tiny synthetic models of real architectures, llama.cpp loading the results, bad input."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynq.calib.collector import collect_imatrix
+from dynq.calib.runtime import LlamaRuntime
+from dynq.gguf_io.imatrix import ImatrixEntry, read_imatrix, write_imatrix_gguf
+from dynq.gguf_io.reader import GGUFModel
+from dynq.quantize import quantize
+from dynq.recipe.plan import resolve
+from dynq.recipe.presets import load_recipe
+from dynq.sources.synthetic import write_synthetic
+from dynq.types import quantizable_qtypes
+
+CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
+DYN = ["dyn-iq1_s", "dyn-iq1_m", "dyn-iq2_xxs", "dyn-q2_k_xl"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("synthetic")
+    return {kind: write_synthetic(kind, folder / f"tiny-{kind}.gguf") for kind in ("deepseek2", "qwen3moe", "llama")}
+
+
+@pytest.fixture(scope="module")
+def imatrices(synthetic: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("imatrix")
+    out = {}
+    for kind, path in synthetic.items():
+        imx = collect_imatrix(path, CALIB, ["test-calib"], n_ctx=128, n_chunks=4, threads=2)
+        out[kind] = folder / f"{kind}.imatrix.gguf"
+        write_imatrix_gguf(imx, out[kind])
+    return out
+
+
+def run_llama(path: Path, n_tokens: int = 32) -> np.ndarray:
+    """Evaluate a chunk of tokens with llama.cpp and return the logits (the model loaded and ran)."""
+    with LlamaRuntime(path, n_ctx=64, threads=2, logits=True) as rt:
+        logits = rt.evaluate_chunk(list(range(3, 3 + n_tokens)))
+    assert logits is not None
+    return logits
+
+
+def test_collector_covers_every_expert_matrix(synthetic: dict[str, Path], imatrices: dict[str, Path]) -> None:
+    imx = read_imatrix(imatrices["deepseek2"])
+    assert imx.datasets == ["test-calib"] and imx.chunk_count == 4
+    gate = imx.entries["blk.1.ffn_gate_exps.weight"]
+    assert gate.sums.shape == (8, 256)
+    assert gate.counts.sum() == 4 * 128 * 2  # every token to two experts
+    assert imx.entries["blk.0.attn_q_a.weight"].counts.tolist() == [4 * 128]
+    assert "blk.0.ffn_down.weight" in imx.entries and "blk.2.ffn_down_shexp.weight" in imx.entries
+    plan = resolve(load_recipe("dyn-iq1_s"), GGUFModel(synthetic["deepseek2"]).inventory())
+    missing = [t.info.name for t in plan.needing_imatrix() if t.info.name not in imx.entries]
+    assert missing == []
+
+
+@pytest.mark.parametrize("kind", ["deepseek2", "qwen3moe"])
+@pytest.mark.parametrize("recipe", DYN)
+def test_moe_fixtures_quantize_and_run(
+    synthetic: dict[str, Path], imatrices: dict[str, Path], tmp_path: Path, kind: str, recipe: str
+) -> None:
+    out = tmp_path / f"{kind}-{recipe}.gguf"
+    result = quantize(str(synthetic[kind]), recipe, out, imatrix=imatrices[kind], threads=2)
+    assert result.files == [out]
+    written = GGUFModel(out)
+    planned = {t.info.name: t.qtype.name for t in result.plan.tensors}
+    assert {t.name: t.dtype.name for t in written.tensors} == planned
+    assert sum(t.nbytes for t in written.tensors) == result.plan.total_bytes
+    meta = written.metadata
+    assert meta["dynq.recipe.name"] == recipe
+    assert meta["dynq.imatrix.datasets"] == ["test-calib"] and meta["quantize.imatrix.chunks_count"] == 4
+    assert meta["general.quantization_version"] == 2
+    assert meta["tokenizer.ggml.model"] == "llama"
+    logits = run_llama(out)
+    assert np.isfinite(logits).all()
+
+
+def test_every_type_loads_in_llama_cpp(synthetic: dict[str, Path], imatrices: dict[str, Path], tmp_path: Path) -> None:
+    reference = run_llama(synthetic["llama"])
+    for t in quantizable_qtypes():
+        out = tmp_path / f"llama-{t.name}.gguf"
+        quantize(str(synthetic["llama"]), f"uniform-{t.name.lower()}", out, imatrix=imatrices["llama"], threads=2)
+        types = {info.name: info.dtype.name for info in GGUFModel(out).tensors}
+        assert types["blk.0.attn_q.weight"] == t.name
+        logits = run_llama(out)
+        assert np.isfinite(logits).all(), t.name
+        if t.bpw >= 4:  # close enough to the source that the logits still agree
+            corr = np.corrcoef(logits.ravel(), reference.ravel())[0, 1]
+            assert corr > 0.9, (t.name, corr)
+        out.unlink()
+
+
+def test_split_output_loads_as_one_model(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    single = tmp_path / "single.gguf"
+    quantize(str(synthetic["deepseek2"]), "dyn-q2_k_xl", single)
+    result = quantize(str(synthetic["deepseek2"]), "dyn-q2_k_xl", tmp_path / "split.gguf", split_max_size=1_000_000)
+    assert len(result.files) > 1
+    assert result.files[0].name == f"split-00001-of-{len(result.files):05d}.gguf"
+    assert not (tmp_path / "split.gguf").exists()
+    a, b = GGUFModel(single), GGUFModel(result.files[0])
+    assert len(b.shards) == len(result.files)
+    for t in a.tensors:
+        np.testing.assert_array_equal(a.raw(t.name), b.raw(t.name))
+    np.testing.assert_array_equal(run_llama(single), run_llama(result.files[0]))
+
+
+def test_real_model_quantizes_with_bounded_memory(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "smol-q4_k.gguf"
+    result = quantize("zoo:smollm2-135m", "uniform-q4_k", out, threads=2)
+    assert result.peak_rss_bytes < 2 * 2**30
+    with LlamaRuntime(out, n_ctx=64, threads=2) as rt:
+        tokens = rt.tokenize("The capital of France is")
+    assert len(tokens) > 3
+
+
+# --- bad input: one clear line, non-zero exit, nothing under the output name ------------------------------------
+
+
+def dynq(*args: str, limit_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
+    def limit() -> None:
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(
+        [sys.executable, "-m", "dynq.cli", *args], capture_output=True, text=True, preexec_fn=limit, timeout=300
+    )
+
+
+def assert_clean_failure(done: subprocess.CompletedProcess[str], out: Path, message: str) -> None:
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, done.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_truncated_source(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(synthetic["llama"].read_bytes()[:1_000_000])
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(dynq("quantize", str(cut), "-r", "q8_0", "-o", str(out)), out, "truncated")
+
+
+def test_not_gguf(tmp_path: Path) -> None:
+    src = tmp_path / "model.gguf"
+    src.write_text("hello, I am a text file")
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(dynq("quantize", str(src), "-r", "q8_0", "-o", str(out)), out, "not a GGUF file")
+
+
+def test_imatrix_for_another_model(synthetic: dict[str, Path], imatrices: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    done = dynq("quantize", str(synthetic["qwen3moe"]), "-r", "dyn-iq1_s", "--imatrix", str(imatrices["deepseek2"]),
+                "-o", str(out))  # fmt: skip
+    assert_clean_failure(done, out, "no data for")
+    # same tensor names, other shapes
+    imx = read_imatrix(imatrices["llama"])
+    imx.entries["blk.0.ffn_up.weight"] = ImatrixEntry(np.ones((1, 128), np.float32), np.ones(1, np.float32))
+    other = tmp_path / "other.imatrix.gguf"
+    write_imatrix_gguf(imx, other)
+    done = dynq("quantize", str(synthetic["llama"]), "-r", "dyn-iq1_s", "--imatrix", str(other), "-o", str(out))
+    assert_clean_failure(done, out, "made for another model")
+
+
+def test_missing_imatrix_stops_before_work(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    done = dynq("quantize", str(synthetic["deepseek2"]), "-r", "dyn-iq1_s", "-o", str(out))
+    assert_clean_failure(done, out, "need an importance matrix")
+
+
+def test_output_in_missing_directory(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "no" / "such" / "dir" / "out.gguf"
+    done = dynq("quantize", str(synthetic["llama"]), "-r", "q8_0", "-o", str(out))
+    assert done.returncode == 1 and "does not exist" in done.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_write_failing_part_way(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    done = dynq("quantize", str(synthetic["llama"]), "-r", "f16", "-o", str(out), limit_bytes=500_000)
+    assert_clean_failure(done, out, "writing failed")
+
+
+def test_existing_output_survives_a_failed_run(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"previous result")
+    done = dynq("quantize", str(synthetic["llama"]), "-r", "f16", "-o", str(out), limit_bytes=500_000)
+    assert done.returncode == 1
+    assert out.read_bytes() == b"previous result"
+
+
+@pytest.mark.model
+def test_transformers_loads_a_dynq_file(tmp_path: Path) -> None:
+    """transformers reads dynq's GGUF (gguf_file=) and computes the same next-token logits as llama.cpp."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "smol-q2_k_xl.gguf"
+    quantize("zoo:smollm2-135m", "dyn-q2_k_xl", out, threads=2)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
+    text = "The quick brown fox jumps over the lazy dog. In Python, a list comprehension builds a new list"
+    with LlamaRuntime(out, n_ctx=64, threads=2, logits=True) as rt:
+        rt.add_bos = False  # feed exactly the same tokens to both
+        tokens = rt.tokenize(text)
+        ll = rt.evaluate_chunk(tokens)
+    with torch.no_grad():
+        hf = model(torch.tensor([tokens])).logits[0].numpy()
+    assert ll is not None
+    # llama.cpp multiplies K-quants against 8-bit-quantized activations, so near-ties may flip
+    corr = np.corrcoef(hf.ravel(), ll.ravel())[0, 1]
+    agree = (hf.argmax(-1) == ll.argmax(-1)).mean()
+    assert corr > 0.99 and agree >= 0.85, (corr, agree)
