@@ -223,3 +223,19 @@ def test_transformers_loads_a_dynq_file(tmp_path: Path) -> None:
     corr = np.corrcoef(hf.ravel(), ll.ravel())[0, 1]
     agree = (hf.argmax(-1) == ll.argmax(-1)).mean()
     assert corr > 0.99 and agree >= 0.85, (corr, agree)
+
+
+def test_reuse_encoded_gives_identical_files(
+    synthetic: dict[str, Path], imatrices: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DYNQ_CACHE_DIR", str(tmp_path / "cache"))
+    src, imx = str(synthetic["deepseek2"]), imatrices["deepseek2"]
+    plain = quantize(src, "dyn-iq1_s", tmp_path / "plain.gguf", imatrix=imx)
+    first = quantize(src, "dyn-iq1_s", tmp_path / "first.gguf", imatrix=imx, reuse_encoded=True)
+    again = quantize(src, "dyn-iq1_m", tmp_path / "again.gguf", imatrix=imx, reuse_encoded=True)
+    assert (tmp_path / "first.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
+    assert len(list((tmp_path / "cache" / "encoded").rglob("*.bin"))) > 0
+    # dyn-iq1_m shares the gate/up experts at IQ1_S with dyn-iq1_s: read back, byte for byte the same tensors
+    a, b = GGUFModel(tmp_path / "first.gguf"), GGUFModel(tmp_path / "again.gguf")
+    np.testing.assert_array_equal(a.raw("blk.2.ffn_up_exps.weight"), b.raw("blk.2.ffn_up_exps.weight"))
+    assert plain.files and first.files and again.files

@@ -133,6 +133,9 @@ def quantize(
     threads: Annotated[int, typer.Option(help="encoder threads")] = os.cpu_count() or 1,
     split_max_size: Annotated[str | None, typer.Option(help="split into shards of at most this size (e.g. 2G)")] = None,
     backend: Annotated[str, typer.Option(help="kernel backend")] = "ggml",
+    reuse_encoded: Annotated[
+        bool, typer.Option(help="cache encoded tensors on disk and reuse them across recipes of this model")
+    ] = False,
 ) -> None:
     """Quantize a model with a recipe, streaming one tensor at a time into GGUF."""
     max_size = parse_size(split_max_size) if split_max_size else 0
@@ -143,7 +146,7 @@ def quantize(
             bar.update(task, total=done.bytes_total, completed=done.bytes_done,
                        detail=f"{done.index}/{done.n_tensors} tensors", description=done.name)  # fmt: skip
 
-        result = api_quantize(source, recipe, output, imatrix, threads, max_size, backend, on_tensor)
+        result = api_quantize(source, recipe, output, imatrix, threads, max_size, backend, on_tensor, reuse_encoded)
     p = result.plan
     names = ", ".join(str(f) for f in result.files)
     out.print(

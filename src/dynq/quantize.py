@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter
 from gguf import quantize as gguf_quantize
 
 from dynq import __version__
+from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.gguf_io.imatrix import Imatrix, read_imatrix
 from dynq.gguf_io.reader import GGUFModel
@@ -61,15 +62,19 @@ def _encode_float(t: QType, values: F32Array) -> U8Array:
     return np.asarray(gguf_quantize(values, t.ggml)).view(np.uint8)  # BF16, round-to-nearest-even
 
 
-def encode_tensor(p: PlannedTensor, values: F32Array, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
-    """Encode one planned tensor (numpy shape, row length last); 3-D expert tensors use each expert's imatrix."""
+def tensor_importance(p: PlannedTensor, imatrix: Imatrix | None) -> F32Array | None:
+    """The imatrix's per-column importance for `p`, one row per matrix (expert), or None."""
+    entry = imatrix.entries.get(p.info.name) if imatrix is not None else None
+    if entry is None or (shaped := entry.with_row_length(p.info.row_length)) is None:
+        return None
+    return shaped.importance()
+
+
+def encode_tensor(p: PlannedTensor, values: F32Array, backend: KernelBackend, importance: F32Array | None) -> U8Array:
+    """Encode one planned tensor (numpy shape, row length last); 3-D expert tensors use each expert's importance."""
     if p.qtype.is_float:
         return _encode_float(p.qtype, values)
     k = p.info.row_length
-    importance = None
-    entry = imatrix.entries.get(p.info.name) if imatrix is not None else None
-    if entry is not None and (shaped := entry.with_row_length(k)) is not None:
-        importance = shaped.importance()
     mats = values.reshape(-1, values.shape[-2], k) if values.ndim >= 2 else values.reshape(1, 1, k)
     if importance is not None and importance.shape[0] not in (1, mats.shape[0]):
         raise DynqError(f"imatrix entry {p.info.name} has {importance.shape[0]} matrices, tensor {mats.shape[0]}")
@@ -126,6 +131,20 @@ def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | No
         writer.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
 
+def _encoded(
+    p: PlannedTensor, model: GGUFModel, kernels: KernelBackend, imatrix: Imatrix | None, cache: EncodeCache | None
+) -> U8Array:
+    importance = tensor_importance(p, imatrix)
+    if cache is None or p.qtype.is_float:
+        return encode_tensor(p, model.dequantize(p.info.name), kernels, importance)
+    hit = cache.get(p.info.name, p.qtype.name, importance, p.nbytes)
+    if hit is not None:
+        return np.frombuffer(hit, dtype=np.uint8)
+    data = encode_tensor(p, model.dequantize(p.info.name), kernels, importance)
+    cache.put(p.info.name, p.qtype.name, importance, data.tobytes())
+    return data
+
+
 def quantize(
     source: str,
     recipe: str | Recipe,
@@ -135,8 +154,13 @@ def quantize(
     split_max_size: int = 0,
     backend: str = "ggml",
     progress: Callable[[TensorDone], None] | None = None,
+    reuse_encoded: bool = False,
 ) -> QuantizeResult:
-    """Quantize `source` (GGUF path or `zoo:X`) with `recipe` into `output` (plus shards if split)."""
+    """Quantize `source` (GGUF path or `zoo:X`) with `recipe` into `output` (plus shards if split).
+
+    `reuse_encoded` keeps every encoded tensor in a disk cache and reuses it when another recipe asks for the
+    same tensor at the same type (with the same importance data): several recipes of one model then cost little
+    more than one."""
     started = time.perf_counter()
     out = Path(output)
     model = GGUFModel(resolve_path(source))
@@ -147,6 +171,7 @@ def quantize(
     imx = read_imatrix(imatrix) if imatrix is not None else None
     check_imatrix(plan, imx, str(imatrix) if imatrix is not None else None)
     kernels = get_backend(backend, threads)
+    cache = EncodeCache(model.shards, backend) if reuse_encoded else None
     log.info("quantizing %s with %s: %d tensors, %.2f GiB", source, plan.recipe.name, len(plan.tensors),
              plan.total_bytes / 2**30)  # fmt: skip
 
@@ -158,10 +183,11 @@ def quantize(
         writer.begin()
         done = 0
         for i, p in enumerate(plan.tensors):
-            data = encode_tensor(p, model.dequantize(p.info.name), kernels, imx)
+            data = _encoded(p, model, kernels, imx, cache)
             if data.nbytes != p.nbytes:
                 raise DynqError(f"{p.info.name}: encoded {data.nbytes} bytes, planned {p.nbytes}")
             writer.write(data)
+            model.release(p.info.name)
             done += p.nbytes
             if progress is not None:
                 progress(TensorDone(i + 1, len(plan.tensors), p.info.name, done, plan.total_bytes))

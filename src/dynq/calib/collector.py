@@ -111,7 +111,7 @@ class ActivationStats:
         if any(int(n) == 0 for n in src1.ne):
             return
         name = src0.name.decode()
-        x = _view(src1, np.float32).astype(np.float64)  # [ne3, ne2, ne1, ne0]
+        x = _view(src1, np.float32)  # [ne3, ne2, ne1, ne0]; squares summed in float32 per call, float64 across calls
         ne0 = x.shape[-1]
         if self._op(t.op) == "MUL_MAT_ID":
             n_as = int(src0.ne[2])
@@ -119,14 +119,14 @@ class ActivationStats:
             s = self._stat(name, n_as, ne0)
             acts = x[0]  # [n_tokens, ne11, ne0]
             for slot in range(ids.shape[1]):
-                sq = acts[:, slot % acts.shape[1], :] ** 2
+                xs = acts[:, slot % acts.shape[1], :]
                 experts = ids[:, slot]
-                np.add.at(s.sums, experts, sq)
+                np.add.at(s.sums, experts, xs * xs)
                 s.counts += np.bincount(experts, minlength=n_as)
             return
         n2, n3 = int(src0.ne[2]), int(src0.ne[3])
         s = self._stat(name, n2 * n3, ne0)
-        sq = (x**2).sum(axis=2)  # [ne3, ne2, ne0]
+        sq = np.einsum("abij,abij->abj", x, x)  # [ne3, ne2, ne0]
         for i3 in range(sq.shape[0]):
             for i2 in range(sq.shape[1]):
                 s.sums[(i3 % n3) * n2 + (i2 % n2)] += sq[i3, i2]

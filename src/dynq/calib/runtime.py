@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,8 +31,10 @@ def llama() -> Any:
     return llama_cpp
 
 
+@cache
 def _quiet_llama() -> Any:
-    """Silence llama.cpp's own logging (it writes to stderr); returns the callback to keep alive."""
+    """Silence llama.cpp's own logging (it writes to stderr). llama.cpp keeps the callback for the life of the
+    process, so it is made once and never freed."""
     L = llama()
     sink = L.llama_log_callback(lambda level, text, user: None)
     L.llama_log_set(sink, ctypes.c_void_p(0))

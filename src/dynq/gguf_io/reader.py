@@ -7,6 +7,7 @@ into one clear error, and dequantization of one tensor at a time.
 from __future__ import annotations
 
 import logging
+import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +146,16 @@ class GGUFModel:
         t = self._get(name)
         values = dequantize(t.raw.data, t.raw.tensor_type)
         return np.asarray(values, dtype=np.float32).reshape(tuple(reversed(t.info.shape)))
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's memory map (they are re-read from disk if touched again),
+        so that streaming through a model keeps resident memory at one tensor, not the whole file."""
+        t = self._get(name)
+        mapped = getattr(self.readers[t.shard].data, "_mmap", None)
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.raw.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, start, t.raw.data_offset + t.raw.n_bytes - start)
 
     def iter_dequantized(self) -> Iterator[tuple[TensorInfo, npt.NDArray[np.float32]]]:
         for name, t in self._tensors.items():
