@@ -9,6 +9,7 @@ the imatrix and the encoded tensors are cached under ~/.cache/dynq; delete ~/.ca
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -58,14 +59,15 @@ def main() -> None:
         quantize(MODEL, "f16", reference, threads=THREADS)
     console.print(f"{reference} ({reference.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
 
-    imatrix = work / f"qwen2.5-coder-1.5b-{CHUNKS}x512.imatrix.gguf"
+    calib = calibration_text()
+    digest = hashlib.sha256(calib.provenance.encode()).hexdigest()[:8]
+    imatrix = work / f"qwen2.5-coder-1.5b-{CHUNKS}x512-{digest}.imatrix.gguf"
     t = step("3. importance matrix on llama.cpp's runtime")
     if not imatrix.exists():
         # run on the published Q4_K_M file: the reference holds exactly its weights, and it runs twice as fast
-        calib = calibration_text()
         imx = collect_imatrix(source, calib.text, [calib.provenance], 512, CHUNKS, THREADS)
         write_imatrix_gguf(imx, imatrix)
-    console.print(f"{imatrix} in {time.perf_counter() - t:.0f} s")
+    console.print(f"{imatrix} in {time.perf_counter() - t:.0f} s\ncalibration text: {calib.provenance}")
 
     plans = []
     for recipe in RECIPES:

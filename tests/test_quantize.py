@@ -239,3 +239,14 @@ def test_reuse_encoded_gives_identical_files(
     a, b = GGUFModel(tmp_path / "first.gguf"), GGUFModel(tmp_path / "again.gguf")
     np.testing.assert_array_equal(a.raw("blk.2.ffn_up_exps.weight"), b.raw("blk.2.ffn_up_exps.weight"))
     assert plain.files and first.files and again.files
+
+
+def test_all_experts_gives_every_expert_data(synthetic: dict[str, Path]) -> None:
+    short = "the of and to in"  # 80 tokens, two chunks of 32: most experts see nothing when routed
+    routed = collect_imatrix(synthetic["deepseek2"], short * 20, ["t"], n_ctx=32, n_chunks=2, threads=2)
+    every = collect_imatrix(synthetic["deepseek2"], short * 20, ["t"], n_ctx=32, n_chunks=2, threads=2,
+                            all_experts=True)  # fmt: skip
+    name = "blk.1.ffn_down_exps.weight"
+    assert routed.entries[name].counts.sum() == 2 * 32 * 2  # two experts per token
+    assert every.entries[name].counts.tolist() == [64.0] * 8  # every token through all eight
+    assert (every.entries[name].sums > 0).all()

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,9 +26,11 @@ from rich.table import Table
 
 from dynq import api
 from dynq.calib.collector import ChunkDone, collect_imatrix
-from dynq.calib.text import calibration_text, read_texts
-from dynq.cli_render import draw_comparison, draw_plan, draw_summary
+from dynq.calib.text import calibration_text, evaluation_text, read_texts
+from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
 from dynq.errors import DynqError
+from dynq.eval.evaluate import EvalProgress, evaluate
+from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.writer import parse_size
 from dynq.quantize import TensorDone
@@ -176,9 +179,62 @@ def imatrix(
         imx = collect_imatrix(resolve_path(source), calib.text, [calib.provenance], ctx, chunks, threads,
                               all_experts, on_chunk)  # fmt: skip
     (write_imatrix_dat if output.suffix == ".dat" else write_imatrix_gguf)(imx, output)
+    draw_imatrix_coverage(out, imx, full=False)
     out.print(
         f"wrote {output}: {len(imx.entries)} tensors, {imx.chunk_count} chunks of {ctx} tokens ({calib.provenance})"
     )
+
+
+@app.command(name="eval")
+def eval_command(
+    quant: Annotated[Path, typer.Argument(help="quantized GGUF to judge")],
+    ref: Annotated[Path, typer.Option("--ref", help="reference GGUF (F16/BF16/Q8_0) of the same model")],
+    text: Annotated[list[Path] | None, typer.Option(help="evaluation text file(s); default: the built-in set")] = None,
+    ctx: Annotated[int, typer.Option(help="tokens per chunk (the second half of each is scored)")] = 512,
+    chunks: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = os.cpu_count() or 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Perplexity, KL divergence, top-1 agreement and RMS Δp of a quant against its reference."""
+    source = read_texts(text) if text else evaluation_text()
+    with Progress(*_progress_columns(), console=err, transient=True) as bar:
+        task = bar.add_task("eval", total=None, detail="")
+
+        def on_chunk(p: EvalProgress) -> None:
+            bar.update(task, total=p.n_chunks, completed=p.chunk, description=p.stage, detail=f"chunk {p.chunk}")
+
+        result = evaluate(quant, ref, source.text, source.provenance, ctx, chunks, threads, on_chunk)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"{quant.name} against {ref.name} ({result['tokens']} tokens)", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("ppl", "ref_ppl", "kld_mean", "kld_median", "kld_p90", "kld_p99", "kld_p999", "kld_max", "top1",
+                "dp_rms"):  # fmt: skip
+        table.add_row(key, f"{result[key]:.6f}")
+    out.print(table)
+
+
+@app.command()
+def loops(
+    model: Annotated[Path, typer.Argument(help="GGUF model")],
+    tokens: Annotated[int, typer.Option(help="tokens per continuation")] = 256,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = os.cpu_count() or 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Greedy and sampled continuations of fixed prompts: how many end in endless repetition."""
+    runs = generate(model, tokens, threads)
+    if as_json:
+        _print_json({"loop_rate": loop_rate(runs), "continuations": [asdict(c) | {"looped": c.looped} for c in runs]})
+        return
+    table = Table(title=f"{model.name}: loop rate {loop_rate(runs):.0%}", title_justify="left")
+    for col in ("kind", "mode", "tokens", "end", "continuation"):
+        table.add_column(col, overflow="fold")
+    for c in runs:
+        end = "stop" if c.stopped else f"loop (period {c.period})" if c.looped else "budget"
+        table.add_row(c.kind, c.mode, str(c.n_tokens), end, c.text.strip()[:160])
+    out.print(table)
 
 
 @app.command()

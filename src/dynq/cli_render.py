@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from rich.console import Console
 from rich.table import Table
 
+from dynq.gguf_io.imatrix import Imatrix
 from dynq.inspect import FileSummary
 from dynq.recipe.coverage import TensorCoverage
 from dynq.recipe.plan import QuantPlan
@@ -107,3 +108,19 @@ def draw_comparison(console: Console, plans: list[QuantPlan]) -> None:
         need = "needed" if p.needing_imatrix() else "-"
         table.add_row(p.recipe.name, _size(p.total_bytes), f"{p.bpw:.3f}", *cells, need)
     console.print(table)
+
+
+def draw_imatrix_coverage(console: Console, imx: Imatrix, full: bool) -> None:
+    """Tokens per tensor, and for expert tensors how many experts got none (every tensor if `full`)."""
+    table = Table(title="imatrix coverage", title_justify="left")
+    for col in ("tensor", "matrices", "tokens (min)", "tokens (max)", "without data"):
+        table.add_column(col, justify="left" if col == "tensor" else "right")
+    starved = 0
+    for name, e in imx.entries.items():
+        empty = int((e.counts <= 0).sum())
+        starved += empty
+        if full or empty or e.n_mat > 1:
+            table.add_row(name, str(e.n_mat), f"{e.counts.min():.0f}", f"{e.counts.max():.0f}", str(empty))
+    console.print(table)
+    experts = sum(e.n_mat for e in imx.entries.values() if e.n_mat > 1)
+    console.print(f"{len(imx.entries)} tensors; {experts} expert matrices, {starved} of them without data")

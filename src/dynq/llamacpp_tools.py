@@ -1,0 +1,71 @@
+"""llama.cpp's reference command-line tools (llama-quantize, llama-imatrix, llama-perplexity), built once from the
+llama-cpp-python source package this project pins and cached under the dynq cache. They are the yardstick dynq is
+measured against, run side by side in the same process environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from dynq.errors import DynqError
+from dynq.paths import cache_dir
+from dynq.pypi import download
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.3.36"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+# Native code, but without AMX: some virtual machines advertise AMX and fault on its instructions.
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() == "x86_64" else ""
+
+
+def tools_dir() -> Path:
+    return cache_dir() / f"llama.cpp-{VERSION}" / "bin"
+
+
+def tool(name: str) -> Path:
+    """The path of a llama.cpp tool, building all of them first if they are not cached yet (~4 min, 2 cores)."""
+    if name not in TOOLS:
+        raise DynqError(f"unknown llama.cpp tool '{name}'; built: {', '.join(TOOLS)}")
+    path = tools_dir() / name
+    if not path.exists():
+        build_tools()
+    return path
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+        raise DynqError(f"building llama.cpp failed at '{' '.join(cmd[:3])}': {tail}")
+
+
+def build_tools() -> None:
+    if shutil.which("cmake") is None:
+        raise DynqError("building llama.cpp's tools needs cmake (apt-get install cmake, or pip install cmake)")
+    target = tools_dir()
+    with tempfile.TemporaryDirectory(prefix="dynq-llama-") as tmp:
+        work = Path(tmp)
+        log.info("building llama.cpp %s tools in %s", VERSION, work)
+        archive = download("llama-cpp-python", VERSION, work, sdist=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(work, filter="data")
+        src = work / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+        flags = [f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}"]
+        _run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
+              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+              "-DGGML_NATIVE=ON", *flags], src)  # fmt: skip
+        _run(["cmake", "--build", "build", "--target", *TOOLS, "-j", str(os.cpu_count() or 2)], src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in TOOLS:
+            built = src / "build" / "bin" / name
+            tmp_target = target / f".{name}.tmp"
+            shutil.copy2(built, tmp_target)
+            tmp_target.replace(target / name)

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynq.eval.evaluate import evaluate
+from dynq.eval.metrics import Scores, kld_full, kld_topk
+from dynq.eval.reference import CompactReference, log_softmax
+from dynq.quantize import quantize
+from dynq.sources.synthetic import write_synthetic
+
+REF = np.array([[2.0, 1.0, 0.0, -1.0, -3.0], [0.5, 0.0, 0.0, 0.0, 0.0]], np.float32)
+QUANT = np.array([[1.5, 1.4, 0.0, -1.0, -2.0], [0.0, 1.0, 0.0, 0.0, -1.0]], np.float32)
+NEXT = np.array([1, 0], np.int32)
+
+
+def hand_kld(p_logits: list[float], q_logits: list[float]) -> float:
+    zp = sum(math.exp(x) for x in p_logits)
+    zq = sum(math.exp(x) for x in q_logits)
+    return sum(
+        math.exp(a) / zp * (a - math.log(zp) - (b - math.log(zq))) for a, b in zip(p_logits, q_logits, strict=True)
+    )
+
+
+def test_kld_against_a_hand_computation() -> None:
+    ref = CompactReference.from_logits(REF, NEXT, k=5)  # k = vocab: exact
+    q_logp = log_softmax(QUANT)
+    got = kld_topk(ref, slice(0, 2), q_logp)
+    for i in range(2):
+        assert got[i] == pytest.approx(hand_kld(REF[i].tolist(), QUANT[i].tolist()), rel=1e-5)
+    np.testing.assert_allclose(kld_full(REF, q_logp), got, rtol=1e-5)
+
+
+def test_top_k_with_a_rest_bucket_is_a_close_lower_bound() -> None:
+    rng = np.random.default_rng(0)
+    ref_logits = (rng.standard_normal((200, 1000)) * 3).astype(np.float32)
+    quant_logits = ref_logits + rng.standard_normal((200, 1000)).astype(np.float32) * 0.3
+    nxt = rng.integers(0, 1000, 200).astype(np.int32)
+    exact = kld_full(ref_logits, log_softmax(quant_logits))
+    for k in (16, 64, 256):
+        approx = kld_topk(CompactReference.from_logits(ref_logits, nxt, k), slice(0, 200), log_softmax(quant_logits))
+        assert (approx <= exact + 1e-9).all()
+        assert approx.mean() > (0.5 if k == 16 else 0.8) * exact.mean()
+
+
+def test_scores_summary() -> None:
+    ref = CompactReference.from_logits(REF, NEXT, k=5)
+    s = Scores()
+    s.add(ref, slice(0, 2), QUANT)
+    out = s.summary()
+    ref_logp, q_logp = log_softmax(REF), log_softmax(QUANT)
+    assert out["ppl"] == pytest.approx(math.exp(-(q_logp[0, 1] + q_logp[1, 0]) / 2))
+    assert out["ref_ppl"] == pytest.approx(math.exp(-(ref_logp[0, 1] + ref_logp[1, 0]) / 2))
+    assert out["top1"] == 0.5  # row 0: both pick token 0; row 1: the reference 0, the quant 1
+    dp = [math.exp(q_logp[0, 1]) - math.exp(ref_logp[0, 1]), math.exp(q_logp[1, 0]) - math.exp(ref_logp[1, 0])]
+    assert out["dp_rms"] == pytest.approx(math.sqrt((dp[0] ** 2 + dp[1] ** 2) / 2))
+    assert out["kld_max"] == pytest.approx(
+        max(hand_kld(REF[i].tolist(), QUANT[i].tolist()) for i in range(2)), rel=1e-5
+    )
+
+
+def test_reference_cache_round_trip(tmp_path: Path) -> None:
+    ref = CompactReference.from_logits(REF, NEXT, k=3)
+    ref.n_ctx, ref.text_provenance = 8, "test"
+    ref.save(tmp_path / "r.npz")
+    back = CompactReference.load(tmp_path / "r.npz")
+    np.testing.assert_array_equal(back.top_ids, ref.top_ids)
+    assert (back.n_ctx, back.n_vocab, back.text_provenance) == (8, 5, "test")
+
+
+def test_evaluate_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYNQ_CACHE_DIR", str(tmp_path / "cache"))
+    src = write_synthetic("llama", tmp_path / "tiny.gguf")
+    q8 = tmp_path / "q8.gguf"
+    q4 = tmp_path / "q4.gguf"
+    quantize(str(src), "q8_0", q8)
+    quantize(str(src), "uniform-q4_0", q4)
+    text = " ".join(f"the {c} of {c}{c} and to in def return" for c in "abcdefghijklmnopqrstuvwxyz" * 8)
+    same = evaluate(src, src, text, "test", n_ctx=64, n_chunks=3)
+    assert same["kld_mean"] < 1e-4 and same["top1"] == 1.0 and same["ppl"] == pytest.approx(same["ref_ppl"])
+    a = evaluate(q8, src, text, "test", n_ctx=64, n_chunks=3)
+    b = evaluate(q4, src, text, "test", n_ctx=64, n_chunks=3)
+    assert a["tokens"] == 3 * 31
+    assert 0 < a["kld_mean"] < b["kld_mean"]
+    assert a["top1"] >= b["top1"]
+    assert len(list((tmp_path / "cache" / "references").glob("*.npz"))) == 1  # the reference ran once
