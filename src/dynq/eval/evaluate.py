@@ -33,7 +33,7 @@ class EvalProgress:
     n_chunks: int
 
 
-def _chunks(tokens: list[int], n_ctx: int, n_chunks: int | None) -> list[list[int]]:
+def chunks_of(tokens: list[int], n_ctx: int, n_chunks: int | None) -> list[list[int]]:
     available = len(tokens) // n_ctx
     if available < 1:
         raise DynqError(f"evaluation text has {len(tokens)} tokens; at least {n_ctx} (one chunk) are needed")
@@ -41,7 +41,7 @@ def _chunks(tokens: list[int], n_ctx: int, n_chunks: int | None) -> list[list[in
     return [tokens[i * n_ctx : (i + 1) * n_ctx] for i in range(count)]
 
 
-def _scored(n_ctx: int) -> slice:
+def scored_positions(n_ctx: int) -> slice:
     """Positions whose next token is scored: the second half of the chunk, as llama-perplexity."""
     return slice(n_ctx // 2, n_ctx - 1)
 
@@ -68,11 +68,11 @@ def reference_predictions(
         return CompactReference.load(path)
     parts = []
     with LlamaRuntime(ref, n_ctx, threads, logits=True) as rt:
-        chunks = _chunks(rt.tokenize(text), n_ctx, n_chunks)
+        chunks = chunks_of(rt.tokenize(text), n_ctx, n_chunks)
         for i, chunk in enumerate(chunks):
             logits = rt.evaluate_chunk(chunk)
             assert logits is not None
-            rows = _scored(n_ctx)
+            rows = scored_positions(n_ctx)
             nxt = np.asarray(chunk[rows.start + 1 : rows.stop + 1], dtype=np.int32)
             parts.append(CompactReference.from_logits(logits[rows], nxt, k))
             if progress is not None:
@@ -92,15 +92,18 @@ def evaluate(
     n_chunks: int | None = None,
     threads: int = 1,
     progress: Callable[[EvalProgress], None] | None = None,
+    top_k: int = TOP_K,
 ) -> dict[str, Any]:
-    """PPL of both, KLD statistics, top-1 agreement and RMS Δp of `quant` against `ref` on `text`."""
-    reference = reference_predictions(ref, text, provenance, n_ctx, n_chunks, threads, progress=progress)
+    """PPL of both, KLD statistics, top-1 agreement and RMS Δp of `quant` against `ref` on `text`.
+
+    The KL divergence covers the reference's `top_k` tokens plus one bucket for the rest of the vocabulary."""
+    reference = reference_predictions(ref, text, provenance, n_ctx, n_chunks, threads, top_k, progress)
     scores = Scores()
     per_chunk = n_ctx - 1 - n_ctx // 2
     with LlamaRuntime(quant, n_ctx, threads, logits=True) as rt:
         if rt.n_vocab != reference.n_vocab:
             raise DynqError(f"{quant}: vocabulary of {rt.n_vocab} tokens, the reference has {reference.n_vocab}")
-        chunks = _chunks(rt.tokenize(text), n_ctx, n_chunks)
+        chunks = chunks_of(rt.tokenize(text), n_ctx, n_chunks)
         for i, chunk in enumerate(chunks):
             rows = slice(i * per_chunk, (i + 1) * per_chunk)
             expected = np.asarray(chunk[n_ctx // 2 + 1 :], dtype=np.int32)
@@ -108,7 +111,7 @@ def evaluate(
                 raise DynqError(f"{quant}: tokenizes the text differently from the reference {ref}")
             logits = rt.evaluate_chunk(chunk)
             assert logits is not None
-            scores.add(reference, rows, logits[_scored(n_ctx)])
+            scores.add(reference, rows, logits[scored_positions(n_ctx)])
             if progress is not None:
                 progress(EvalProgress("quant", i + 1, len(chunks)))
     return scores.summary() | {"chunks": len(chunks), "n_ctx": n_ctx, "text": provenance}

@@ -1,0 +1,60 @@
+"""dynq against llama.cpp's own tools on the same files and text: imatrix and KL divergence must agree.
+
+The tools are built once from the pinned llama-cpp-python source package and cached (a few minutes the first
+time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynq.calib.collector import collect_imatrix
+from dynq.eval.evaluate import evaluate
+from dynq.eval.llamacpp import llama_imatrix, llama_kld, llama_kld_base
+from dynq.gguf_io.imatrix import read_imatrix
+from dynq.quantize import quantize
+from dynq.sources.synthetic import N_VOCAB, write_synthetic
+
+pytestmark = pytest.mark.slow
+
+TEXT = "\n".join(f"the {c} of {c}{c} and to in def return {i}" for i, c in enumerate("abcdefghijklmnopqrstuvwxyz" * 12))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("agree")
+    text = d / "text.txt"
+    text.write_text(TEXT)
+    return {"text": text, "dir": d}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3moe"])
+def test_imatrix_agrees_with_llama_imatrix(files: dict[str, Path], kind: str) -> None:
+    model = write_synthetic(kind, files["dir"] / f"{kind}.gguf")
+    theirs_path = files["dir"] / f"{kind}-llama.imatrix.gguf"
+    llama_imatrix(model, files["text"], theirs_path, n_ctx=128, chunks=4, threads=2)
+    theirs = read_imatrix(theirs_path)
+    ours = collect_imatrix(model, TEXT, ["t"], n_ctx=128, n_chunks=4, threads=2)
+    assert set(ours.entries) == set(theirs.entries)
+    diffs = []
+    for name, e in ours.entries.items():
+        t = theirs.entries[name]
+        np.testing.assert_array_equal(e.counts, t.counts)
+        a, b = e.importance(), t.importance()
+        diffs.append(float(np.abs(a - b).sum() / np.abs(b).sum()))
+    assert float(np.median(diffs)) < 0.01
+    assert max(diffs) < 0.02
+
+
+def test_eval_agrees_with_llama_perplexity(files: dict[str, Path]) -> None:
+    ref = write_synthetic("llama", files["dir"] / "ref.gguf")
+    quant = files["dir"] / "q4.gguf"
+    quantize(str(ref), "uniform-q4_k", quant)
+    base = files["dir"] / "base.kld"
+    llama_kld_base(ref, files["text"], base, n_ctx=128, chunks=4, threads=2)
+    theirs = llama_kld(quant, base, files["text"], n_ctx=128, chunks=4, threads=2)
+    ours = evaluate(quant, ref, TEXT, "t", n_ctx=128, n_chunks=4, threads=2, top_k=N_VOCAB)
+    for key in ("ppl", "ref_ppl", "kld_mean", "top1"):
+        assert ours[key] == pytest.approx(theirs[key], rel=0.01), key
