@@ -14,19 +14,18 @@ import numpy.typing as npt
 from dynq.eval.reference import CompactReference, F32Array, log_softmax
 
 F64Array = npt.NDArray[np.float64]
-_TINY = 1e-12
 
 
-def kld_topk(ref: CompactReference, rows: slice, q_logp: F64Array) -> F64Array:
-    """KL(ref || quant) per position over the reference's top-k plus one bucket for the remaining mass."""
+def kld_estimate(ref: CompactReference, rows: slice, q_logp: F64Array) -> F64Array:
+    """KL(ref || quant) per position: exact over the reference's top-k, sampled over the rest (unbiased)."""
     p_logp = ref.top_logp[rows].astype(np.float64)
-    p = np.exp(p_logp)
     q_top = np.take_along_axis(q_logp, ref.top_ids[rows].astype(np.int64), axis=-1)
-    head = (p * (p_logp - q_top)).sum(axis=-1)
-    p_rest = np.clip(1.0 - p.sum(axis=-1), 0.0, 1.0)
-    q_rest = np.clip(1.0 - np.exp(q_top).sum(axis=-1), _TINY, 1.0)
-    tail = np.where(p_rest > _TINY, p_rest * (np.log(np.maximum(p_rest, _TINY)) - np.log(q_rest)), 0.0)
-    out: F64Array = np.maximum(head + tail, 0.0)
+    head: F64Array = (np.exp(p_logp) * (p_logp - q_top)).sum(axis=-1)
+    if ref.tail_ids.shape[1] == 0:
+        return head
+    q_tail = np.take_along_axis(q_logp, ref.tail_ids[rows].astype(np.int64), axis=-1)
+    tail = ref.tail_mass[rows].astype(np.float64) * (ref.tail_logp[rows].astype(np.float64) - q_tail).mean(axis=-1)
+    out: F64Array = head + tail
     return out
 
 
@@ -52,7 +51,7 @@ class Scores:
         q_next = q_logp[np.arange(len(nxt)), nxt]
         self.nll_quant.append(-q_next)
         self.nll_ref.append(-ref.next_logp[rows].astype(np.float64))
-        self.kld.append(kld_topk(ref, rows, q_logp))
+        self.kld.append(kld_estimate(ref, rows, q_logp))
         self.top1.append(q_logp.argmax(axis=-1) == ref.top_ids[rows, 0])
         self.dp.append(np.exp(q_next) - np.exp(ref.next_logp[rows].astype(np.float64)))
 
