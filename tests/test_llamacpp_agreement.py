@@ -58,3 +58,20 @@ def test_eval_agrees_with_llama_perplexity(files: dict[str, Path]) -> None:
     ours = evaluate(quant, ref, TEXT, "t", n_ctx=128, n_chunks=4, threads=2, top_k=N_VOCAB)
     for key in ("ppl", "ref_ppl", "kld_mean", "top1"):
         assert ours[key] == pytest.approx(theirs[key], rel=0.01), key
+
+
+def test_bench_table_and_plot(files: dict[str, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from dynq.cli import app
+
+    ref = write_synthetic("llama", files["dir"] / "bench-ref.gguf")
+    out = files["dir"] / "results"
+    args = ["bench", str(ref), "-r", "q8_0", "-r", "uniform-q4_k", "--llama-mix", "Q4_K_M", "--out-dir", str(out),
+            "--ctx", "128", "--chunks", "2", "--loop-tokens", "16", "--name", "tiny"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = (out / "tiny.md").read_text()
+    assert "| q8_0 | dynq |" in table and "| Q4_K_M | llama.cpp |" in table
+    assert (out / "tiny.png").stat().st_size > 1000
+    assert not [p for p in out.iterdir() if p.name.startswith("dynq-bench-")]

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +30,7 @@ from dynq.calib.collector import ChunkDone, collect_imatrix
 from dynq.calib.text import calibration_text, evaluation_text, read_texts
 from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
 from dynq.errors import DynqError
+from dynq.eval.bench import BenchRow, markdown_table, plot, rows_as_dicts, run_bench
 from dynq.eval.evaluate import EvalProgress, evaluate
 from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
@@ -235,6 +237,36 @@ def loops(
         end = "stop" if c.stopped else f"loop (period {c.period})" if c.looped else "budget"
         table.add_row(c.kind, c.mode, str(c.n_tokens), end, c.text.strip()[:160])
     out.print(table)
+
+
+@app.command()
+def bench(
+    ref: Annotated[Path, typer.Argument(help="reference GGUF (F16/BF16) of the model")],
+    recipes: Annotated[list[str], typer.Option("--recipe", "-r", help="dynq recipes (repeat)")],
+    llama_mix: Annotated[list[str] | None, typer.Option(help="llama-quantize types, e.g. IQ1_S, Q4_K_M")] = None,
+    imatrix: Annotated[Path | None, typer.Option(help="importance matrix used by every quant")] = None,
+    out_dir: Annotated[Path, typer.Option(help="where the table, plot and JSON go")] = Path("bench/results"),
+    name: Annotated[str | None, typer.Option(help="result file stem (default: the reference's name)")] = None,
+    ctx: Annotated[int, typer.Option(help="tokens per evaluation chunk")] = 512,
+    chunks: Annotated[int | None, typer.Option(help="evaluation chunks")] = None,
+    loop_tokens: Annotated[int, typer.Option(help="tokens per loop-check continuation (0: skip)")] = 256,
+    threads: Annotated[int, typer.Option(help="threads")] = os.cpu_count() or 1,
+) -> None:
+    """Quantize one model with dynq recipes and llama.cpp mixes, judge all against the reference, tabulate."""
+    stem = name or ref.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_row(r: BenchRow) -> None:
+        out.print(f"{r.maker} {r.name}: {r.bytes / 2**20:.1f} MiB, KLD {r.kld_mean:.4f}, top-1 {r.top1:.1%}")
+
+    with tempfile.TemporaryDirectory(prefix="dynq-bench-", dir=out_dir) as tmp:
+        rows = run_bench(ref, recipes, llama_mix or [], imatrix, evaluation_text(), Path(tmp), ctx, chunks,
+                         loop_tokens, threads, on_row)  # fmt: skip
+    title = f"{stem}: dynq recipes and llama.cpp mixes against the reference"
+    (out_dir / f"{stem}.md").write_text(markdown_table(rows, title))
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
+    plot(rows, out_dir / f"{stem}.png", stem)
+    out.print(markdown_table(rows, title))
 
 
 @app.command()

@@ -1,0 +1,134 @@
+"""`dynq bench`: one model quantized with a list of dynq recipes and with llama.cpp's own mixes (llama-quantize,
+same imatrix), each judged against the reference: size, bpw, PPL, KLD mean and p99, top-1, loop rate, time.
+Writes a markdown table and a plot of KLD against size with the Pareto front.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dynq.calib.text import Text
+from dynq.errors import DynqError
+from dynq.eval.evaluate import evaluate
+from dynq.eval.loops import generate, loop_rate
+from dynq.gguf_io.reader import GGUFModel
+from dynq.inspect import summarize
+from dynq.llamacpp_tools import tool
+from dynq.quantize import quantize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    maker: str  # "dynq" or "llama.cpp"
+    bytes: int
+    bpw: float
+    ppl: float
+    kld_mean: float
+    kld_p99: float
+    top1: float
+    loop_rate: float
+    quantize_seconds: float
+
+
+def _llama_quantize(ref: Path, mix: str, out: Path, imatrix: Path | None, threads: int) -> None:
+    cmd = [str(tool("llama-quantize"))]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    cmd += [str(ref), str(out), mix, str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise DynqError(f"llama-quantize {mix} failed: {done.stderr.strip().splitlines()[-1:]}")
+
+
+def run_bench(
+    ref: Path,
+    recipes: Sequence[str],
+    llama_mixes: Sequence[str],
+    imatrix: Path | None,
+    text: Text,
+    work: Path,
+    n_ctx: int = 512,
+    chunks: int | None = None,
+    loop_tokens: int = 256,
+    threads: int = 1,
+    on_row: Callable[[BenchRow], None] | None = None,
+) -> list[BenchRow]:
+    rows = []
+    jobs = [("dynq", r) for r in recipes] + [("llama.cpp", m) for m in llama_mixes]
+    for maker, name in jobs:
+        out = work / f"{ref.stem}-{maker}-{name}.gguf"
+        started = time.perf_counter()
+        if maker == "dynq":
+            quantize(str(ref), name, out, imatrix=imatrix, threads=threads, reuse_encoded=True)
+        else:
+            _llama_quantize(ref, name, out, imatrix, threads)
+        seconds = time.perf_counter() - started
+        scores = evaluate(out, ref, text.text, text.provenance, n_ctx, chunks, threads)
+        loops = loop_rate(generate(out, loop_tokens, threads)) if loop_tokens else float("nan")
+        summary = summarize(GGUFModel(out))
+        row = BenchRow(name, maker, summary.total_bytes, summary.bpw, scores["ppl"], scores["kld_mean"],
+                       scores["kld_p99"], scores["top1"], loops, seconds)  # fmt: skip
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        out.unlink()
+    return rows
+
+
+def pareto_front(rows: Sequence[BenchRow]) -> list[BenchRow]:
+    """Rows no other row beats on both size and mean KLD, by size."""
+    front, best = [], float("inf")
+    for r in sorted(rows, key=lambda r: (r.bytes, r.kld_mean)):
+        if r.kld_mean < best:
+            front.append(r)
+            best = r.kld_mean
+    return front
+
+
+def markdown_table(rows: Sequence[BenchRow], title: str) -> str:
+    front = {(r.maker, r.name) for r in pareto_front(rows)}
+    lines = [f"# {title}", "", "| recipe | by | size (MiB) | bpw | PPL | KLD mean | KLD p99 | top-1 | loops | "
+             "quantize (s) | Pareto |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: r.bytes):
+        lines.append(
+            f"| {r.name} | {r.maker} | {r.bytes / 2**20:.1f} | {r.bpw:.3f} | {r.ppl:.3f} | {r.kld_mean:.4f} | "
+            f"{r.kld_p99:.4f} | {100 * r.top1:.1f}% | {100 * r.loop_rate:.0f}% | {r.quantize_seconds:.0f} | "
+            f"{'yes' if (r.maker, r.name) in front else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for maker, marker in (("dynq", "o"), ("llama.cpp", "s")):
+        pts = [r for r in rows if r.maker == maker]
+        ax.scatter([r.bytes / 2**20 for r in pts], [r.kld_mean for r in pts], marker=marker, label=maker)
+        for r in pts:
+            ax.annotate(r.name, (r.bytes / 2**20, r.kld_mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(rows)
+    ax.plot([r.bytes / 2**20 for r in front], [r.kld_mean for r in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("size (MiB)")
+    ax.set_ylabel("mean KL divergence to the reference")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict[str, object]]:
+    return [asdict(r) for r in rows]
