@@ -19,6 +19,11 @@ _BF16 = qtype("BF16")
 _F32 = qtype("F32")
 
 
+def _prefixed(arch: str, values: dict[str, object]) -> dict[str, object]:
+    """Architecture hyperparameters under llama.cpp's `<arch>.` key prefix."""
+    return {f"{arch}.{k}": v for k, v in values.items()}
+
+
 def _t(name: str, *shape: int, dtype: QType = _BF16) -> TensorInfo:
     return TensorInfo(name, tuple(shape), _F32 if len(shape) == 1 else dtype)
 
@@ -77,25 +82,28 @@ def deepseek2_tensors(c: DeepSeek2Config) -> tuple[list[TensorInfo], dict[str, o
         tensors.extend(block(i))
     tensors += [_t("output_norm.weight", c.n_embd), _t("output.weight", c.n_embd, c.n_vocab)]
     a = "deepseek2"
-    meta: dict[str, object] = {
-        f"{a}.block_count": c.n_layer,
-        f"{a}.context_length": c.context_length,
-        f"{a}.embedding_length": c.n_embd,
-        f"{a}.feed_forward_length": c.n_ff,
-        f"{a}.attention.head_count": c.n_head,
-        f"{a}.attention.head_count_kv": c.n_head,
-        f"{a}.attention.key_length": c.qk_nope + c.qk_rope,
-        f"{a}.attention.value_length": c.v_head,
-        f"{a}.attention.q_lora_rank": c.q_lora_rank,
-        f"{a}.attention.kv_lora_rank": c.kv_lora_rank,
-        f"{a}.rope.dimension_count": c.qk_rope,
-        f"{a}.leading_dense_block_count": c.n_dense_lead,
-        f"{a}.expert_feed_forward_length": c.n_ff_exp,
-        f"{a}.expert_count": c.n_expert,
-        f"{a}.expert_used_count": c.n_expert_used,
-        f"{a}.expert_shared_count": c.n_expert_shared,
-        f"{a}.vocab_size": c.n_vocab,
-    }
+    meta = _prefixed(
+        a,
+        {
+            "block_count": c.n_layer,
+            "context_length": c.context_length,
+            "embedding_length": c.n_embd,
+            "feed_forward_length": c.n_ff,
+            "attention.head_count": c.n_head,
+            "attention.head_count_kv": c.n_head,
+            "attention.key_length": c.qk_nope + c.qk_rope,
+            "attention.value_length": c.v_head,
+            "attention.q_lora_rank": c.q_lora_rank,
+            "attention.kv_lora_rank": c.kv_lora_rank,
+            "rope.dimension_count": c.qk_rope,
+            "leading_dense_block_count": c.n_dense_lead,
+            "expert_feed_forward_length": c.n_ff_exp,
+            "expert_count": c.n_expert,
+            "expert_used_count": c.n_expert_used,
+            "expert_shared_count": c.n_expert_shared,
+            "vocab_size": c.n_vocab,
+        },
+    )
     return tensors, meta
 
 
@@ -139,19 +147,22 @@ def gqa_moe_tensors(c: GqaMoeConfig) -> tuple[list[TensorInfo], dict[str, object
         ]
     tensors += [_t("output_norm.weight", c.n_embd), _t("output.weight", c.n_embd, c.n_vocab)]
     a = c.arch
-    meta: dict[str, object] = {
-        f"{a}.block_count": c.n_layer,
-        f"{a}.context_length": c.context_length,
-        f"{a}.embedding_length": c.n_embd,
-        f"{a}.attention.head_count": c.n_head,
-        f"{a}.attention.head_count_kv": c.n_head_kv,
-        f"{a}.attention.key_length": c.head_dim,
-        f"{a}.attention.value_length": c.head_dim,
-        f"{a}.expert_feed_forward_length": c.n_ff_exp,
-        f"{a}.expert_count": c.n_expert,
-        f"{a}.expert_used_count": c.n_expert_used,
-        f"{a}.vocab_size": c.n_vocab,
-    }
+    meta = _prefixed(
+        a,
+        {
+            "block_count": c.n_layer,
+            "context_length": c.context_length,
+            "embedding_length": c.n_embd,
+            "attention.head_count": c.n_head,
+            "attention.head_count_kv": c.n_head_kv,
+            "attention.key_length": c.head_dim,
+            "attention.value_length": c.head_dim,
+            "expert_feed_forward_length": c.n_ff_exp,
+            "expert_count": c.n_expert,
+            "expert_used_count": c.n_expert_used,
+            "vocab_size": c.n_vocab,
+        },
+    )
     return tensors, meta
 
 
@@ -187,16 +198,19 @@ def dense_tensors(c: DenseConfig) -> tuple[list[TensorInfo], dict[str, object]]:
         ]
     tensors += [_t("output_norm.weight", c.n_embd), _t("output.weight", c.n_embd, c.n_vocab)]
     a = c.arch
-    meta: dict[str, object] = {
-        f"{a}.block_count": c.n_layer,
-        f"{a}.context_length": c.context_length,
-        f"{a}.embedding_length": c.n_embd,
-        f"{a}.feed_forward_length": c.n_ff,
-        f"{a}.attention.head_count": c.n_head,
-        f"{a}.attention.head_count_kv": c.n_head_kv,
-        f"{a}.rope.dimension_count": head_dim,
-        f"{a}.vocab_size": c.n_vocab,
-    }
+    meta = _prefixed(
+        a,
+        {
+            "block_count": c.n_layer,
+            "context_length": c.context_length,
+            "embedding_length": c.n_embd,
+            "feed_forward_length": c.n_ff,
+            "attention.head_count": c.n_head,
+            "attention.head_count_kv": c.n_head_kv,
+            "rope.dimension_count": head_dim,
+            "vocab_size": c.n_vocab,
+        },
+    )
     return tensors, meta
 
 
