@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import mmap
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -156,10 +155,6 @@ class GGUFModel:
             return
         start = t.raw.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
         mapped.madvise(mmap.MADV_DONTNEED, start, t.raw.data_offset + t.raw.n_bytes - start)
-
-    def iter_dequantized(self) -> Iterator[tuple[TensorInfo, npt.NDArray[np.float32]]]:
-        for name, t in self._tensors.items():
-            yield t.info, self.dequantize(name)
 
     def _get(self, name: str) -> GGUFTensor:
         try:
