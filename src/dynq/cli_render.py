@@ -121,6 +121,7 @@ def draw_imatrix_coverage(console: Console, imx: Imatrix, full: bool) -> None:
         starved += empty
         if full or empty or e.n_mat > 1:
             table.add_row(name, str(e.n_mat), f"{e.counts.min():.0f}", f"{e.counts.max():.0f}", str(empty))
-    console.print(table)
+    if table.row_count:
+        console.print(table)
     experts = sum(e.n_mat for e in imx.entries.values() if e.n_mat > 1)
     console.print(f"{len(imx.entries)} tensors; {experts} expert matrices, {starved} of them without data")
