@@ -105,17 +105,8 @@ def check_imatrix(plan: QuantPlan, imatrix: Imatrix | None, origin: str | None) 
         )
 
 
-def _dominant_type(plan: QuantPlan) -> QType:
-    weight: dict[str, tuple[int, QType]] = {}
-    for t in plan.tensors:
-        if not t.kept:
-            n, _ = weight.get(t.qtype.name, (0, t.qtype))
-            weight[t.qtype.name] = (n + t.nbytes, t.qtype)
-    return max(weight.values(), key=lambda v: v[0])[1] if weight else plan.tensors[0].qtype
-
-
 def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | None, imatrix_path: str | None) -> None:
-    writer.add_file_type(_dominant_type(plan).file_type)
+    writer.add_file_type((plan.dominant_type or plan.tensors[0].qtype).file_type)
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_string("dynq.version", __version__)
     writer.add_string("dynq.recipe.name", plan.recipe.name)

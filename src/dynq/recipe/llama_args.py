@@ -44,11 +44,8 @@ def tensor_type_args(plan: QuantPlan) -> list[str]:
 
 def base_type(plan: QuantPlan) -> str:
     """The file type to name on the command line: the type holding the most bytes."""
-    weight: dict[str, int] = defaultdict(int)
-    for t in plan.tensors:
-        if not t.kept:
-            weight[t.qtype.name] += t.nbytes
-    return max(weight, key=lambda k: weight[k]) if weight else "F16"
+    dominant = plan.dominant_type
+    return dominant.name if dominant is not None else "F16"
 
 
 def llama_quantize_command(

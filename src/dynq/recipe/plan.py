@@ -71,6 +71,16 @@ class QuantPlan:
     def by_class(self) -> dict[TensorClass, ClassStats]:
         return class_breakdown((t.info, t.qtype) for t in self.tensors)
 
+    @property
+    def dominant_type(self) -> QType | None:
+        """The type holding the most bytes among quantized (not kept) tensors: the file's nominal type."""
+        weight: dict[str, tuple[int, QType]] = {}
+        for t in self.tensors:
+            if not t.kept:
+                n, _ = weight.get(t.qtype.name, (0, t.qtype))
+                weight[t.qtype.name] = (n + t.nbytes, t.qtype)
+        return max(weight.values(), key=lambda v: v[0])[1] if weight else None
+
     def needing_imatrix(self) -> list[PlannedTensor]:
         return [t for t in self.tensors if t.needs_imatrix]
 
