@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dynq import api
+from dynq import api, cli_deploy, cli_offload
 from dynq.calib.collector import ChunkDone, collect_imatrix
 from dynq.calib.text import calibration_text, evaluation_text, read_texts
 from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
@@ -137,7 +137,10 @@ def quantize(
     imatrix: Annotated[str | None, typer.Option(help="importance matrix (GGUF or .dat)")] = None,
     threads: Annotated[int, typer.Option(help="encoder threads")] = os.cpu_count() or 1,
     split_max_size: Annotated[str | None, typer.Option(help="split into shards of at most this size (e.g. 2G)")] = None,
-    backend: Annotated[str, typer.Option(help="kernel backend")] = "ggml",
+    backend: Annotated[
+        str | None, typer.Option(help="encoders: ggml (llama.cpp's) or torch (dynq's); default torch on a GPU")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="torch device: cpu or cuda (default: cuda when present)")] = None,
     reuse_encoded: Annotated[
         bool, typer.Option(help="cache encoded tensors on disk and reuse them across recipes of this model")
     ] = False,
@@ -151,7 +154,9 @@ def quantize(
             bar.update(task, total=done.bytes_total, completed=done.bytes_done,
                        detail=f"{done.index}/{done.n_tensors} tensors", description=done.name)  # fmt: skip
 
-        result = api_quantize(source, recipe, output, imatrix, threads, max_size, backend, on_tensor, reuse_encoded)
+        result = api_quantize(
+            source, recipe, output, imatrix, threads, max_size, backend, on_tensor, reuse_encoded, device
+        )
     p = result.plan
     names = ", ".join(str(f) for f in result.files)
     out.print(
@@ -256,15 +261,20 @@ def bench(
     stem = name or ref.stem
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    title = f"{stem}: dynq recipes and llama.cpp mixes against the reference"
+    done: list[BenchRow] = []
+
     def on_row(r: BenchRow) -> None:
-        out.print(f"{r.maker} {r.name}: {r.bytes / 2**20:.1f} MiB, KLD {r.kld_mean:.4f}, top-1 {r.top1:.1%}")
+        # Tables are rewritten after every row so an hour-long run that dies keeps what it measured.
+        done.append(r)
+        (out_dir / f"{stem}.md").write_text(markdown_table(done, title))
+        (out_dir / f"{stem}.json").write_text(json.dumps(rows_as_dicts(done), indent=2) + "\n")
+        out.print(f"{r.maker} {r.name}: {r.bytes / 2**20:.1f} MiB, KLD {r.kld_mean:.4f}, top-1 {r.top1:.1%}, "
+                  f"loops {r.loop_rate:.0%}, {r.quantize_seconds:.0f} s")  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="dynq-bench-", dir=out_dir) as tmp:
         rows = run_bench(ref, recipes, llama_mix or [], imatrix, evaluation_text(), Path(tmp), ctx, chunks,
                          loop_tokens, threads, on_row)  # fmt: skip
-    title = f"{stem}: dynq recipes and llama.cpp mixes against the reference"
-    (out_dir / f"{stem}.md").write_text(markdown_table(rows, title))
-    (out_dir / f"{stem}.json").write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
     plot(rows, out_dir / f"{stem}.png", stem)
     out.print(markdown_table(rows, title))
 
@@ -299,6 +309,10 @@ def fetch(name: Annotated[str, typer.Argument(help="zoo:NAME")]) -> None:
     with out.status(f"fetching {name}") as status:
         path = zoo.fetch(name, lambda done, total: status.update(f"fetching {name}: part {done}/{total}"))
     print(path)
+
+
+cli_offload.register(app)
+cli_deploy.register(app)
 
 
 def main() -> None:
