@@ -83,11 +83,15 @@ def test_moe_fixtures_quantize_and_run(
     assert np.isfinite(logits).all()
 
 
-def test_every_type_loads_in_llama_cpp(synthetic: dict[str, Path], imatrices: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["ggml", "torch"])
+def test_every_type_loads_in_llama_cpp(
+    synthetic: dict[str, Path], imatrices: dict[str, Path], tmp_path: Path, backend: str
+) -> None:
     reference = run_llama(synthetic["llama"])
     for t in quantizable_qtypes():
         out = tmp_path / f"llama-{t.name}.gguf"
-        quantize(str(synthetic["llama"]), f"uniform-{t.name.lower()}", out, imatrix=imatrices["llama"], threads=2)
+        quantize(str(synthetic["llama"]), f"uniform-{t.name.lower()}", out, imatrix=imatrices["llama"], threads=2,
+                 backend=backend, device="cpu")  # fmt: skip
         types = {info.name: info.dtype.name for info in GGUFModel(out).tensors}
         assert types["blk.0.attn_q.weight"] == t.name
         logits = run_llama(out)

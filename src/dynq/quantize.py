@@ -24,7 +24,7 @@ from dynq.errors import DynqError
 from dynq.gguf_io.imatrix import Imatrix, read_imatrix
 from dynq.gguf_io.reader import GGUFModel
 from dynq.gguf_io.writer import copy_metadata, streaming_writer
-from dynq.kernels import F32Array, KernelBackend, U8Array, get_backend
+from dynq.kernels import F32Array, KernelBackend, U8Array, choose_backend, get_backend
 from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan, resolve
 from dynq.recipe.presets import load_recipe
@@ -143,9 +143,10 @@ def quantize(
     imatrix: str | Path | None = None,
     threads: int = 1,
     split_max_size: int = 0,
-    backend: str = "ggml",
+    backend: str | None = None,
     progress: Callable[[TensorDone], None] | None = None,
     reuse_encoded: bool = False,
+    device: str | None = None,
 ) -> QuantizeResult:
     """Quantize `source` (GGUF path or `zoo:X`) with `recipe` into `output` (plus shards if split).
 
@@ -161,10 +162,11 @@ def quantize(
     plan = resolve(r, model.inventory())
     imx = read_imatrix(imatrix) if imatrix is not None else None
     check_imatrix(plan, imx, str(imatrix) if imatrix is not None else None)
-    kernels = get_backend(backend, threads)
-    cache = EncodeCache(model.shards, backend) if reuse_encoded else None
-    log.info("quantizing %s with %s: %d tensors, %.2f GiB", source, plan.recipe.name, len(plan.tensors),
-             plan.total_bytes / 2**30)  # fmt: skip
+    backend, device = choose_backend(backend, device)
+    kernels = get_backend(backend, threads, device)
+    cache = EncodeCache(model.shards, f"{backend}:{device}") if reuse_encoded else None
+    log.info("quantizing %s with %s on %s/%s: %d tensors, %.2f GiB", source, plan.recipe.name, backend, device,
+             len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
 
     with streaming_writer(out, model.arch, split_max_size) as writer:
         copy_metadata(model, writer.writer)

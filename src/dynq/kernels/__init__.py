@@ -24,9 +24,34 @@ class KernelBackend(Protocol):
         ...
 
 
-def get_backend(name: str, threads: int) -> KernelBackend:
+BACKENDS = ("ggml", "torch")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose_backend(backend: str | None, device: str | None) -> tuple[str, str]:
+    """(backend, device) for the options given: by default torch on a CUDA GPU when one is present, else ggml."""
+    if backend is None:
+        backend = "torch" if device == "cuda" or (device is None and cuda_available()) else "ggml"
+    if device is None:
+        device = "cuda" if backend == "torch" and cuda_available() else "cpu"
+    return backend, device
+
+
+def get_backend(name: str, threads: int, device: str | None = None) -> KernelBackend:
+    """A backend by name; `device` (cpu, cuda) applies to torch only."""
     if name == "ggml":
+        if device not in (None, "cpu"):
+            raise DynqError(f"the ggml backend runs on the CPU only, not on {device}; use --backend torch")
         from dynq.kernels.ggml import GgmlBackend
 
         return GgmlBackend(threads)
-    raise DynqError(f"unknown kernel backend '{name}'; available: ggml")
+    if name == "torch":
+        from dynq.kernels.torch_backend import TorchBackend
+
+        return TorchBackend(device, threads)
+    raise DynqError(f"unknown kernel backend '{name}'; available: {', '.join(BACKENDS)}")

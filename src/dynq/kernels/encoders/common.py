@@ -1,0 +1,63 @@
+"""Pieces every encoder shares: the result type, fp16 storage, rounding and byte packing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Encoded:
+    data: torch.Tensor  # uint8 [n, row_bytes]: the blocks exactly as llama.cpp lays them out
+    values: torch.Tensor  # float32 [n, k]: what dequantizing `data` gives back
+
+
+def nearest_int(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's nearest_int: round half to even in float32, as int32."""
+    return torch.round(x).to(torch.int32)
+
+
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """The float32 value an fp16 field holds after storing `x` (round to nearest even)."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """fp16 fields as little-endian bytes: [...] float -> [..., 2] uint8."""
+    return u16_bytes(x.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF)
+
+
+def u16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Little-endian bytes of 16-bit fields held in an integer tensor: [...] -> [..., 2] uint8."""
+    x = x.to(torch.int32)
+    return torch.stack((x & 0xFF, (x >> 8) & 0xFF), dim=-1).to(torch.uint8)
+
+
+def u32_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Little-endian bytes of 32-bit fields held in an int64 tensor: [...] -> [..., 4] uint8."""
+    x = x.to(torch.int64)
+    return torch.stack([(x >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8)
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack groups of 8/bits small integers along the last axis into bytes, lowest bits first.
+
+    [..., m] with m a multiple of 8/bits -> [..., m*bits/8] uint8. For the strided layouts (element j in the low
+    bits of byte j, element j+16 in the high bits) arrange `values` first so consecutive entries share a byte."""
+    per = 8 // bits
+    v = values.to(torch.int32).reshape(*values.shape[:-1], -1, per)
+    shifts = torch.arange(0, 8, bits, device=values.device, dtype=torch.int32)
+    return (v << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def blocks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, k] -> [n, k/size, size]."""
+    return x.reshape(x.shape[0], -1, size)
+
+
+def row_importance(importance: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The per-column importance broadcast against rows [n, k], or None."""
+    if importance is None:
+        return None
+    return importance.to(device=x.device, dtype=torch.float32).reshape(1, -1).expand_as(x)
