@@ -1,0 +1,173 @@
+"""The deployment commands: `run` (complete or chat on llama.cpp), `merge` and `split` (llama.cpp shards) and
+`export-ollama` (one GGUF plus a Modelfile)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dynq.deploy.ollama import Message, export_ollama
+from dynq.deploy.run import Generation, Runner, Sampling
+from dynq.deploy.shards import CopyProgress, merge, split
+from dynq.errors import DynqError
+from dynq.gguf_io.writer import parse_size
+from dynq.sources.open import resolve_path
+
+out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+
+def _copy_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+
+
+def _with_bar(description: str) -> tuple[Progress, CopyProgress]:
+    bar = _copy_bar()
+    task = bar.add_task(description, total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, on_progress
+
+
+def _stream(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _stats(g: Generation) -> None:
+    end = "end of text" if g.stopped else "token budget"
+    err.print(f"[dim]{g.n_prompt} prompt tokens in {g.prompt_seconds:.2f} s; {g.n_tokens} tokens at "
+              f"{g.tokens_per_s:.1f} tok/s; stopped at {end}[/]", highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def run(
+    model: Annotated[str, typer.Argument(help="GGUF file (any shard of a split model) or zoo:NAME")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="text to continue, or with --chat the question")
+    ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="use the file's chat template; without -p, talk on stdin")] = (
+        False
+    ),
+    system: Annotated[str | None, typer.Option(help="system prompt for --chat")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate at most")] = 512,
+    temperature: Annotated[float, typer.Option(help="sampling temperature (0.6 suits low-bit files)")] = 0.6,
+    min_p: Annotated[float, typer.Option(help="drop tokens below this share of the top one's probability")] = 0.05,
+    top_p: Annotated[float, typer.Option(help="nucleus cut (1.0: off)")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0: off)")] = 0,
+    repeat_penalty: Annotated[float, typer.Option(help="repetition penalty (1.0: off)")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (default: random)")] = None,
+    ctx: Annotated[int, typer.Option(help="context size in tokens")] = 4096,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = os.cpu_count() or 1,
+    n_gpu_layers: Annotated[
+        int | None, typer.Option("--n-gpu-layers", "-ngl", help="layers on the GPU (default: the offload planner's)")
+    ] = None,
+) -> None:
+    """Run a model on llama.cpp: continue a prompt, or chat through the file's own chat template; tokens stream."""
+    if prompt is None and not chat:
+        raise DynqError("nothing to do: give a prompt with -p, or --chat to talk")
+    if max_tokens < 1 or ctx < 8:
+        raise DynqError("--max-tokens must be at least 1 and --ctx at least 8")
+    sampling = Sampling(temperature, min_p, top_p, top_k, repeat_penalty, max_tokens)
+    path = resolve_path(model)
+    with err.status(f"loading {path.name}"):
+        runner = Runner(path, ctx, threads, n_gpu_layers, seed)
+    with runner:
+        layers = runner.offload.n_gpu_layers
+        err.print(f"[dim]{path.name}: GPU layers {'all' if layers < 0 else layers} ({runner.offload.reason}); "
+                  f"temperature {temperature:g}, min_p {min_p:g}[/]", highlight=False, soft_wrap=True)  # fmt: skip
+        if not chat:
+            assert prompt is not None
+            _stream(prompt)
+            done = runner.complete(prompt, sampling, _stream)
+            _stream("\n")
+            _stats(done)
+            return
+        messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        if prompt is not None:
+            messages.append({"role": "user", "content": prompt})
+            done = runner.chat(messages, sampling, _stream)
+            _stream("\n")
+            _stats(done)
+            return
+        err.print("[dim]chat: one message per line; an empty line or end of input stops[/]")
+        while True:
+            err.print("[bold]>>>[/] ", end="")
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            answer = runner.chat(messages, sampling, _stream)
+            _stream("\n")
+            _stats(answer)
+            messages.append({"role": "assistant", "content": answer.text})
+
+
+def merge_command(
+    shard: Annotated[Path, typer.Argument(help="any shard of a split model")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="merged .gguf (default: beside the shards)")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+) -> None:
+    """Merge llama.cpp split shards into one GGUF; tensor bytes are copied unchanged."""
+    bar, on_progress = _with_bar("merging")
+    with bar:
+        result = merge(shard, output, force, on_progress)
+    out.print(f"wrote {result.files[0]}: {result.n_tensors} tensors, {result.tensor_bytes:,} tensor bytes")
+
+
+def split_command(
+    model: Annotated[Path, typer.Argument(help="GGUF file (or a split model, to split differently)")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="shards are named after it: NAME-00001-of-0000N.gguf")
+    ] = None,
+    max_size: Annotated[str | None, typer.Option(help="at most this many tensor bytes per shard (e.g. 2G)")] = None,
+    shards: Annotated[int | None, typer.Option(help="this many shards, as even as tensor boundaries allow")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace existing shards")] = False,
+) -> None:
+    """Split a GGUF into llama.cpp shards (llama-gguf-split's format); tensor bytes are copied unchanged."""
+    size = parse_size(max_size) if max_size is not None else None
+    bar, on_progress = _with_bar("splitting")
+    with bar:
+        result = split(model, output, size, shards, force, on_progress)
+    for f in result.files:
+        out.print(f"wrote {f} ({f.stat().st_size:,} bytes)")
+    out.print(f"{len(result.files)} shards, {result.n_tensors} tensors; llama.cpp loads them from the first")
+
+
+def export_ollama_command(
+    model: Annotated[str, typer.Argument(help="GGUF file (any shard of a split model) or zoo:NAME")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for the GGUF and the Modelfile")],
+    temperature: Annotated[float, typer.Option(help="PARAMETER temperature")] = 0.6,
+    min_p: Annotated[float, typer.Option(help="PARAMETER min_p")] = 0.05,
+    link: Annotated[bool, typer.Option(help="hard-link a single-file model instead of copying it")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace existing files")] = False,
+) -> None:
+    """Write one GGUF (shards merged) and a Modelfile with the model's chat template, sampling and stop tokens."""
+    bar, on_progress = _with_bar("merging")
+    with bar:
+        result = export_ollama(resolve_path(model), output, temperature, min_p, link, force, on_progress)
+    m = result.content
+    if m.family is None:
+        err.print("[yellow]no chat template dynq can translate; see the comment in the Modelfile[/]")
+    for problem in m.problems:
+        err.print(f"[yellow]template differs:[/] {problem}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {result.gguf} and {result.modelfile} (template: {m.family or 'none'})")
+    out.print(f"import it with: ollama create {result.gguf.stem} -f {result.modelfile}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the dynq app."""
+    app.command()(run)
+    app.command(name="merge")(merge_command)
+    app.command(name="split")(split_command)
+    app.command(name="export-ollama")(export_ollama_command)

@@ -1,0 +1,1 @@
+"""Running what dynq makes: offload planning, run and chat, shards, Ollama export."""
