@@ -14,7 +14,15 @@ from typer.testing import CliRunner
 from dynq import api
 from dynq.cli import app
 from dynq.deploy.memory import GIB, ByteModel, byte_model, parse_memory
-from dynq.deploy.offload import Hardware, OffloadPlan, Settings, plan_offload, rule_of_thumb_layers
+from dynq.deploy.offload import (
+    AUTO_KV_TYPES,
+    Hardware,
+    OffloadPlan,
+    Settings,
+    offload,
+    plan_offload,
+    rule_of_thumb_layers,
+)
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
 from dynq.sources.shapes import DenseConfig, dense_tensors, shape_inventory
@@ -108,6 +116,20 @@ def test_planner_fits_and_beats_the_rule_of_thumb(vram: int, gpus: int, rule: in
     assert best.n_gpu_layers >= rule
     assert plan.rule_of_thumb.n_gpu_layers == rule
     assert best.tokens_per_s >= max(p.tokens_per_s for p in (*plan.alternatives, plan.rule_of_thumb) if p.fits_vram)
+
+
+def test_with_128gb_of_ram_every_case_fits_in_vram_and_ram() -> None:
+    """The issue's three setups with --ram 128GB: the 24 GB one fits only once the KV cache is q8_0, which the
+    planner picks by itself when no cache type is given."""
+    for vram, gpus, rule in ((24, 1, 7), (80, 1, 33), (80, 2, 61)):
+        plan = offload("shapes:deepseek-r1", Hardware(vram * GIB, gpus, ram=128 * GIB), "dyn-iq1_s",
+                       kv_types=AUTO_KV_TYPES)  # fmt: skip
+        assert plan.best.fits and plan.best.n_gpu_layers >= rule, (vram, gpus)
+    small = offload("shapes:deepseek-r1", Hardware(24 * GIB, 1, ram=128 * GIB), "dyn-iq1_s", kv_types=AUTO_KV_TYPES)
+    assert small.settings.kv_type == "q8_0" and "-ctk q8_0" in small.command
+    assert "nothing fits" in small.notes[0]
+    strict = offload("shapes:deepseek-r1", Hardware(24 * GIB, 1, ram=128 * GIB), "dyn-iq1_s")
+    assert not strict.best.fits_ram and strict.settings.kv_type == "f16"
 
 
 def test_one_80gb_gpu_splits_the_experts() -> None:

@@ -11,7 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from dynq.deploy.memory import GIB, KV_TYPES, parse_memory
-from dynq.deploy.offload import DEFAULT_CPU_BANDWIDTH, Hardware, OffloadPlan, Placement, Settings, offload
+from dynq.deploy.offload import (
+    AUTO_KV_TYPES,
+    DEFAULT_CPU_BANDWIDTH,
+    Hardware,
+    OffloadPlan,
+    Placement,
+    Settings,
+    offload,
+)
 from dynq.errors import DynqError
 
 out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
@@ -87,7 +95,16 @@ def register(app: typer.Typer) -> None:
         gpus: Annotated[int, typer.Option(help="number of GPUs (layer split)")] = 1,
         ram: Annotated[str | None, typer.Option(help="system memory, e.g. 128GB (default: not checked)")] = None,
         ctx: Annotated[int, typer.Option(help="context length (tokens)")] = 4096,
-        kv_type: Annotated[str, typer.Option(help="KV cache type: " + "|".join(KV_TYPES))] = "f16",
+        kv_type: Annotated[
+            str | None,
+            typer.Option(
+                help="KV cache type: "
+                + "|".join(KV_TYPES)
+                + " (default: f16, or the first of "
+                + "/".join(AUTO_KV_TYPES)
+                + " that fits)"
+            ),
+        ] = None,
         ubatch: Annotated[int, typer.Option(help="llama.cpp ubatch size (compute buffer)")] = 512,
         gpu_bw: Annotated[float | None, typer.Option(help="GPU bandwidth in GB/s (default: by VRAM size)")] = None,
         cpu_bw: Annotated[float, typer.Option(help="system memory bandwidth in GB/s")] = DEFAULT_CPU_BANDWIDTH / 1e9,
@@ -104,8 +121,8 @@ def register(app: typer.Typer) -> None:
             gpu_bandwidth=gpu_bw * 1e9 if gpu_bw else None,
             cpu_bandwidth=cpu_bw * 1e9,
         )
-        plan = offload(source, hw, recipe, Settings(ctx=ctx, kv_type=kv_type.lower(), n_ubatch=ubatch,
-                                                     op_offload=op_offload))  # fmt: skip
+        settings = Settings(ctx=ctx, kv_type=(kv_type or "f16").lower(), n_ubatch=ubatch, op_offload=op_offload)
+        plan = offload(source, hw, recipe, settings, None if kv_type else AUTO_KV_TYPES)
         if as_json:
             sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dynq.deploy.memory import GIB, ByteModel, SizedTensor, byte_model
@@ -410,17 +410,36 @@ def llama_command(model_file: str, p: Placement, s: Settings, binary: str = "lla
     return shlex.join(args)
 
 
+# When no KV cache type is asked for, these are tried in order until the placement fits (llama.cpp's default first).
+AUTO_KV_TYPES = ("f16", "q8_0", "q4_0")
+
+
 def offload(
     source: str,
     hardware: Hardware,
     recipe: str | Recipe | None = None,
     settings: Settings | None = None,
+    kv_types: tuple[str, ...] | None = None,
 ) -> OffloadPlan:
     """Plan how llama.cpp should load `source` (GGUF path, `zoo:X` or `shapes:X`) on `hardware`: the model as
-    stored, or as `recipe` would quantize it."""
+    stored, or as `recipe` would quantize it. With `kv_types`, the first KV cache type whose best placement fits in
+    VRAM and RAM wins (settings.kv_type is ignored); the plan notes what the smaller cache buys."""
     inventory = open_inventory(source)
     plan: QuantPlan | None = None
     if recipe is not None:
         plan = resolve(load_recipe(recipe) if isinstance(recipe, str) else recipe, inventory)
     model_file = str(resolve_path(source)) if recipe is None and not source.startswith(shapes.PREFIX) else None
-    return plan_offload(byte_model(inventory, plan), hardware, settings, model_file)
+    model = byte_model(inventory, plan)
+    s = settings or Settings()
+    tried = kv_types or (s.kv_type,)
+    for kv in tried:
+        result = plan_offload(model, hardware, replace(s, kv_type=kv), model_file)
+        if result.best.fits:
+            break
+    if result.settings.kv_type != tried[0]:
+        first = plan_offload(model, hardware, replace(s, kv_type=tried[0]), model_file).best
+        note = (f"with a {tried[0]} KV cache nothing fits ({first.cpu_bytes / GIB:.1f} GiB would be left for RAM); "
+                f"a {result.settings.kv_type} cache does (-ctk/-ctv {result.settings.kv_type}, which needs flash "
+                "attention)")  # fmt: skip
+        result = replace(result, notes=(note, *result.notes))
+    return result
