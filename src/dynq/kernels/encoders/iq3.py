@@ -16,13 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import Encoded, fp16_bytes, fp16_round, u32_bytes
+from dynq.kernels.encoders.common import FP16_MAX, Encoded, fp16_bytes, fp16_round, u32_bytes
 from dynq.kernels.encoders.grids import lattice_tensors
 
 _GROUP = 4  # elements per lattice point
 _BLOCK = 32  # elements per 4-bit block scale
 _SUPER = 256  # elements per fp16 super-block scale
-_FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def _refit_d(choice: _Choice, target: torch.Tensor, w: torch.Tensor, grid: torch
     sumq2 = (w * q * q).reshape(-1, _SUPER).sum(dim=1)
     ok = (sumq2 > 0) & (sumqx > 0)
     d = torch.where(ok, sumqx / torch.where(ok, sumq2, 1.0), choice.d)
-    return fp16_round(torch.clamp(d, max=_FP16_MAX))
+    return fp16_round(torch.clamp(d, max=FP16_MAX))
 
 
 def _choose(target: torch.Tensor, w: torch.Tensor, grid: torch.Tensor, spec: _Spec) -> _Choice:
@@ -196,7 +195,7 @@ def _choose(target: torch.Tensor, w: torch.Tensor, grid: torch.Tensor, spec: _Sp
     max_scale = fit.reshape(-1, _SUPER // _BLOCK).amax(dim=1)
     best: _Choice | None = None
     for factor in spec.d_factors:
-        d = fp16_round(torch.clamp(max_scale / 31 * factor, max=_FP16_MAX))
+        d = fp16_round(torch.clamp(max_scale / 31 * factor, max=FP16_MAX))
         trial = _blocks_at(d, _l_below(fit, d), target, w, grid, 2)
         best = trial if best is None else best.pick(trial, trial.super_err() < best.super_err())
     assert best is not None

@@ -14,12 +14,21 @@ from __future__ import annotations
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import Encoded, blocks, fp16_bytes, fp16_round, pack_bits, row_importance, u16_bytes
+from dynq.kernels.encoders.common import (
+    Best,
+    Encoded,
+    blocks,
+    fp16_bytes,
+    pack_bits,
+    ratio,
+    row_importance,
+    stored,
+    u16_bytes,
+)
 
 _KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _QK = 32
 _QK_K = 256
-_FP16_MAX = 65504.0
 _HALF_BINS = 256  # |2v| beyond the outer kvalues all map to the ends
 _GROUP_MAX_EPS = 1e-15
 # Where a trial maps the block's largest-magnitude element on the kvalues axis (llama.cpp: -134 .. -120 and +127),
@@ -30,17 +39,6 @@ _SLACK = 1e-6
 _FINE_DELTAS = (-1.2, -0.6, 0.6, 1.2)
 # Super-block scale trials for IQ4_XS: the largest sub-scale maps to this 6-bit level (llama.cpp: -32).
 _SUPER_TARGETS = (-32.0, -31.5, -31.0, -30.0, 31.0, 30.5)
-
-
-def _stored(d: torch.Tensor) -> torch.Tensor:
-    """The fp16 value a scale field holds, clamped to fp16's finite range (never inf)."""
-    return fp16_round(d.clamp(-_FP16_MAX, _FP16_MAX))
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num/den, 0 where den is 0 (degenerate blocks)."""
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 class _Table:
@@ -78,23 +76,6 @@ def _weights(x: torch.Tensor, importance: torch.Tensor | None, super_block: int)
     return blocks((blocks(qw, super_block) * torch.sqrt(sigma2 + xs * xs)).reshape(x.shape), _QK)
 
 
-class _Best:
-    """The lowest error seen so far per block and the parameters that gave it.
-
-    A later candidate must win by more than `slack`: closed-form errors carry float32 cancellation noise of about
-    1e-7·Σw·x², and near-ties (constant blocks, exact fits) should keep the first, llama.cpp-like candidate."""
-
-    def __init__(self, like: torch.Tensor, *params: torch.Tensor, slack: torch.Tensor | None = None) -> None:
-        self.err = torch.full_like(like, float("inf"))
-        self.params = list(params)
-        self.slack = torch.zeros_like(like) if slack is None else slack
-
-    def offer(self, err: torch.Tensor, *params: torch.Tensor) -> None:
-        better = err < self.err - self.slack
-        self.err = torch.where(better, err, self.err)
-        self.params = [torch.where(better, new, old) for new, old in zip(params, self.params, strict=True)]
-
-
 def _quantized_sums(
     xb: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, inv_scale: torch.Tensor, table: _Table
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +93,13 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor, table: _Table, to_fp16: boo
     mx = torch.where(live, mx, torch.ones_like(mx))
     wx = w * xb
     wx2 = (wx * xb).sum(dim=-1, keepdim=True)
-    best = _Best(mx, torch.zeros_like(mx), torch.zeros_like(mx), slack=_SLACK * wx2)  # (scale, target)
+    best = Best(mx, torch.zeros_like(mx), torch.zeros_like(mx), slack=_SLACK * wx2)  # (scale, target)
 
     def trial(target: torch.Tensor | float) -> None:
         sqx, sq2 = _quantized_sums(xb, w, wx, target / mx, table)
         target_t = torch.as_tensor(target, device=xb.device).expand_as(mx)
-        for d in (mx / target, _ratio(sqx, sq2)):
-            d = _stored(d) if to_fp16 else d
+        for d in (mx / target, ratio(sqx, sq2)):
+            d = stored(d) if to_fp16 else d
             best.offer(wx2 - 2 * d * sqx + d * d * sq2, d, target_t)
 
     for target in _COARSE_TARGETS:
@@ -131,7 +112,7 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor, table: _Table, to_fp16: boo
 
 def _requantize(xb: torch.Tensor, scale: torch.Tensor, table: _Table) -> torch.Tensor:
     """Nearest kvalue index per element against the given (stored) scale."""
-    return table.nearest(xb * _ratio(torch.ones_like(scale), scale))
+    return table.nearest(xb * ratio(torch.ones_like(scale), scale))
 
 
 def _block_error(xb: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -154,7 +135,7 @@ def encode_iq4_nl(x: torch.Tensor, importance: torch.Tensor | None) -> Encoded:
     index = _requantize(xb, d, table)
     # one refit against the requantized values, kept where it lowers the true error
     q = table.values[index]
-    refit = _stored(_ratio((w * xb * q).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)))
+    refit = stored(ratio((w * xb * q).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)))
     refit_index = _requantize(xb, refit, table)
     better = _block_error(xb, w, refit * table.values[refit_index]) < _block_error(xb, w, d * q)
     d = torch.where(better, refit, d)
@@ -169,13 +150,13 @@ def _sub_scales(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For a super-block scale d [..., 1, 1]: the best 6-bit level l per sub-block [..., 8, 1] among the three
     nearest to scale/d, and the super-block's total error with them [..., 1, 1]."""
-    nearest = torch.round(scales * _ratio(torch.ones_like(d), d)).clamp(-32, 31)
-    best = _Best(scales, nearest)
+    nearest = torch.round(scales * ratio(torch.ones_like(d), d)).clamp(-32, 31)
+    best = Best(scales, nearest)
     wx = w * xs
     for step in (0, -1, 1):
         level = (nearest + step).clamp(-32, 31)
         dl = d * level
-        sqx, sq2 = _quantized_sums(xs, w, wx, _ratio(torch.ones_like(dl), dl), table)
+        sqx, sq2 = _quantized_sums(xs, w, wx, ratio(torch.ones_like(dl), dl), table)
         best.offer(dl * (dl * sq2 - 2 * sqx), level)  # error less the constant Σw·x²
     return best.params[0], best.err.sum(dim=-2, keepdim=True)
 
@@ -183,16 +164,16 @@ def _sub_scales(
 def _super_scale(xs: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, table: _Table) -> torch.Tensor:
     """The stored super-block scale [..., 1, 1] with the lowest total error over the trials and one refit."""
     mx = scales.gather(-2, scales.abs().argmax(dim=-2, keepdim=True))
-    best = _Best(mx, torch.zeros_like(mx))
+    best = Best(mx, torch.zeros_like(mx))
     for target in _SUPER_TARGETS:
-        d = _stored(mx / target)
+        d = stored(mx / target)
         _, err = _sub_scales(xs, w, scales, d, table)
         best.offer(err, d)
     # refit d to the chosen levels and their requantized values
     d = best.params[0]
     level, _ = _sub_scales(xs, w, scales, d, table)
     q = table.values[_requantize(xs, d * level, table)] * level
-    refit = _stored(_ratio((w * xs * q).sum((-2, -1), keepdim=True), (w * q * q).sum((-2, -1), keepdim=True)))
+    refit = stored(ratio((w * xs * q).sum((-2, -1), keepdim=True), (w * q * q).sum((-2, -1), keepdim=True)))
     _, err = _sub_scales(xs, w, scales, refit, table)
     best.offer(err, refit)
     return best.params[0]

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import Encoded, fp16_bytes, fp16_round, pack_bits
+from dynq.kernels.encoders.common import FP16_MAX, Encoded, fp16_bytes, fp16_round, pack_bits
 
 QK_K = 256
-_FP16_MAX = 65504.0
 _GROUP_MAX_EPS = 1e-15  # llama.cpp's "all zero" threshold for a group's largest value
 _ERR_MAX = 1e38  # errors are clamped here so that overflowing blocks compare equal instead of inf - inf = NaN
 
@@ -59,8 +58,8 @@ def _blend(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Te
 
 def _fp16_field(x: torch.Tensor) -> torch.Tensor:
     """The float32 value an fp16 field holds, clamped to fp16's finite range (a stored scale is never inf/NaN)."""
-    x = torch.nan_to_num(x, nan=0.0, posinf=_FP16_MAX, neginf=-_FP16_MAX)
-    return fp16_round(x.clamp(-_FP16_MAX, _FP16_MAX))
+    x = torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+    return fp16_round(x.clamp(-FP16_MAX, FP16_MAX))
 
 
 def _row_blocks(x: torch.Tensor, sub: int) -> torch.Tensor:

@@ -14,17 +14,18 @@ import torch
 
 from dynq.kernels.encoders import EncodeFn
 from dynq.kernels.encoders.common import (
+    Best,
     Encoded,
     blocks,
     fp16_bytes,
-    fp16_round,
     pack_bits,
+    ratio,
     row_importance,
+    stored,
     u32_bytes,
 )
 
 _QK = 32
-_FP16_MAX = 65504.0
 _GROUP_MAX_EPS = 1e-15
 
 # The trial grid, coarse then fine. A trial maps the block's extreme element to `target` on the integer grid
@@ -48,19 +49,8 @@ def _asymmetric_targets(nmax: int) -> list[float]:
     return [float(nmax)] + [nmax + 1.5 - _COARSE_STEP * i for i in range(nmax + 6) if i != 6]
 
 
-def _stored(d: torch.Tensor) -> torch.Tensor:
-    """The fp16 value a scale field holds, clamped to fp16's finite range (never inf)."""
-    return fp16_round(d.clamp(-_FP16_MAX, _FP16_MAX))
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num/den, 0 where den is 0 (degenerate blocks)."""
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
 def _inverse(d: torch.Tensor) -> torch.Tensor:
-    return _ratio(torch.ones_like(d), d)
+    return ratio(torch.ones_like(d), d)
 
 
 def _signed_max(xb: torch.Tensor) -> torch.Tensor:
@@ -91,23 +81,6 @@ def _round_symmetric(xb: torch.Tensor, d: torch.Tensor, nmax: int) -> torch.Tens
     return torch.round(xb * _inverse(d)).clamp(-nmax, nmax - 1)
 
 
-class _Best:
-    """The lowest error seen so far per block and the parameters that gave it.
-
-    A later candidate must win by more than `slack`: closed-form errors carry float32 cancellation noise of about
-    1e-7·Σw·x², and near-ties (constant blocks, exact fits) should keep the first, llama.cpp-like candidate."""
-
-    def __init__(self, like: torch.Tensor, *params: torch.Tensor, slack: torch.Tensor | None = None) -> None:
-        self.err = torch.full_like(like, float("inf"))
-        self.params = list(params)
-        self.slack = torch.zeros_like(like) if slack is None else slack
-
-    def offer(self, err: torch.Tensor, *params: torch.Tensor) -> None:
-        better = err < self.err - self.slack
-        self.err = torch.where(better, err, self.err)
-        self.params = [torch.where(better, new, old) for new, old in zip(params, self.params, strict=True)]
-
-
 def _search_symmetric(xb: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
     """The best stored scale over the trial grid, judged by the closed-form weighted error: [..., 1]."""
     mx = _signed_max(xb)
@@ -116,7 +89,7 @@ def _search_symmetric(xb: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Ten
     wx = w * xb
     wx2 = (wx * xb).sum(dim=-1, keepdim=True)
     level, scratch = torch.empty_like(xb), torch.empty_like(xb)
-    best = _Best(mx, torch.zeros_like(mx), torch.zeros_like(mx), slack=_SLACK * wx2)  # (scale, target)
+    best = Best(mx, torch.zeros_like(mx), torch.zeros_like(mx), slack=_SLACK * wx2)  # (scale, target)
 
     def trial(target: torch.Tensor | float) -> None:
         torch.mul(xb, target / mx, out=level)
@@ -127,7 +100,7 @@ def _search_symmetric(xb: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Ten
         sl2 = scratch.sum(dim=-1, keepdim=True)
         target_t = torch.as_tensor(target, device=xb.device).expand_as(mx)
         # llama.cpp's raw trial scale and the least-squares refit, both as fp16 will hold them
-        for d in (_stored(mx / target), _stored(_ratio(slx, sl2))):
+        for d in (stored(mx / target), stored(ratio(slx, sl2))):
             best.offer(wx2 - 2 * d * slx + d * d * sl2, d, target_t)
 
     for target in _symmetric_targets(nmax):
@@ -142,7 +115,7 @@ def _refine_symmetric(xb: torch.Tensor, w: torch.Tensor, d: torch.Tensor, nmax: 
     """Requantize against d, refit the scale, and keep whichever stored scale has the lower true error."""
     level = _round_symmetric(xb, d, nmax)
     best_err = _weighted_error(xb, w, d * level)
-    refit = _stored(_ratio((w * xb * level).sum(-1, keepdim=True), (w * level * level).sum(-1, keepdim=True)))
+    refit = stored(ratio((w * xb * level).sum(-1, keepdim=True), (w * level * level).sum(-1, keepdim=True)))
     level = _round_symmetric(xb, refit, nmax)
     return torch.where(_weighted_error(xb, w, refit * level) < best_err, refit, d)
 
@@ -160,9 +133,9 @@ def _fp16_ulp_neighbours(d: torch.Tensor, steps: range) -> list[torch.Tensor]:
 def _search_q8(xb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Q8_0: llama.cpp's amax/127 against max/-128 and its fp16 neighbours, by the true weighted error."""
     mx = _signed_max(xb)
-    candidates = [_stored(mx.abs() / 127), *_fp16_ulp_neighbours(_stored(mx / -128), range(-1, 3))]
+    candidates = [stored(mx.abs() / 127), *_fp16_ulp_neighbours(stored(mx / -128), range(-1, 3))]
     level, scratch = torch.empty_like(xb), torch.empty_like(xb)
-    best = _Best(mx, candidates[0])
+    best = Best(mx, candidates[0])
     for d in candidates:
         torch.mul(xb, _inverse(d), out=level).round_().clamp_(-128, 127)
         torch.mul(level, d, out=scratch).sub_(xb).square_().mul_(w)
@@ -175,7 +148,7 @@ def _search_q8(xb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _fit_min(swx: torch.Tensor, sw: torch.Tensor, sl: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """The stored minimum that best fits the levels once the scale d is fixed."""
-    return _stored(_ratio(swx - d * sl, sw))
+    return stored(ratio(swx - d * sl, sw))
 
 
 def _search_asymmetric(xb: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,9 +161,9 @@ def _search_asymmetric(xb: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[to
     wx = w * xb
     sw, swx, swx2 = w.sum(-1, keepdim=True), wx.sum(-1, keepdim=True), (wx * xb).sum(-1, keepdim=True)
     level, scratch = torch.empty_like(xb), torch.empty_like(xb)
-    lo16 = _stored(lo)
+    lo16 = stored(lo)
     # (scale, minimum, target)
-    best = _Best(lo, torch.zeros_like(lo), lo16, torch.zeros_like(lo), slack=_SLACK * swx2)
+    best = Best(lo, torch.zeros_like(lo), lo16, torch.zeros_like(lo), slack=_SLACK * swx2)
 
     def trial(target: torch.Tensor | float) -> None:
         torch.mul(shifted, target / span, out=level)
@@ -200,8 +173,8 @@ def _search_asymmetric(xb: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[to
         sl2 = scratch.mul_(level).sum(dim=-1, keepdim=True)
         sxl = torch.mul(wx, level, out=scratch).sum(dim=-1, keepdim=True)
         det = sw * sl2 - sl * sl
-        d_fit = _stored(torch.where(det > 0, _ratio(sw * sxl - swx * sl, det), torch.zeros_like(det)))
-        d_raw = _stored(span / target)
+        d_fit = stored(torch.where(det > 0, ratio(sw * sxl - swx * sl, det), torch.zeros_like(det)))
+        d_raw = stored(span / target)
         target_t = torch.as_tensor(target, device=xb.device).expand_as(lo)
         pairs = ((d_raw, lo16), (d_raw, _fit_min(swx, sw, sl, d_raw)), (d_fit, _fit_min(swx, sw, sl, d_fit)))
         for d, m in pairs:
@@ -237,7 +210,7 @@ def _refine_asymmetric(
         sl, sl2 = (w * level).sum(-1, keepdim=True), (w * level * level).sum(-1, keepdim=True)
         sxl = (w * xb * level).sum(-1, keepdim=True)
         det = sw * sl2 - sl * sl
-        d_new = _stored(torch.where(det > 0, _ratio(sw * sxl - swx * sl, det), d))
+        d_new = stored(torch.where(det > 0, ratio(sw * sxl - swx * sl, det), d))
         m_new = _fit_min(swx, sw, sl, d_new)
         level = _round_asymmetric(xb, d_new, m_new, nmax)
         err = _weighted_error(xb, w, _decode_asymmetric(d_new, m_new, level))
