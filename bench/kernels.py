@@ -8,11 +8,13 @@ GPU. The table ends with the projected time to encode DeepSeek-R1 with the dyn-i
 
     .venv/bin/python bench/kernels.py sample [--rows 16] -o SAMPLE.npz     # real rows, small enough to travel
     .venv/bin/python bench/kernels.py run [--sample SAMPLE.npz] [--types Q4_K,IQ1_S] [--devices cpu,cuda]
+    bench/kernels_gpu.sh        # on a GPU machine: the same sample, ggml's rows reused from the CPU run
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -139,15 +141,33 @@ def r1_projection(rates: dict[str, float]) -> tuple[float, int, list[str]]:
     return seconds, sum(per_type.values()), missing
 
 
+def sample_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def ggml_rows_from(path: Path, digest: str) -> dict[str, Measured]:
+    """ggml's error and rate per type from an earlier run on the same sample (for a GPU machine without
+    llama-cpp-python: its rows were measured on the host that wrote `path`)."""
+    earlier = json.loads(path.read_text())
+    if earlier["sample_sha256"] != digest:
+        raise SystemExit(f"{path} was measured on another sample ({earlier['sample_sha256']}, this one {digest})")
+    out = {}
+    for r in earlier["rows"]:
+        weights = int(r["weights"])
+        out[str(r["type"])] = Measured(float(r["ggml_error"]), weights, weights / float(r["ggml_rate"]))
+    return out
+
+
 def run(args: argparse.Namespace) -> None:
     samples = load_sample(args.sample)
+    digest = sample_digest(args.sample)
     types = args.types.split(",") if args.types else list(TYPES)
     devices = args.devices.split(",")
-    ggml = GgmlBackend(args.threads)
+    earlier = ggml_rows_from(args.ggml_from, digest) if args.ggml_from else None
     torch_backends = {d: TorchBackend(d, args.threads) for d in devices}
     rows: list[dict[str, object]] = []
     for t in types:
-        g = measure(ggml, t, samples)
+        g = earlier[t] if earlier is not None else measure(GgmlBackend(args.threads), t, samples)
         row: dict[str, object] = {"type": t, "weights": g.weights, "ggml_error": g.error, "ggml_rate": g.rate}
         for d, backend in torch_backends.items():
             m = measure(backend, t, samples)
@@ -157,10 +177,10 @@ def run(args: argparse.Namespace) -> None:
             row["torch_cuda_full_rate"] = cuda_full_rate(t, samples)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write_results(rows, devices, args)
+    write_results(rows, devices, args, digest)
 
 
-def write_results(rows: list[dict[str, object]], devices: list[str], args: argparse.Namespace) -> None:
+def write_results(rows: list[dict[str, object]], devices: list[str], args: argparse.Namespace, digest: str) -> None:
     host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     cuda_key = "torch_cuda_full_rate" if args.cuda_full and "cuda" in devices else "torch_cuda_rate"
@@ -168,7 +188,8 @@ def write_results(rows: list[dict[str, object]], devices: list[str], args: argpa
         "# Kernel benchmark: dynq's torch encoders against llama.cpp's (ggml)",
         "",
         f"Sample: {args.sample.name}, rows spread evenly over every weight tensor of the model, with its imatrix.",
-        f"Host: {host}{f'; GPU: {gpu}' if gpu else ''}. ggml and torch-cpu use {args.threads} threads.",
+        f"Host: {host}{f'; GPU: {gpu}' if gpu else ''}. ggml and torch-cpu use {args.threads} threads."
+        + (f" ggml's columns are from {args.ggml_from.name} (same sample, measured there)." if args.ggml_from else ""),
         "Error ratio: Σ importance·(x − decoded)² of torch over ggml's, on the same rows (below 1: torch is better).",
         "",
         "| type | error ratio (cpu) | "
@@ -206,8 +227,8 @@ def write_results(rows: list[dict[str, object]], devices: list[str], args: argpa
     stem = args.out
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in
-                                                      vars(args).items()}}, indent=2) + "\n")  # fmt: skip
+    record = {"rows": rows, "sample_sha256": digest, "args": {k: str(v) for k, v in vars(args).items()}}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     print("\n".join(lines))
 
 
@@ -226,6 +247,7 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--cuda-full", action=argparse.BooleanOptionalAction, default=True)
     r.add_argument("--out", default="kernels")
+    r.add_argument("--ggml-from", type=Path, help="reuse ggml's rows from an earlier run's JSON on this sample")
     args = parser.parse_args()
     if args.command == "sample":
         make_sample(args.ref, args.imatrix, args.rows, args.output)
