@@ -6,23 +6,25 @@ and compares them with `dynq.deploy.memory`. Writes bench/results/offload-check.
 
     .venv/bin/python bench/offload_check.py [--ctx 1024] [--ubatch 512] [extra.gguf ...]
 
-Models: the zoo models as shipped, their uniform-q4_k requantizations if present under /tmp/h6q (made with
-`dynq quantize zoo:NAME -r uniform-q4_k -o /tmp/h6q/NAME-q4_k.gguf`), and tiny synthetic deepseek2 and qwen3moe
-files (MoE and deepseek2 attention paths).
+Models: the zoo models as shipped, their uniform-q4_k requantizations (made once with llama.cpp's encoders and
+cached under ~/.cache/dynq/offload-check), and tiny synthetic deepseek2 and qwen3moe files (MoE and deepseek2
+attention paths).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from dynq.calib.runtime import llama_log
 from dynq.deploy.memory import byte_model
 from dynq.gguf_io.reader import GGUFModel
+from dynq.paths import cache_dir
+from dynq.quantize import quantize
 from dynq.sources import zoo
 from dynq.sources.synthetic import write_synthetic
 
@@ -41,28 +43,22 @@ class Reported:
 def load_and_report(path: Path, ctx: int, ubatch: int) -> Reported:
     import llama_cpp as L
 
-    lines: list[str] = []
-
-    def sink(level: int, text: bytes, user: Any) -> None:
-        lines.append(text.decode(errors="replace"))
-
-    callback = L.llama_log_callback(sink)
-    L.llama_log_set(callback, ctypes.c_void_p(0))
-    L.llama_backend_init()
-    mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    mp.use_extra_bufts = False  # no CPU_REPACK copies: weights stay in the mapped buffer the byte model predicts
-    model = L.llama_model_load_from_file(str(path).encode(), mp)
-    if not model:
-        raise RuntimeError(f"{path}: llama.cpp could not load it")
-    cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = ctx, ubatch, ubatch, 1
-    cp.n_threads = cp.n_threads_batch = 1
-    ctx_handle = L.llama_init_from_model(model, cp)
-    if not ctx_handle:
-        raise RuntimeError(f"{path}: llama.cpp could not create a context")
-    L.llama_free(ctx_handle)
-    L.llama_model_free(model)
+    with llama_log() as lines:
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = False  # no CPU_REPACK copies: weights stay in the mapped buffer the byte model predicts
+        model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            raise RuntimeError(f"{path}: llama.cpp could not load it")
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = ctx, ubatch, ubatch, 1
+        cp.n_threads = cp.n_threads_batch = 1
+        ctx_handle = L.llama_init_from_model(model, cp)
+        if not ctx_handle:
+            raise RuntimeError(f"{path}: llama.cpp could not create a context")
+        L.llama_free(ctx_handle)
+        L.llama_model_free(model)
     r = Reported()
     for m in _BUFFER.finditer("".join(lines)):
         kind, mib = m.group(2), float(m.group(3))
@@ -70,14 +66,20 @@ def load_and_report(path: Path, ctx: int, ubatch: int) -> Reported:
     return r
 
 
+def requantized(name: str) -> Path:
+    """The zoo model requantized to uniform-q4_k by dynq (the second quant of each model), cached."""
+    path = cache_dir() / "offload-check" / f"{name}-q4_k.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        quantize(f"zoo:{name}", "uniform-q4_k", path, threads=os.cpu_count() or 1, backend="ggml")
+    return path
+
+
 def models(extra: list[Path], tmp: Path) -> list[tuple[str, Path]]:
     out: list[tuple[str, Path]] = []
     for name in ZOO:
-        if zoo.MODELS[name].path.exists():
-            out.append((f"zoo:{name} (as shipped)", zoo.MODELS[name].path))
-        q = Path("/tmp/h6q") / f"{name}-q4_k.gguf"
-        if q.exists():
-            out.append((f"zoo:{name} uniform-q4_k", q))
+        out.append((f"zoo:{name} (as shipped)", zoo.fetch(f"zoo:{name}")))
+        out.append((f"zoo:{name} uniform-q4_k", requantized(name)))
     for kind in ("deepseek2", "qwen3moe"):
         out.append((f"synthetic {kind}", write_synthetic(kind, tmp / f"{kind}.gguf")))
     out += [(p.name, p) for p in extra]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from types import TracebackType
@@ -31,14 +32,37 @@ def llama() -> Any:
     return llama_cpp
 
 
+class _LogSink:
+    """llama.cpp's log, silenced (it writes to stderr) or captured. llama.cpp keeps the callback pointer for the
+    life of the process, so there is one callback, made once and never freed, that routes to `lines` if set.
+    Anything that sets a callback of its own and lets it go crashes the process at llama.cpp's next log line."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] | None = None
+
+    def __call__(self, level: int, text: bytes, user: Any) -> None:
+        if self.lines is not None:
+            self.lines.append(text.decode(errors="replace"))
+
+
 @cache
-def _quiet_llama() -> Any:
-    """Silence llama.cpp's own logging (it writes to stderr). llama.cpp keeps the callback for the life of the
-    process, so it is made once and never freed."""
+def _quiet_llama() -> tuple[_LogSink, Any]:
     L = llama()
-    sink = L.llama_log_callback(lambda level, text, user: None)
-    L.llama_log_set(sink, ctypes.c_void_p(0))
-    return sink
+    sink = _LogSink()
+    callback = L.llama_log_callback(sink)
+    L.llama_log_set(callback, ctypes.c_void_p(0))
+    return sink, callback
+
+
+@contextmanager
+def llama_log() -> Iterator[list[str]]:
+    """The lines llama.cpp logs while the block runs."""
+    sink, _ = _quiet_llama()
+    previous, sink.lines = sink.lines, []
+    try:
+        yield sink.lines
+    finally:
+        sink.lines = previous
 
 
 class LlamaRuntime:
