@@ -5,6 +5,7 @@ time)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,10 @@ def test_bench_table_and_plot(files: dict[str, Path]) -> None:
     assert "| q8_0 | dynq |" in table and "| Q4_K_M | llama.cpp |" in table
     assert (out / "tiny.png").stat().st_size > 1000
     assert not [p for p in out.iterdir() if p.name.startswith("dynq-bench-")]
+    # A resumed run keeps the measured rows and measures only what is new.
+    before = json.loads((out / "tiny.json").read_text())
+    result = CliRunner().invoke(app, [*args, "-r", "uniform-q8_0", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resuming: 3 rows kept" in result.output
+    after = json.loads((out / "tiny.json").read_text())
+    assert after[:3] == before and [r["name"] for r in after[3:]] == ["uniform-q8_0"]

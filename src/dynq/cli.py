@@ -256,6 +256,9 @@ def bench(
     chunks: Annotated[int | None, typer.Option(help="evaluation chunks")] = None,
     loop_tokens: Annotated[int, typer.Option(help="tokens per loop-check continuation (0: skip)")] = 256,
     threads: Annotated[int, typer.Option(help="threads")] = os.cpu_count() or 1,
+    resume: Annotated[
+        bool, typer.Option(help="keep the rows already in OUT_DIR/NAME.json (same settings!) and measure the rest")
+    ] = False,
 ) -> None:
     """Quantize one model with dynq recipes and llama.cpp mixes, judge all against the reference, tabulate."""
     stem = name or ref.stem
@@ -263,6 +266,13 @@ def bench(
 
     title = f"{stem}: dynq recipes and llama.cpp mixes against the reference"
     done: list[BenchRow] = []
+    previous = out_dir / f"{stem}.json"
+    if resume and previous.exists():
+        done = [BenchRow(**r) for r in json.loads(previous.read_text())]
+        measured = {(r.maker, r.name) for r in done}
+        recipes = [r for r in recipes if ("dynq", r) not in measured]
+        llama_mix = [m for m in llama_mix or [] if ("llama.cpp", m) not in measured]
+        out.print(f"resuming: {len(done)} rows kept from {previous}")
 
     def on_row(r: BenchRow) -> None:
         # Tables are rewritten after every row so an hour-long run that dies keeps what it measured.
@@ -273,10 +283,10 @@ def bench(
                   f"loops {r.loop_rate:.0%}, {r.quantize_seconds:.0f} s")  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="dynq-bench-", dir=out_dir) as tmp:
-        rows = run_bench(ref, recipes, llama_mix or [], imatrix, evaluation_text(), Path(tmp), ctx, chunks,
-                         loop_tokens, threads, on_row)  # fmt: skip
-    plot(rows, out_dir / f"{stem}.png", stem)
-    out.print(markdown_table(rows, title))
+        run_bench(ref, recipes, llama_mix or [], imatrix, evaluation_text(), Path(tmp), ctx, chunks, loop_tokens,
+                  threads, on_row)  # fmt: skip
+    plot(done, out_dir / f"{stem}.png", stem)
+    out.print(markdown_table(done, title))
 
 
 @app.command()
