@@ -358,28 +358,39 @@ def test_run_chat_answers_as_llama_cpp_python_chat_does() -> None:
 # --- transformers ---
 
 
+TRANSFORMERS_CASES = [
+    ("zoo:smollm2-135m", "LlamaForCausalLM",
+     "The quick brown fox jumps over the lazy dog. In Python, a list comprehension builds a new list"),
+    ("zoo:qwen2.5-coder-0.5b", "Qwen2ForCausalLM",
+     "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]"),
+]  # fmt: skip
+
+
 @pytest.mark.model
 @pytest.mark.slow
-def test_transformers_loads_a_dynq_qwen2_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A dynq quant of a qwen2 model loads with AutoModelForCausalLM(gguf_file=) and predicts as llama.cpp does."""
+@pytest.mark.parametrize(("source", "architecture", "text"), TRANSFORMERS_CASES)
+def test_transformers_loads_a_dynq_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, architecture: str, text: str
+) -> None:
+    """A dynq quant loads with AutoModelForCausalLM(gguf_file=) and predicts as llama.cpp does."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
     from dynq.quantize import quantize
 
-    out = tmp_path / "qwen-q2_k_xl.gguf"
-    quantize("zoo:qwen2.5-coder-0.5b", "dyn-q2_k_xl", out, threads=2)
-    assert GGUFModel(out).arch == "qwen2"
+    out = tmp_path / "q2_k_xl.gguf"
+    quantize(source, "dyn-q2_k_xl", out, threads=2)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
-    assert type(model).__name__ == "Qwen2ForCausalLM"
-    text = "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]"
+    assert type(model).__name__ == architecture
     with LlamaRuntime(out, n_ctx=64, threads=2, logits=True) as rt:
+        rt.add_bos = False  # feed exactly the same tokens to both
         tokens = rt.tokenize(text)
         ll = rt.evaluate_chunk(tokens)
     with torch.no_grad():
         hf = model(torch.tensor([tokens])).logits[0].numpy()
     assert ll is not None
+    # llama.cpp multiplies K-quants against 8-bit-quantized activations, so near-ties may flip
     corr = np.corrcoef(hf.ravel(), ll.ravel())[0, 1]
     agree = (hf.argmax(-1) == ll.argmax(-1)).mean()
     assert corr > 0.99 and agree >= 0.85, (corr, agree)
