@@ -62,6 +62,18 @@ def _encode_float(t: QType, values: F32Array) -> U8Array:
     return np.asarray(gguf_quantize(values, t.ggml)).view(np.uint8)  # BF16, round-to-nearest-even
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM, because ru_maxrss survives exec: a child started by a
+    large process reports its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def tensor_importance(p: PlannedTensor, imatrix: Imatrix | None) -> F32Array | None:
     """The imatrix's per-column importance for `p`, one row per matrix (expert), or None."""
     entry = imatrix.entries.get(p.info.name) if imatrix is not None else None
@@ -185,5 +197,5 @@ def quantize(
             if progress is not None:
                 progress(TensorDone(i + 1, len(plan.tensors), p.info.name, done, plan.total_bytes))
         files = writer.finish()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return QuantizeResult(plan, files, time.perf_counter() - started, peak)
