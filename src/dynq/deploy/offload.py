@@ -432,12 +432,14 @@ def offload(
     model = byte_model(inventory, plan)
     s = settings or Settings()
     tried = kv_types or (s.kv_type,)
+    plans = []
     for kv in tried:
-        result = plan_offload(model, hardware, replace(s, kv_type=kv), model_file)
-        if result.best.fits:
+        plans.append(plan_offload(model, hardware, replace(s, kv_type=kv), model_file))
+        if plans[-1].best.fits:
             break
-    if result.settings.kv_type != tried[0]:
-        first = plan_offload(model, hardware, replace(s, kv_type=tried[0]), model_file).best
+    result = plans[-1]
+    if len(plans) > 1:
+        first = plans[0].best
         note = (f"with a {tried[0]} KV cache nothing fits ({first.cpu_bytes / GIB:.1f} GiB would be left for RAM); "
                 f"a {result.settings.kv_type} cache does (-ctk/-ctv {result.settings.kv_type}, which needs flash "
                 "attention)")  # fmt: skip

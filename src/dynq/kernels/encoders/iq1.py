@@ -403,12 +403,19 @@ def decoded(state: State, d: torch.Tensor, grid: Grid) -> torch.Tensor:
 # ---- the two types ----
 
 
-def encode_iq1_s(x: torch.Tensor, importance: torch.Tensor | None) -> Encoded:
-    n = x.shape[0]
+def search(x: torch.Tensor, importance: torch.Tensor | None, type_name: str) -> tuple[State, torch.Tensor, Grid]:
+    """(state, d, grid) of the best encoding; without an imatrix IQ1_S weighs by 1 (llama.cpp asserts one), IQ1_M
+    by x²."""
     grid = load_grid(str(x.device))
     xn, m = normalise(x)
-    w = search_weights(xn, importance, ones_without=True)
-    state, d = best_state(xn, w, m, "IQ1_S", grid)
+    w = search_weights(xn, importance, ones_without=type_name == "IQ1_S")
+    state, d = best_state(xn, w, m, type_name, grid)
+    return state, d, grid
+
+
+def encode_iq1_s(x: torch.Tensor, importance: torch.Tensor | None) -> Encoded:
+    n = x.shape[0]
+    state, d, grid = search(x, importance, "IQ1_S")
     idx = state.index  # [S, 8, 4]
     qs = (idx & 0xFF).to(torch.uint8).reshape(-1, 32)
     shifts = 3 * torch.arange(4, device=x.device, dtype=torch.int64)
@@ -420,10 +427,7 @@ def encode_iq1_s(x: torch.Tensor, importance: torch.Tensor | None) -> Encoded:
 
 def encode_iq1_m(x: torch.Tensor, importance: torch.Tensor | None) -> Encoded:
     n = x.shape[0]
-    grid = load_grid(str(x.device))
-    xn, m = normalise(x)
-    w = search_weights(xn, importance, ones_without=False)
-    state, d = best_state(xn, w, m, "IQ1_M", grid)
+    state, d, grid = search(x, importance, "IQ1_M")
     idx = state.index  # [S, 16, 2]
     qs = (idx & 0xFF).to(torch.uint8).reshape(-1, 32)
     hi = (idx >> 8) | (state.negative.to(torch.int64) << 3)  # per group: 3 index bits and the delta sign
