@@ -265,6 +265,11 @@ def bench(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     title = f"{stem}: dynq recipes and llama.cpp mixes against the reference"
+    settings = (
+        f"Reference {ref.name}; every quant with the imatrix {imatrix.name if imatrix else '(none)'}. "
+        f"Evaluation: {chunks or 'all'} chunks of {ctx} tokens of the built-in evaluation text. Loops: the fixed "
+        f"prompts, greedy and sampled, {loop_tokens} tokens each. {threads} threads; quantize is wall time."
+    )
     done: list[BenchRow] = []
     previous = out_dir / f"{stem}.json"
     if resume and previous.exists():
@@ -277,7 +282,7 @@ def bench(
     def on_row(r: BenchRow) -> None:
         # Tables are rewritten after every row so an hour-long run that dies keeps what it measured.
         done.append(r)
-        (out_dir / f"{stem}.md").write_text(markdown_table(done, title))
+        (out_dir / f"{stem}.md").write_text(markdown_table(done, title, settings))
         (out_dir / f"{stem}.json").write_text(json.dumps(rows_as_dicts(done), indent=2) + "\n")
         out.print(f"{r.maker} {r.name}: {r.bytes / 2**20:.1f} MiB, KLD {r.kld_mean:.4f}, top-1 {r.top1:.1%}, "
                   f"loops {r.loop_rate:.0%}, {r.quantize_seconds:.0f} s")  # fmt: skip

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from dynq.calib.text import Text
 from dynq.errors import DynqError
@@ -94,10 +95,11 @@ def pareto_front(rows: Sequence[BenchRow]) -> list[BenchRow]:
     return front
 
 
-def markdown_table(rows: Sequence[BenchRow], title: str) -> str:
+def markdown_table(rows: Sequence[BenchRow], title: str, settings: str = "") -> str:
     front = {(r.maker, r.name) for r in pareto_front(rows)}
-    lines = [f"# {title}", "", "| recipe | by | size (MiB) | bpw | PPL | KLD mean | KLD p99 | top-1 | loops | "
-             "quantize (s) | Pareto |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"# {title}", "", *([settings, ""] if settings else [])]
+    lines += ["| recipe | by | size (MiB) | bpw | PPL | KLD mean | KLD p99 | top-1 | loops | quantize (s) | Pareto |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: r.bytes):
         lines.append(
             f"| {r.name} | {r.maker} | {r.bytes / 2**20:.1f} | {r.bpw:.3f} | {r.ppl:.3f} | {r.kld_mean:.4f} | "
@@ -117,8 +119,6 @@ def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
     for maker, marker in (("dynq", "o"), ("llama.cpp", "s")):
         pts = [r for r in rows if r.maker == maker]
         ax.scatter([r.bytes / 2**20 for r in pts], [r.kld_mean for r in pts], marker=marker, label=maker)
-        for r in pts:
-            ax.annotate(r.name, (r.bytes / 2**20, r.kld_mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = pareto_front(rows)
     ax.plot([r.bytes / 2**20 for r in front], [r.kld_mean for r in front], "k--", lw=1, label="Pareto front")
     ax.set_xlabel("size (MiB)")
@@ -126,9 +126,29 @@ def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
+    place_labels(ax, [(r.name, r.bytes / 2**20, r.kld_mean) for r in sorted(rows, key=lambda r: r.bytes)])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def place_labels(ax: Any, points: Sequence[tuple[str, float, float]]) -> None:
+    """Label each point at the first of a few spots around it that overlaps no marker and no label placed before it."""
+    from matplotlib.transforms import Bbox
+
+    spots = (((4, 4), "left", "bottom"), ((4, -4), "left", "top"), ((-4, 4), "right", "bottom"),
+             ((-4, -4), "right", "top"))  # fmt: skip
+    renderer = ax.figure.canvas.get_renderer()
+    centres = [ax.transData.transform((x, y)) for _, x, y in points]
+    placed: list[Any] = [Bbox.from_bounds(cx - 4, cy - 4, 8, 8) for cx, cy in centres]
+    for name, x, y in points:
+        for offset, ha, va in spots:
+            text = ax.annotate(name, (x, y), fontsize=7, xytext=offset, textcoords="offset points", ha=ha, va=va)
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or (offset, ha, va) == spots[-1]:
+                placed.append(box)
+                break
+            text.remove()
 
 
 def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict[str, object]]:
