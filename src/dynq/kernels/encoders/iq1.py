@@ -121,39 +121,56 @@ def stored_d(dn: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 # ---- the exact partition search (llama.cpp's, batched) ----
 
 
+@cache
+def split_pairs(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pair of cut points i1 ≤ i2 of n sorted values, row-major: two [n(n+3)/2 + 1] index tensors."""
+    pairs = torch.triu_indices(n + 1, n + 1, device=device)
+    return pairs[0], pairs[1]
+
+
 def partition_scales(xb: torch.Tensor, wb: torch.Tensor, segments: int) -> torch.Tensor:
     """|scale| of the best 3-level split of each block xb [B, n], every segment with its own delta sign.
 
-    Sorting makes every level assignment worth trying a pair of cut points i1 ≤ i2; per segment prefix sums X, W
-    give Σw·x·q and Σw·q² of all pairs at once. With q = (-1, 0, 1) + s·delta these are
-    Σw·x·q = (T - X[i1] - X[i2]) + s·delta·T and Σw·q² = (V(1 + delta²) + W[i1] - W[i2]) + 2s·delta·(V - W[i1] - W[i2])
-    (T, V: the segment's totals), so both signs share the pair sums. Pairs are laid out as a square [i1, i2]; the
-    half with i1 > i2 gets Σw·x·q = 0, a score no real split is below."""
+    Sorting makes every level assignment worth trying a pair of cut points i1 ≤ i2 (below i1: -1, from i2 on: +1);
+    with prefix sums X, W of w·x and w over the sorted block and q = (-1, 0, 1) + s·delta,
+    Σw·x·q = (T - X[i1] - X[i2]) + delta·Σ_h s_h·T_h and
+    Σw·q² = (V(1 + delta²) + W[i1] - W[i2]) + 2·delta·Σ_h s_h·(V_h - W_h[i1] - W_h[i2]),
+    where T, V are the block's totals and T_h, V_h, W_h those of segment h. Only the last term needs per-segment
+    prefix sums; all sign combinations share the rest."""
     n = xb.shape[1]
+    i1, i2 = split_pairs(n, str(xb.device))
     order = xb.argsort(dim=1)
     xs, ws = xb.gather(1, order), wb.gather(1, order)
+    zero = torch.zeros_like(xs[:, :1])
+    px = torch.cat((zero, torch.cumsum(ws * xs, dim=1)), dim=1)  # [B, n+1]
+    pw = torch.cat((zero, torch.cumsum(ws, dim=1)), dim=1)
+
+    def at_pairs(prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, prefix at i1, prefix at i2) of prefix sums [..., n+1]."""
+        return prefix[..., -1:], prefix.index_select(-1, i1), prefix.index_select(-1, i2)
+
+    tx, x1, x2 = at_pairs(px)
+    tw, w1, w2 = at_pairs(pw)
+    common_qx = (tx - x1) - x2  # [B, P]
+    common_qq = (tw * (1 + DELTA * DELTA) + w1) - w2
     seg = torch.nn.functional.one_hot(order // (n // segments), segments).to(xb.dtype)  # [B, n, H]
-    zero = torch.zeros_like(seg[:, :1])
-    px = torch.cat((zero, torch.cumsum((ws * xs)[..., None] * seg, dim=1)), dim=1).mT  # [B, H, n+1]
-    pw = torch.cat((zero, torch.cumsum(ws[..., None] * seg, dim=1)), dim=1).mT
-    tx, tw = px[..., -1:, None], pw[..., -1:, None]
-    p1, p2 = px[..., :, None], px[..., None, :]
-    w1, w2 = pw[..., :, None], pw[..., None, :]  # [B, H, n+1, 1] and [B, H, 1, n+1]
-    base_qx = (tx - p1) - p2
-    base_qq = (tw * (1 + DELTA * DELTA) + w1) - w2
-    sign_qx, sign_qq = DELTA * tx, 2 * DELTA * ((tw - w1) - w2)
-    upper = torch.ones(n + 1, n + 1, device=xb.device, dtype=xb.dtype).triu()
-    qx_list, qq_list = [], []
+    seg_x = ((ws * xs)[..., None] * seg).sum(dim=1)  # T_h [B, H]
+    seg_w = torch.cat((zero[..., None].expand(-1, 1, segments), torch.cumsum(ws[..., None] * seg, dim=1)), dim=1)
+    vh, wh1, wh2 = at_pairs(seg_w.mT)  # [B, H, 1], [B, H, P], [B, H, P]
+    seg_q = 2 * DELTA * ((vh - wh1) - wh2)
+    best_score = torch.full_like(common_qx[:, 0], -1.0)
+    best_scale = torch.zeros_like(best_score)
     for combo in range(1 << segments):
-        signs = torch.tensor([1.0 - 2.0 * ((combo >> h) & 1) for h in range(segments)], device=xb.device)
-        signs = signs[:, None, None]
-        qx = (base_qx + signs * sign_qx).sum(dim=1) * upper  # [B, n+1, n+1]
-        qq = (base_qq + signs * sign_qq).sum(dim=1).clamp_min(1e-30)  # 0 only when all weights are 0
-        qx_list.append(qx.flatten(1))
-        qq_list.append(qq.flatten(1))
-    qx, qq = torch.cat(qx_list, dim=1), torch.cat(qq_list, dim=1)
-    at = (qx * qx / qq).argmax(dim=1, keepdim=True)
-    return (qx.gather(1, at) / qq.gather(1, at)).squeeze(1).abs()
+        signs = [1.0 - 2.0 * ((combo >> h) & 1) for h in range(segments)]
+        qx = common_qx + DELTA * sum(s * seg_x[:, h : h + 1] for h, s in enumerate(signs))
+        qq = (common_qq + sum(s * seg_q[:, h] for h, s in enumerate(signs))).clamp_min(1e-30)  # 0: all w are 0
+        score, at = (qx * qx / qq).max(dim=1, keepdim=True)
+        scale = (qx.gather(1, at) / qq.gather(1, at)).squeeze(1)
+        # Strictly better only: the first combination wins ties, as in a row-major argmax over all of them.
+        better = score.squeeze(1) > best_score
+        best_score = torch.where(better, score.squeeze(1), best_score)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale.abs()
 
 
 def chunked_partition_scales(xb: torch.Tensor, wb: torch.Tensor, segments: int) -> torch.Tensor:
