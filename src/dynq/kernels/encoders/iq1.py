@@ -417,6 +417,23 @@ def decoded(state: State, d: torch.Tensor, grid: Grid) -> torch.Tensor:
     return y.reshape(y.shape[0], QK)
 
 
+def energy_matched(
+    xn: torch.Tensor, w: torch.Tensor, m: torch.Tensor, state: State, d: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """d rescaled per super-block so the decoded values carry the weighted energy Σw·x² of the originals.
+
+    The least-squares search shrinks what it decodes (by about 6% rms at 1.56 bits), and the shrink compounds through
+    the gate·up product and every block: on qwen2.5-coder-1.5b with dyn-iq1_s, our least-error IQ1_S tensors gave a
+    mean KLD of 1.96 against llama.cpp's 1.76, the same tensors energy-matched 1.75, still at a lower weighted error
+    than llama.cpp's (whose rounding overshoots the energy by about 7%)."""
+    q = unit_values(state, grid)
+    energy, decoded_energy = (w * xn * xn).sum(dim=1), (w * q * q).sum(dim=1)
+    usable = (energy > 0) & (decoded_energy > 0) & (d > 0)
+    dn = torch.sqrt(energy / torch.where(usable, decoded_energy, torch.ones_like(decoded_energy)))
+    matched, _ = stored_d(dn, m)
+    return torch.where(usable, matched, d)
+
+
 # ---- the two types ----
 
 
@@ -427,7 +444,7 @@ def search(x: torch.Tensor, importance: torch.Tensor | None, type_name: str) -> 
     xn, m = normalise(x)
     w = search_weights(xn, importance, ones_without=type_name == "IQ1_S")
     state, d = best_state(xn, w, m, type_name, grid)
-    return state, d, grid
+    return state, energy_matched(xn, w, m, state, d, grid), grid
 
 
 def encode_iq1_s(x: torch.Tensor, importance: torch.Tensor | None) -> Encoded:
