@@ -164,11 +164,15 @@ def run(args: argparse.Namespace) -> None:
     types = args.types.split(",") if args.types else list(TYPES)
     devices = args.devices.split(",")
     earlier = ggml_rows_from(args.ggml_from, digest) if args.ggml_from else None
-    ggml = GgmlBackend(args.threads)
+    ggml = GgmlBackend(args.threads) if earlier is None else None  # a GPU machine may lack llama-cpp-python
     torch_backends = {d: TorchBackend(d, args.threads) for d in devices}
     rows: list[dict[str, object]] = []
     for t in types:
-        g = earlier[t] if earlier is not None else measure(ggml, t, samples)
+        if ggml is not None:
+            g = measure(ggml, t, samples)
+        else:
+            assert earlier is not None
+            g = earlier[t]
         row: dict[str, object] = {"type": t, "weights": g.weights, "ggml_error": g.error, "ggml_rate": g.rate}
         for d, backend in torch_backends.items():
             m = measure(backend, t, samples)
