@@ -11,7 +11,7 @@ import torch
 from dynq.calib.collector import collect_imatrix
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.compare import compare, decode, weighted_error
-from dynq.kernels.encoders import encoders
+from dynq.kernels.encoders import encoders, iq1, iq2
 from dynq.kernels.ggml import GgmlBackend, ggml_library
 from dynq.kernels.torch_backend import TorchBackend
 from dynq.sources import zoo
@@ -89,6 +89,20 @@ def test_edge_cases_stay_finite(name: str) -> None:
     assert np.isfinite(decoded).all()
     assert np.abs(decoded[0]).max() <= np.abs(decode(qtype(name), GgmlBackend(1).encode(qtype(name), rows[:1],
                                                                               importance), k)).max()  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"))
+def test_accelerator_branches_on_the_cpu(
+    name: str, ggml: GgmlBackend, mine: TorchBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the lattice searches mask instead of gathering the groups that need work (no host sync); the same
+    code, forced here, must give exact bytes and an error no worse than ggml's."""
+    monkeypatch.setattr(iq1, "gathers_groups", lambda device: False)
+    monkeypatch.setattr(iq2, "_compacts", lambda t: False)
+    rows, importance = random_rows(7)
+    check_exact(name, rows, importance)
+    result = compare(qtype(name), rows, importance, mine, ggml)
+    assert result.ratio <= MAX_RATIO, (name, result.ratio)
 
 
 @cache
