@@ -291,7 +291,7 @@ def bench(
         run_bench(ref, recipes, llama_mix or [], imatrix, evaluation_text(), Path(tmp), ctx, chunks, loop_tokens,
                   threads, on_row)  # fmt: skip
     plot(done, out_dir / f"{stem}.png", stem)
-    out.print(markdown_table(done, title))
+    out.print(markdown_table(done, title, settings))
 
 
 @app.command()

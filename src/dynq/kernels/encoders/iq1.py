@@ -166,11 +166,11 @@ def partition_scales(xb: torch.Tensor, wb: torch.Tensor, segments: int) -> torch
         signs = [1.0 - 2.0 * ((combo >> h) & 1) for h in range(segments)]
         qx = common_qx + DELTA * sum(s * seg_x[:, h : h + 1] for h, s in enumerate(signs))
         qq = (common_qq + sum(s * seg_q[:, h] for h, s in enumerate(signs))).clamp_min(1e-30)  # 0: all w are 0
-        score, at = (qx * qx / qq).max(dim=1, keepdim=True)
-        scale = (qx.gather(1, at) / qq.gather(1, at)).squeeze(1)
+        score, at = (qx * qx / qq).max(dim=1)
+        scale = (qx.gather(1, at[:, None]) / qq.gather(1, at[:, None])).squeeze(1)
         # Strictly better only: the first combination wins ties, as in a row-major argmax over all of them.
-        better = score.squeeze(1) > best_score
-        best_score = torch.where(better, score.squeeze(1), best_score)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
         best_scale = torch.where(better, scale, best_scale)
     return best_scale.abs()
 
