@@ -34,7 +34,7 @@ from dynq.kernels.encoders import encoders
 from dynq.kernels.ggml import GgmlBackend
 from dynq.kernels.torch_backend import TorchBackend
 from dynq.paths import cache_dir
-from dynq.types import qtype
+from dynq.core.qtypes import qtype
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
          "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")  # fmt: skip
@@ -57,7 +57,7 @@ def make_sample(ref: Path, imatrix: Path, rows: int, out: Path) -> None:
     for t in model.tensors:
         if len(t.shape) < 2 or not t.name.endswith(".weight") or "norm" in t.name:
             continue
-        full = model.dequantize(t.name).reshape(-1, t.row_length)
+        full = model.load(t.name).reshape(-1, t.row_length)
         pick = np.linspace(0, full.shape[0] - 1, min(rows, full.shape[0])).astype(np.int64)
         arrays[f"{t.name}/rows"] = full[pick].astype(np.float16)
         arrays[f"{t.name}/shape"] = np.array(full.shape, dtype=np.int64)

@@ -16,7 +16,7 @@ python3 - <<'PY'
 import numpy as np, torch
 from dynq.kernels.compare import decode
 from dynq.kernels.encoders import encoders
-from dynq.types import qtype
+from dynq.core.qtypes import qtype
 
 rng = np.random.default_rng(0)
 x = torch.from_numpy(rng.standard_normal((64, 1024)).astype(np.float32)).cuda()

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from dynq.calib.runtime import LlamaRuntime
 from dynq.cli import app
-from dynq.deploy import shards
 from dynq.deploy.ollama import FAMILIES, PROBES, check_family, export_ollama, render_jinja, render_ollama
 from dynq.deploy.run import Runner, Sampling
 from dynq.deploy.shards import count_shards, max_size_for, merge, split
 from dynq.errors import DynqError
+from dynq.gguf_io import writer
 from dynq.gguf_io.reader import GGUFModel, field_value
 from dynq.sources.synthetic import write_synthetic
 
@@ -152,7 +152,7 @@ def test_a_failed_split_leaves_nothing(tiny_gguf: Path, tmp_path: Path, monkeypa
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shards.StreamingWriter, "write", failing_write)
+    monkeypatch.setattr(writer.StreamingWriter, "write", failing_write)
     with pytest.raises(DynqError, match="No space left"):
         split(tiny_gguf, tmp_path / "x.gguf", n_shards=2)
     assert list(tmp_path.iterdir()) == []
@@ -241,9 +241,9 @@ def test_export_ollama_says_when_a_template_is_unknown(tiny_llama: Path, tmp_pat
 
 @pytest.mark.model
 def test_export_ollama_for_qwen2_5_coder(tmp_path: Path) -> None:
-    from dynq.sources.zoo import fetch
+    import dynq
 
-    source = fetch("zoo:qwen2.5-coder-0.5b")
+    source = dynq.fetch("zoo:qwen2.5-coder-0.5b")
     result = export_ollama(source, tmp_path, link=True)
     m = result.content
     assert m.family == "chatml" and m.problems == []
@@ -340,7 +340,7 @@ def test_run_chat_answers_as_llama_cpp_python_chat_does() -> None:
     template (SmolLM2-135M is a base model: the answer is not a good one, but it must be the same)."""
     from llama_cpp import Llama
 
-    from dynq.sources.zoo import fetch
+    from dynq import fetch
 
     question = "What is the capital of France?"
     result = cli.invoke(app, ["run", "zoo:smollm2-135m", "--chat", "-p", question, "-n", "24", "--threads", "1",
@@ -377,10 +377,10 @@ def test_transformers_loads_a_dynq_file(
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    from dynq.quantize import quantize
+    from runs import quantize_to
 
     out = tmp_path / "q2_k_xl.gguf"
-    quantize(source, "dyn-q2_k_xl", out, threads=2)
+    quantize_to(source, "dyn-q2_k_xl", out)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
     assert type(model).__name__ == architecture
     with LlamaRuntime(out, n_ctx=64, threads=2, logits=True) as rt:

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+import dynq
 from dynq.calib.collector import collect_imatrix
+from dynq.core.qtypes import qtype
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.compare import compare, decode, weighted_error
 from dynq.kernels.encoders import encoders, iq1, iq2
 from dynq.kernels.ggml import GgmlBackend, ggml_library
 from dynq.kernels.torch_backend import TorchBackend
-from dynq.sources import zoo
-from dynq.types import qtype
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
          "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")  # fmt: skip
@@ -109,14 +109,14 @@ def test_accelerator_branches_on_the_cpu(
 def real_rows() -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Rows of zoo:qwen2.5-coder-0.5b's down projections (row length 4864, fits every block size) with an imatrix
     collected on a little text."""
-    path = zoo.fetch("zoo:qwen2.5-coder-0.5b")
+    path = dynq.fetch("zoo:qwen2.5-coder-0.5b")
     text = " ".join(f"def f{i}(x):\n    return x * {i} + len(str(x))\n" for i in range(200))
-    imx = collect_imatrix(path, text, ["t"], n_ctx=128, n_chunks=2, threads=2)
+    imx = collect_imatrix(path, text, ["t"], n_ctx=128, n_chunks=2, ctx=dynq.RunContext(threads=2))
     model = GGUFModel(path)
     out = []
     for layer in (0, 11, 23):
         name = f"blk.{layer}.ffn_down.weight"
-        values = model.dequantize(name)
+        values = model.load(name)
         out.append((name, values[:: values.shape[0] // 12][:12].copy(), imx.entries[name].importance()[0]))
     return out
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynq.eval.evaluate import evaluate
+import dynq
 from dynq.eval.metrics import Scores, kld_estimate, kld_full
 from dynq.eval.reference import CompactReference, log_softmax
-from dynq.quantize import quantize
 from dynq.sources.synthetic import write_synthetic
+from runs import quantize_to
 
 REF = np.array([[2.0, 1.0, 0.0, -1.0, -3.0], [0.5, 0.0, 0.0, 0.0, 0.0]], np.float32)
 QUANT = np.array([[1.5, 1.4, 0.0, -1.0, -2.0], [0.0, 1.0, 0.0, 0.0, -1.0]], np.float32)
@@ -72,19 +72,19 @@ def test_reference_cache_round_trip(tmp_path: Path) -> None:
     assert (back.n_ctx, back.n_vocab, back.text_provenance) == (8, 5, "test")
 
 
-def test_evaluate_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DYNQ_CACHE_DIR", str(tmp_path / "cache"))
+def test_evaluate_a_tiny_model(tmp_path: Path) -> None:
+    ctx = dynq.RunContext(threads=2, cache_dir=tmp_path / "cache")
     src = write_synthetic("llama", tmp_path / "tiny.gguf")
     q8 = tmp_path / "q8.gguf"
     q4 = tmp_path / "q4.gguf"
-    quantize(str(src), "q8_0", q8)
-    quantize(str(src), "uniform-q4_0", q4)
-    text = " ".join(f"the {c} of {c}{c} and to in def return" for c in "abcdefghijklmnopqrstuvwxyz" * 8)
-    same = evaluate(src, src, text, "test", n_ctx=64, n_chunks=3)
-    assert same["kld_mean"] < 1e-4 and same["top1"] == 1.0 and same["ppl"] == pytest.approx(same["ref_ppl"])
-    a = evaluate(q8, src, text, "test", n_ctx=64, n_chunks=3)
-    b = evaluate(q4, src, text, "test", n_ctx=64, n_chunks=3)
-    assert a["tokens"] == 3 * 31
-    assert 0 < a["kld_mean"] < b["kld_mean"]
-    assert a["top1"] >= b["top1"]
+    quantize_to(src, "q8_0", q8, ctx=ctx)
+    quantize_to(src, "uniform-q4_0", q4, ctx=ctx)
+    text = dynq.Text(" ".join(f"the {c} of {c}{c} and to in def return" for c in "abcdefghijklmnopqrstuvwxyz" * 8), "t")
+    same = dynq.evaluate(src, src, text=text, n_ctx=64, chunks=3, ctx=ctx)
+    assert same.kld_mean < 1e-4 and same.top1 == 1.0 and same.ppl == pytest.approx(same.ref_ppl)
+    a = dynq.evaluate(q8, src, text=text, n_ctx=64, chunks=3, ctx=ctx)
+    b = dynq.evaluate(q4, src, text=text, n_ctx=64, chunks=3, ctx=ctx)
+    assert a.tokens == 3 * 31 and a.to_dict()["tokens"] == 3 * 31
+    assert 0 < a.kld_mean < b.kld_mean
+    assert a.top1 >= b.top1
     assert len(list((tmp_path / "cache" / "references").glob("*.npz"))) == 1  # the reference ran once

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError
-from dynq.gguf_io.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_dat, write_imatrix_gguf
+from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.recipe.coverage import Coverage, coverage_summary, imatrix_coverage
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe

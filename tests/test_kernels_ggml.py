@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from gguf import dequantize
 
+from dynq.core.qtypes import qtype, quantizable_qtypes
 from dynq.errors import DynqError
 from dynq.kernels.ggml import GgmlBackend
-from dynq.types import qtype, quantizable_qtypes
 
 # Relative RMS error on unit-normal rows with a random importance, measured with this llama.cpp, plus ~15% margin.
 # TQ1_0/TQ2_0 are ternary formats meant for ternary-trained weights: on Gaussian data their error is large.

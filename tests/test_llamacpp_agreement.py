@@ -1,7 +1,7 @@
 """dynq against llama.cpp's own tools on the same files and text: imatrix and KL divergence must agree.
 
 The tools are built once from the pinned llama-cpp-python source package and cached (a few minutes the first
-time)."""
+time, by `dynq.build_tools` in the fixture: the library itself never builds)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dynq
 from dynq.calib.collector import collect_imatrix
 from dynq.eval.evaluate import evaluate
 from dynq.eval.llamacpp import llama_imatrix, llama_kld, llama_kld_base
 from dynq.gguf_io.imatrix import read_imatrix
-from dynq.quantize import quantize
+from dynq.paths import cache_dir
 from dynq.sources.synthetic import N_VOCAB, write_synthetic
+from runs import TWO_THREADS, quantize_to
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +30,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("agree")
     text = d / "text.txt"
     text.write_text(TEXT)
+    dynq.build_tools()
     return {"text": text, "dir": d}
 
 
@@ -35,9 +38,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_imatrix_agrees_with_llama_imatrix(files: dict[str, Path], kind: str) -> None:
     model = write_synthetic(kind, files["dir"] / f"{kind}.gguf")
     theirs_path = files["dir"] / f"{kind}-llama.imatrix.gguf"
-    llama_imatrix(model, files["text"], theirs_path, n_ctx=128, chunks=4, threads=2)
+    llama_imatrix(model, files["text"], theirs_path, n_ctx=128, chunks=4, threads=2, cache=cache_dir())
     theirs = read_imatrix(theirs_path)
-    ours = collect_imatrix(model, TEXT, ["t"], n_ctx=128, n_chunks=4, threads=2)
+    ours = collect_imatrix(model, TEXT, ["t"], n_ctx=128, n_chunks=4, ctx=TWO_THREADS)
     assert set(ours.entries) == set(theirs.entries)
     diffs = []
     for name, e in ours.entries.items():
@@ -52,11 +55,11 @@ def test_imatrix_agrees_with_llama_imatrix(files: dict[str, Path], kind: str) ->
 def test_eval_agrees_with_llama_perplexity(files: dict[str, Path]) -> None:
     ref = write_synthetic("llama", files["dir"] / "ref.gguf")
     quant = files["dir"] / "q4.gguf"
-    quantize(str(ref), "uniform-q4_k", quant)
+    quantize_to(ref, "uniform-q4_k", quant)
     base = files["dir"] / "base.kld"
-    llama_kld_base(ref, files["text"], base, n_ctx=128, chunks=4, threads=2)
-    theirs = llama_kld(quant, base, files["text"], n_ctx=128, chunks=4, threads=2)
-    ours = evaluate(quant, ref, TEXT, "t", n_ctx=128, n_chunks=4, threads=2, top_k=N_VOCAB)
+    llama_kld_base(ref, files["text"], base, n_ctx=128, chunks=4, threads=2, cache=cache_dir())
+    theirs = llama_kld(quant, base, files["text"], n_ctx=128, chunks=4, threads=2, cache=cache_dir())
+    ours = evaluate(quant, ref, TEXT, "t", n_ctx=128, n_chunks=4, top_k=N_VOCAB, ctx=TWO_THREADS).to_dict()
     for key in ("ppl", "ref_ppl", "kld_mean", "top1"):
         assert ours[key] == pytest.approx(theirs[key], rel=0.01), key
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from dynq import api
 from dynq.cli import app
+from dynq.core.tensors import ModelInventory
 from dynq.deploy.memory import GIB, ByteModel, byte_model, parse_memory
 from dynq.deploy.offload import (
     AUTO_KV_TYPES,
@@ -27,7 +28,6 @@ from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
 from dynq.sources.shapes import DenseConfig, dense_tensors, shape_inventory
 from dynq.sources.synthetic import write_synthetic
-from dynq.sources.tensor_info import ModelInventory
 
 runner = CliRunner()
 
@@ -122,13 +122,15 @@ def test_with_128gb_of_ram_every_case_fits_in_vram_and_ram() -> None:
     """The issue's three setups with --ram 128GB: the 24 GB one fits only once the KV cache is q8_0, which the
     planner picks by itself when no cache type is given."""
     for vram, gpus, rule in ((24, 1, 7), (80, 1, 33), (80, 2, 61)):
-        plan = offload("shapes:deepseek-r1", Hardware(vram * GIB, gpus, ram=128 * GIB), "dyn-iq1_s",
+        plan = offload("shapes:deepseek-r1", Hardware(vram * GIB, gpus, ram=128 * GIB), recipe="dyn-iq1_s",
                        kv_types=AUTO_KV_TYPES)  # fmt: skip
         assert plan.best.fits and plan.best.n_gpu_layers >= rule, (vram, gpus)
-    small = offload("shapes:deepseek-r1", Hardware(24 * GIB, 1, ram=128 * GIB), "dyn-iq1_s", kv_types=AUTO_KV_TYPES)
+    small = offload(
+        "shapes:deepseek-r1", Hardware(24 * GIB, 1, ram=128 * GIB), recipe="dyn-iq1_s", kv_types=AUTO_KV_TYPES
+    )
     assert small.settings.kv_type == "q8_0" and "-ctk q8_0" in small.command
     assert "nothing fits" in small.notes[0]
-    strict = offload("shapes:deepseek-r1", Hardware(24 * GIB, 1, ram=128 * GIB), "dyn-iq1_s")
+    strict = offload("shapes:deepseek-r1", Hardware(24 * GIB, 1, ram=128 * GIB), recipe="dyn-iq1_s")
     assert not strict.best.fits_ram and strict.settings.kv_type == "f16"
 
 
@@ -198,9 +200,9 @@ def test_byte_model_agrees_with_llama_cpp_on_a_zoo_model() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from offload_check import load_and_report
 
-    from dynq.sources.open import resolve_path
+    import dynq
 
-    path = resolve_path("zoo:smollm2-135m")
+    path = dynq.fetch("zoo:smollm2-135m")
     bm = byte_model(GGUFModel(path).inventory())
     got = load_and_report(path, 1024, 512)
     assert bm.file_bytes / (1 << 20) == pytest.approx(got.model, rel=0.05)

@@ -6,12 +6,12 @@ import shlex
 
 import pytest
 
+from dynq.core.sizes import GIB
+from dynq.core.tensors import TensorClass
 from dynq.recipe.llama_args import llama_quantize_command
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import load_recipe, preset_names
-from dynq.sizes import GIB
 from dynq.sources.shapes import inventory_names, shape_inventory
-from dynq.sources.tensor_info import TensorClass
 
 # Published sizes of Unsloth's DeepSeek-R1 dynamic files (GiB), field.md §1.
 PUBLISHED_R1 = {"dyn-iq1_s": 130.6, "dyn-iq1_m": 158.0, "dyn-iq2_xxs": 183.0, "dyn-q2_k_xl": 212.0}

@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dynq import RunContext, fetch
 from dynq.calib.collector import collect_imatrix
 from dynq.calib.runtime import LlamaRuntime
-from dynq.gguf_io.imatrix import ImatrixEntry, read_imatrix, write_imatrix_gguf
+from dynq.core.importance import ImatrixEntry
+from dynq.core.qtypes import quantizable_qtypes
+from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_gguf
 from dynq.gguf_io.reader import GGUFModel
-from dynq.quantize import quantize
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
 from dynq.sources.synthetic import write_synthetic
-from dynq.types import quantizable_qtypes
+from runs import TWO_THREADS, quantize_to
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
 DYN = ["dyn-iq1_s", "dyn-iq1_m", "dyn-iq2_xxs", "dyn-q2_k_xl"]
@@ -35,7 +37,7 @@ def imatrices(synthetic: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     folder = tmp_path_factory.mktemp("imatrix")
     out = {}
     for kind, path in synthetic.items():
-        imx = collect_imatrix(path, CALIB, ["test-calib"], n_ctx=128, n_chunks=4, threads=2)
+        imx = collect_imatrix(path, CALIB, ["test-calib"], n_ctx=128, n_chunks=4, ctx=TWO_THREADS)
         out[kind] = folder / f"{kind}.imatrix.gguf"
         write_imatrix_gguf(imx, out[kind])
     return out
@@ -68,7 +70,7 @@ def test_moe_fixtures_quantize_and_run(
     synthetic: dict[str, Path], imatrices: dict[str, Path], tmp_path: Path, kind: str, recipe: str
 ) -> None:
     out = tmp_path / f"{kind}-{recipe}.gguf"
-    result = quantize(str(synthetic[kind]), recipe, out, imatrix=imatrices[kind], threads=2)
+    result = quantize_to(synthetic[kind], recipe, out, imatrix=imatrices[kind])
     assert result.files == [out]
     written = GGUFModel(out)
     planned = {t.info.name: t.qtype.name for t in result.plan.tensors}
@@ -90,8 +92,7 @@ def test_every_type_loads_in_llama_cpp(
     reference = run_llama(synthetic["llama"])
     for t in quantizable_qtypes():
         out = tmp_path / f"llama-{t.name}.gguf"
-        quantize(str(synthetic["llama"]), f"uniform-{t.name.lower()}", out, imatrix=imatrices["llama"], threads=2,
-                 backend=backend, device="cpu")  # fmt: skip
+        quantize_to(synthetic["llama"], f"uniform-{t.name.lower()}", out, imatrix=imatrices["llama"], backend=backend)
         types = {info.name: info.dtype.name for info in GGUFModel(out).tensors}
         assert types["blk.0.attn_q.weight"] == t.name
         logits = run_llama(out)
@@ -104,8 +105,8 @@ def test_every_type_loads_in_llama_cpp(
 
 def test_split_output_loads_as_one_model(synthetic: dict[str, Path], tmp_path: Path) -> None:
     single = tmp_path / "single.gguf"
-    quantize(str(synthetic["deepseek2"]), "dyn-q2_k_xl", single)
-    result = quantize(str(synthetic["deepseek2"]), "dyn-q2_k_xl", tmp_path / "split.gguf", split_max_size=1_000_000)
+    quantize_to(synthetic["deepseek2"], "dyn-q2_k_xl", single)
+    result = quantize_to(synthetic["deepseek2"], "dyn-q2_k_xl", tmp_path / "split.gguf", split_max_size=1_000_000)
     assert len(result.files) > 1
     assert result.files[0].name == f"split-00001-of-{len(result.files):05d}.gguf"
     assert not (tmp_path / "split.gguf").exists()
@@ -120,7 +121,9 @@ def test_real_model_quantizes_with_bounded_memory(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     out = tmp_path / "smol-q4_k.gguf"
     # In a fresh process: peak RSS is the maximum over a process's life, and earlier tests load whole models.
-    code = "import sys; from dynq.quantize import quantize; print(quantize(*sys.argv[1:4], threads=2).peak_rss_bytes)"
+    fetch("zoo:smollm2-135m")
+    code = ("import sys, dynq; a = sys.argv; print(dynq.quantize(dynq.plan(a[1], a[2]), a[3], "
+            "ctx=dynq.RunContext(threads=2)).peak_rss_bytes)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code, "zoo:smollm2-135m", "uniform-q4_k", str(out)],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -210,11 +213,11 @@ def test_existing_output_survives_a_failed_run(synthetic: dict[str, Path], tmp_p
 def test_reuse_encoded_gives_identical_files(
     synthetic: dict[str, Path], imatrices: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DYNQ_CACHE_DIR", str(tmp_path / "cache"))
-    src, imx = str(synthetic["deepseek2"]), imatrices["deepseek2"]
-    plain = quantize(src, "dyn-iq1_s", tmp_path / "plain.gguf", imatrix=imx)
-    first = quantize(src, "dyn-iq1_s", tmp_path / "first.gguf", imatrix=imx, reuse_encoded=True)
-    again = quantize(src, "dyn-iq1_m", tmp_path / "again.gguf", imatrix=imx, reuse_encoded=True)
+    src, imx = synthetic["deepseek2"], imatrices["deepseek2"]
+    ctx = RunContext(threads=2, cache_dir=tmp_path / "cache")
+    plain = quantize_to(src, "dyn-iq1_s", tmp_path / "plain.gguf", imatrix=imx, ctx=ctx)
+    first = quantize_to(src, "dyn-iq1_s", tmp_path / "first.gguf", imatrix=imx, reuse_encoded=True, ctx=ctx)
+    again = quantize_to(src, "dyn-iq1_m", tmp_path / "again.gguf", imatrix=imx, reuse_encoded=True, ctx=ctx)
     assert (tmp_path / "first.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
     assert len(list((tmp_path / "cache" / "encoded").rglob("*.bin"))) > 0
     # dyn-iq1_m shares the gate/up experts at IQ1_S with dyn-iq1_s: read back, byte for byte the same tensors
@@ -225,8 +228,8 @@ def test_reuse_encoded_gives_identical_files(
 
 def test_all_experts_gives_every_expert_data(synthetic: dict[str, Path]) -> None:
     short = "the of and to in"  # 80 tokens, two chunks of 32: most experts see nothing when routed
-    routed = collect_imatrix(synthetic["deepseek2"], short * 20, ["t"], n_ctx=32, n_chunks=2, threads=2)
-    every = collect_imatrix(synthetic["deepseek2"], short * 20, ["t"], n_ctx=32, n_chunks=2, threads=2,
+    routed = collect_imatrix(synthetic["deepseek2"], short * 20, ["t"], n_ctx=32, n_chunks=2, ctx=TWO_THREADS)
+    every = collect_imatrix(synthetic["deepseek2"], short * 20, ["t"], n_ctx=32, n_chunks=2, ctx=TWO_THREADS,
                             all_experts=True)  # fmt: skip
     name = "blk.1.ffn_down_exps.weight"
     assert routed.entries[name].counts.sum() == 2 * 32 * 2  # two experts per token

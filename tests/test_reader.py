@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dynq.core.tensors import TensorClass
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import summarize
-from dynq.sources.tensor_info import TensorClass
 from tiny_models import llama_tensors
 
 EXPECTED = {name: (values, qtype) for name, values, qtype in llama_tensors()}
@@ -26,7 +26,7 @@ def check_model(model: GGUFModel) -> None:
         values, qtype = EXPECTED[info.name]
         assert info.dtype.name == qtype.name
         assert info.shape == tuple(reversed(values.shape))  # GGUF order: row length first
-        got = model.dequantize(info.name)
+        got = model.load(info.name)
         assert got.dtype == np.float32 and got.shape == values.shape
         assert np.abs(got - values).max() <= TOLERANCE[info.dtype.name] * max(1.0, np.abs(values).max())
 

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dynq.core.qtypes import qtype
+from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
 from dynq.recipe.rules import BlockSpec, recipe_from_dict
 from dynq.sources.shapes import DeepSeek2Config, deepseek2_tensors
-from dynq.sources.tensor_info import ModelInventory, TensorInfo
-from dynq.types import qtype
 
 TINY_R1 = DeepSeek2Config(
     n_layer=6, n_embd=256, n_ff=512, n_ff_exp=256, n_expert=4, n_expert_used=2, n_expert_shared=1, n_dense_lead=2,
@@ -85,7 +85,7 @@ def test_absolute_and_relative_block_ranges() -> None:
         "IQ2_S",
     ]
     assert [t[f"blk.{i}.ffn_up_exps.weight"] for i in range(2, 6)] == ["Q4_K", "IQ1_S", "IQ1_S", "Q4_K"]
-    reasons = {p.info.name: p.reason for p in plan.tensors}
+    reasons = {p.info.name: p.reason.text for p in plan.tensors}
     assert reasons["blk.2.ffn_down_exps.weight"] == "rule 1: ffn_down_exps blocks first:2"
 
 
@@ -113,7 +113,7 @@ def test_fallback_reason() -> None:
     p = {t.info.name: t for t in plan.tensors}
     assert p["blk.0.attn_q.weight"].qtype.name == "IQ4_NL"
     assert p["blk.0.attn_q.weight"].requested.name == "IQ1_S"
-    assert p["blk.0.attn_q.weight"].reason.startswith("fallback: row 576 % 256 != 0")
+    assert p["blk.0.attn_q.weight"].reason.text.startswith("fallback: row 576 % 256 != 0")
     # ffn_down rows are 4·576 = 2304 = 9·256: no fallback
     assert p["blk.0.ffn_down.weight"].qtype.name == "IQ1_S"
 

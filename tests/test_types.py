@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from dynq.core.qtypes import all_qtypes, fallback_for, qtype, quantizable_qtypes
 from dynq.errors import DynqError
-from dynq.types import all_qtypes, fallback_for, qtype, quantizable_qtypes
 
 
 def test_registry_sizes_match_gguf() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import dynq
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import summarize
 from dynq.recipe.plan import resolve
@@ -22,7 +23,7 @@ ARCH = {
 
 @pytest.fixture(scope="module", params=sorted(zoo.MODELS))
 def model(request: pytest.FixtureRequest) -> GGUFModel:
-    return GGUFModel(zoo.fetch(request.param))
+    return GGUFModel(dynq.fetch(zoo.PREFIX + request.param))
 
 
 def test_inspect_real_model(model: GGUFModel) -> None:
@@ -45,6 +46,6 @@ def test_every_preset_plans_on_real_model(model: GGUFModel) -> None:
 
 def test_one_real_tensor_dequantizes(model: GGUFModel) -> None:
     info = next(t for t in model.tensors if t.name == "blk.0.ffn_down.weight")
-    values = model.dequantize(info.name)
+    values = model.load(info.name)
     assert values.shape == tuple(reversed(info.shape))
     assert 0.001 < float(values.std()) < 1.0

@@ -1,29 +1,189 @@
-"""The public Python API; the CLI is a thin shell over these functions."""
+"""The public Python API. The CLI only parses options, asks for what must be fetched or built, and draws.
+
+Every call takes keyword-only options and an optional `RunContext` (threads, device, cache folder, progress
+callback, logger); none of them touches the network or a compiler except `fetch` and `build_tools`, which exist
+for exactly that.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from dynq.calib.collector import collect_imatrix as _collect
+from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
+from dynq.core.context import RunContext, context
+from dynq.core.importance import Imatrix
+from dynq.core.source import TensorSource
+from dynq.deploy.offload import Hardware, OffloadPlan, Settings
+from dynq.deploy.offload import offload as _offload
+from dynq.errors import DynqError
+from dynq.eval.evaluate import EvalResult
+from dynq.eval.evaluate import evaluate as _evaluate
 from dynq.gguf_io.imatrix import read_imatrix
+from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
+from dynq.llamacpp_tools import build_tools as _build_tools
+from dynq.llamacpp_tools import tools_dir
+from dynq.quantize import ImatrixLike, QuantizeResult
+from dynq.quantize import quantize as _quantize
 from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
 from dynq.recipe.plan import QuantPlan, resolve
-from dynq.recipe.presets import load_recipe
-from dynq.recipe.rules import Recipe
-from dynq.sources.open import open_inventory, open_model
+from dynq.recipe.presets import RecipeLike, as_recipe
+from dynq.sources import zoo
+from dynq.sources.open import SourceLike, gguf_path
+from dynq.sources.open import open_source as _open_source
+
+TEXTS = "texts"  # what `fetch` takes for the built-in calibration and evaluation texts
 
 
-def plan(source: str, recipe: str | Recipe) -> QuantPlan:
-    """Resolve `recipe` (preset name, YAML path or Recipe) for `source` (GGUF path, `zoo:X` or `shapes:X`)."""
-    r = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    return resolve(r, open_inventory(source))
+def open_source(source: SourceLike, *, ctx: RunContext | None = None) -> TensorSource:
+    """A model to plan or quantize: a GGUF path (any shard of a split), `zoo:NAME` (fetched before), `shapes:NAME`,
+    or an already opened source."""
+    return _open_source(source, context(ctx).cache_dir)
 
 
-def coverage(quant_plan: QuantPlan, imatrix: str | Path) -> list[TensorCoverage]:
+def fetch(name: str, *, ctx: RunContext | None = None) -> Path:
+    """Download `zoo:NAME` (returns the cached GGUF) or `texts` (the built-in texts; returns their folder) into the
+    cache. The one API call that uses the network, besides `build_tools`."""
+    ctx = context(ctx)
+    if name == TEXTS:
+        fetch_texts(ctx.cache_dir)
+        return ctx.cache_dir / "texts"
+    if not name.startswith(zoo.PREFIX):
+        raise DynqError(f"cannot fetch '{name}'; fetch zoo:NAME (one of {', '.join(zoo.MODELS)}) or {TEXTS}")
+    return zoo.fetch(name, ctx.cache_dir, ctx.progress)
+
+
+def build_tools(*, ctx: RunContext | None = None) -> Path:
+    """Build llama.cpp's llama-quantize, llama-imatrix and llama-perplexity from the pinned sdist (~4 min), once."""
+    ctx = context(ctx)
+    _build_tools(ctx.cache_dir)
+    return tools_dir(ctx.cache_dir)
+
+
+def plan(source: SourceLike, recipe: RecipeLike, *, ctx: RunContext | None = None) -> QuantPlan:
+    """Every tensor's type and the reason, from names and shapes alone. `recipe` is a preset name, a YAML file or a
+    Recipe. The plan is data: edit it (dataclasses.replace) and hand it to `quantize`."""
+    return resolve(as_recipe(recipe), open_source(source, ctx=ctx).inventory())
+
+
+def quantize(
+    quant_plan: QuantPlan,
+    output: str | os.PathLike[str],
+    *,
+    imatrix: ImatrixLike | None = None,
+    ctx: RunContext | None = None,
+    backend: str | None = None,
+    split_max_size: int = 0,
+    reuse_encoded: bool = False,
+) -> QuantizeResult:
+    """Stream `quant_plan` from its source into `output` (GGUF; shards when `split_max_size` bytes is exceeded)."""
+    return _quantize(quant_plan, output, imatrix=imatrix, ctx=ctx, backend=backend, split_max_size=split_max_size,
+                     reuse_encoded=reuse_encoded)  # fmt: skip
+
+
+def calibration(*, ctx: RunContext | None = None) -> Text:
+    """The built-in calibration text (fetched before with `fetch("texts")`)."""
+    return calibration_text(context(ctx).cache_dir)
+
+
+def evaluation(*, ctx: RunContext | None = None) -> Text:
+    """The built-in evaluation text, disjoint from the calibration text."""
+    return evaluation_text(context(ctx).cache_dir)
+
+
+def collect_imatrix(
+    source: SourceLike,
+    *,
+    text: Text | None = None,
+    n_ctx: int = 512,
+    chunks: int | None = None,
+    all_experts: bool = False,
+    ctx: RunContext | None = None,
+) -> Imatrix:
+    """An importance matrix of `source` (a GGUF llama.cpp runs) on `text` (default: the built-in calibration)."""
+    ctx = context(ctx)
+    calib = text if text is not None else calibration(ctx=ctx)
+    return _collect(_weights_file(source, ctx), calib.text, [calib.provenance], n_ctx=n_ctx, n_chunks=chunks,
+                    all_experts=all_experts, ctx=ctx)  # fmt: skip
+
+
+def evaluate(
+    quant: SourceLike,
+    ref: SourceLike,
+    *,
+    text: Text | None = None,
+    n_ctx: int = 512,
+    chunks: int | None = None,
+    ctx: RunContext | None = None,
+) -> EvalResult:
+    """PPL, KL divergence, top-1 agreement and RMS Δp of `quant` against `ref` on `text` (default: the built-in
+    evaluation text, which calibration never sees)."""
+    ctx = context(ctx)
+    judged = text if text is not None else evaluation(ctx=ctx)
+    return _evaluate(_weights_file(quant, ctx), _weights_file(ref, ctx), judged.text, judged.provenance,
+                     n_ctx=n_ctx, n_chunks=chunks, ctx=ctx)  # fmt: skip
+
+
+def offload(
+    source: SourceLike,
+    hardware: Hardware,
+    *,
+    recipe: RecipeLike | None = None,
+    settings: Settings | None = None,
+    kv_types: tuple[str, ...] | None = None,
+    ctx: RunContext | None = None,
+) -> OffloadPlan:
+    """Where llama.cpp should put each block and expert tensor on `hardware`, and the predicted decode speed."""
+    return _offload(source, hardware, recipe=recipe, settings=settings, kv_types=kv_types, ctx=ctx)
+
+
+def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -> list[TensorCoverage]:
     """What `imatrix` covers of `quant_plan`; raises DynqError if it was made for another model."""
-    return imatrix_coverage(quant_plan, read_imatrix(imatrix), imatrix)
+    imx = imatrix if isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
+    return imatrix_coverage(quant_plan, imx, "imatrix" if isinstance(imatrix, Imatrix) else str(imatrix))
 
 
-def inspect(path: str) -> FileSummary:
-    """Types, sizes and key metadata of a GGUF file (or `zoo:X`)."""
-    return summarize(open_model(path))
+def inspect(source: SourceLike, *, ctx: RunContext | None = None) -> FileSummary:
+    """Types, sizes and key metadata of a GGUF file (or a cached `zoo:NAME`)."""
+    opened = open_source(source, ctx=ctx)
+    if not isinstance(opened, GGUFModel):
+        raise DynqError(f"{opened.spec}: not a GGUF file; inspect reads GGUF files")
+    return summarize(opened)
+
+
+def _weights_file(source: SourceLike, ctx: RunContext) -> Path:
+    """The GGUF file llama.cpp's runtime loads for `source`."""
+    if isinstance(source, GGUFModel):
+        return source.path
+    if isinstance(source, TensorSource):
+        raise DynqError(f"{source.spec}: llama.cpp runs GGUF files; quantize this source first")
+    return gguf_path(source, ctx.cache_dir)
+
+
+__all__ = [
+    "TEXTS",
+    "EvalResult",
+    "FileSummary",
+    "Hardware",
+    "Imatrix",
+    "OffloadPlan",
+    "QuantPlan",
+    "QuantizeResult",
+    "RunContext",
+    "Settings",
+    "Text",
+    "build_tools",
+    "calibration",
+    "collect_imatrix",
+    "coverage",
+    "evaluate",
+    "evaluation",
+    "fetch",
+    "inspect",
+    "offload",
+    "open_source",
+    "plan",
+    "quantize",
+]

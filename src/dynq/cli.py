@@ -12,36 +12,26 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
+from rich.text import Text
 
 from dynq import api, cli_deploy, cli_offload
-from dynq.calib.collector import ChunkDone, collect_imatrix
-from dynq.calib.text import calibration_text, evaluation_text, read_texts
+from dynq.calib.text import read_texts
 from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
+from dynq.cli_shell import ensure_source, ensure_texts, err, out, progress_bar, run_context, say, setup_logging
+from dynq.cli_shell import fetch as fetch_with_bar
+from dynq.cli_text import clean, data
 from dynq.errors import DynqError
 from dynq.eval.bench import BenchRow, markdown_table, plot, rows_as_dicts, run_bench
-from dynq.eval.evaluate import EvalProgress, evaluate
 from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.writer import parse_size
-from dynq.quantize import TensorDone
-from dynq.quantize import quantize as api_quantize
+from dynq.llamacpp_tools import tools_built
+from dynq.paths import cache_dir
 from dynq.recipe.coverage import coverage_summary, imatrix_coverage
 from dynq.recipe.llama_args import llama_quantize_command
 from dynq.recipe.presets import load_recipe, preset_names
 from dynq.sources import shapes, zoo
-from dynq.sources.open import resolve_path
 from dynq.sources.synthetic import write_synthetic
 
 app = typer.Typer(
@@ -50,9 +40,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# Piped output (files, CI logs) gets a wide table instead of rich's 80-column default.
-out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+_THREADS = os.cpu_count() or 1
 
 
 @app.callback()
@@ -60,11 +48,6 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
 ) -> None:
     logging.getLogger("dynq").setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def _progress_columns(*extra: ProgressColumn) -> tuple[ProgressColumn, ...]:
-    return (TextColumn("{task.description}"), BarColumn(), *extra, TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
 
 
 def _print_json(obj: Any) -> None:
@@ -77,7 +60,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Tensor count per type, size, bits per weight overall and per tensor class, key metadata."""
-    summary = api.inspect(file)
+    summary = api.inspect(ensure_source(file))
     if as_json:
         _print_json(summary.to_dict())
     else:
@@ -94,7 +77,7 @@ def plan(
     tensors: Annotated[bool, typer.Option(help="show the per-tensor table")] = True,
 ) -> None:
     """Resolve every tensor to a type, with the reason, from names and shapes alone."""
-    quant_plan = api.plan(source, recipe)
+    quant_plan = api.plan(ensure_source(source), recipe)
     coverage = None
     imx = None
     if imatrix is not None:
@@ -102,21 +85,21 @@ def plan(
         coverage = imatrix_coverage(quant_plan, imx, imatrix)
     if llama_args:
         requantize = any(not t.info.dtype.is_float for t in quant_plan.tensors)
-        print(llama_quantize_command(quant_plan, source, imatrix=imatrix, requantize=requantize))
+        sys.stdout.write(
+            clean(llama_quantize_command(quant_plan, source, imatrix=imatrix, requantize=requantize)) + "\n"
+        )
         return
     if as_json:
-        data = quant_plan.to_dict()
+        payload = quant_plan.to_dict()
         if coverage is not None and imx is not None:
-            data["imatrix"] = coverage_summary(coverage, imx, imatrix or "")
-        _print_json(data)
+            payload["imatrix"] = coverage_summary(coverage, imx, imatrix or "")
+        _print_json(payload)
         return
     draw_plan(out, quant_plan, coverage, tensors)
     if coverage is not None and imx is not None:
         s = coverage_summary(coverage, imx, imatrix or "")
-        out.print(
-            f"imatrix {imatrix}: {s['covered']} tensors covered, {len(s['partial'])} partial, "
-            f"{len(s['missing'])} missing ({len(s['missing_required'])} of them need one)"
-        )
+        say("imatrix ", data(imatrix), f": {s['covered']} tensors covered, {len(s['partial'])} partial, "
+            f"{len(s['missing'])} missing ({len(s['missing_required'])} of them need one)")  # fmt: skip
 
 
 @app.command()
@@ -125,7 +108,7 @@ def compare(
     recipes: Annotated[list[str], typer.Option("--recipe", "-r", help="recipes to compare (repeat)")],
 ) -> None:
     """Plan several recipes on one model and compare sizes and bits per weight per tensor class."""
-    plans = [api.plan(source, r) for r in recipes]
+    plans = [api.plan(ensure_source(source), r) for r in recipes]
     draw_comparison(out, plans)
 
 
@@ -147,22 +130,14 @@ def quantize(
 ) -> None:
     """Quantize a model with a recipe, streaming one tensor at a time into GGUF."""
     max_size = parse_size(split_max_size) if split_max_size else 0
-    with Progress(*_progress_columns(DownloadColumn()), console=err, transient=True) as bar:
-        task = bar.add_task("quantizing", total=None, detail="")
-
-        def on_tensor(done: TensorDone) -> None:
-            bar.update(task, total=done.bytes_total, completed=done.bytes_done,
-                       detail=f"{done.index}/{done.n_tensors} tensors", description=done.name)  # fmt: skip
-
-        result = api_quantize(
-            source, recipe, output, imatrix, threads, max_size, backend, on_tensor, reuse_encoded, device
-        )
+    quant_plan = api.plan(ensure_source(source), recipe)
+    with progress_bar("quantizing") as on_step:
+        result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
+                              backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded)  # fmt: skip
     p = result.plan
-    names = ", ".join(str(f) for f in result.files)
-    out.print(
-        f"wrote {names}: {p.total_bytes / 2**30:.3f} GiB, {p.bpw:.3f} bpw, {len(p.tensors)} tensors "
-        f"in {result.seconds:.1f} s (peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB)"
-    )
+    say("wrote ", data(", ".join(str(f) for f in result.files)),
+        f": {p.total_bytes / 2**30:.3f} GiB, {p.bpw:.3f} bpw, {len(p.tensors)} tensors in {result.seconds:.1f} s "
+        f"(peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB)")  # fmt: skip
 
 
 @app.command()
@@ -176,20 +151,16 @@ def imatrix(
     all_experts: Annotated[bool, typer.Option(help="route every token through every expert (MoE)")] = False,
 ) -> None:
     """Collect an importance matrix on llama.cpp's runtime (the format llama-quantize reads)."""
-    calib = read_texts(text) if text else calibration_text()
-    with Progress(*_progress_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("imatrix", total=None, detail="")
-
-        def on_chunk(done: ChunkDone) -> None:
-            bar.update(task, total=done.n_chunks, completed=done.index, detail=f"chunk {done.index}/{done.n_chunks}")
-
-        imx = collect_imatrix(resolve_path(source), calib.text, [calib.provenance], ctx, chunks, threads,
-                              all_experts, on_chunk)  # fmt: skip
+    if not text:
+        ensure_texts()
+    calib = read_texts(text) if text else api.calibration()
+    with progress_bar("imatrix") as on_step:
+        imx = api.collect_imatrix(ensure_source(source), text=calib, n_ctx=ctx, chunks=chunks,
+                                  all_experts=all_experts, ctx=run_context(threads, progress=on_step))  # fmt: skip
     (write_imatrix_dat if output.suffix == ".dat" else write_imatrix_gguf)(imx, output)
     draw_imatrix_coverage(out, imx, full=False)
-    out.print(
-        f"wrote {output}: {len(imx.entries)} tensors, {imx.chunk_count} chunks of {ctx} tokens ({calib.provenance})"
-    )
+    say("wrote ", data(output), f": {len(imx.entries)} tensors, {imx.chunk_count} chunks of {ctx} tokens (",
+        data(calib.provenance), ")")  # fmt: skip
 
 
 @app.command(name="eval")
@@ -203,23 +174,22 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Perplexity, KL divergence, top-1 agreement and RMS Δp of a quant against its reference."""
-    source = read_texts(text) if text else evaluation_text()
-    with Progress(*_progress_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("eval", total=None, detail="")
-
-        def on_chunk(p: EvalProgress) -> None:
-            bar.update(task, total=p.n_chunks, completed=p.chunk, description=p.stage, detail=f"chunk {p.chunk}")
-
-        result = evaluate(quant, ref, source.text, source.provenance, ctx, chunks, threads, on_chunk)
+    if not text:
+        ensure_texts()
+    judged = read_texts(text) if text else api.evaluation()
+    with progress_bar("eval") as on_step:
+        result = api.evaluate(quant, ref, text=judged, n_ctx=ctx, chunks=chunks,
+                              ctx=run_context(threads, progress=on_step))  # fmt: skip
     if as_json:
-        _print_json(result)
+        _print_json(result.to_dict())
         return
-    table = Table(title=f"{quant.name} against {ref.name} ({result['tokens']} tokens)", title_justify="left")
+    title = Text.assemble(data(quant.name), " against ", data(ref.name), f" ({result.tokens} tokens)")
+    table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("ppl", "ref_ppl", "kld_mean", "kld_median", "kld_p90", "kld_p99", "kld_p999", "kld_max", "top1",
                 "dp_rms"):  # fmt: skip
-        table.add_row(key, f"{result[key]:.6f}")
+        table.add_row(key, f"{getattr(result, key):.6f}")
     out.print(table)
 
 
@@ -235,12 +205,13 @@ def loops(
     if as_json:
         _print_json({"loop_rate": loop_rate(runs), "continuations": [asdict(c) | {"looped": c.looped} for c in runs]})
         return
-    table = Table(title=f"{model.name}: loop rate {loop_rate(runs):.0%}", title_justify="left")
+    title = Text.assemble(data(model.name), f": loop rate {loop_rate(runs):.0%}")
+    table = Table(title=title, title_justify="left")
     for col in ("kind", "mode", "tokens", "end", "continuation"):
         table.add_column(col, overflow="fold")
     for c in runs:
         end = "stop" if c.stopped else f"loop (period {c.period})" if c.looped else "budget"
-        table.add_row(c.kind, c.mode, str(c.n_tokens), end, c.text.strip()[:160])
+        table.add_row(c.kind, c.mode, str(c.n_tokens), end, data(c.text.strip()[:160]))
     out.print(table)
 
 
@@ -277,21 +248,25 @@ def bench(
         measured = {(r.maker, r.name) for r in done}
         recipes = [r for r in recipes if ("dynq", r) not in measured]
         llama_mix = [m for m in llama_mix or [] if ("llama.cpp", m) not in measured]
-        out.print(f"resuming: {len(done)} rows kept from {previous}")
+        say(f"resuming: {len(done)} rows kept from ", data(previous))
 
     def on_row(r: BenchRow) -> None:
         # Tables are rewritten after every row so an hour-long run that dies keeps what it measured.
         done.append(r)
         (out_dir / f"{stem}.md").write_text(markdown_table(done, title, settings))
         (out_dir / f"{stem}.json").write_text(json.dumps(rows_as_dicts(done), indent=2) + "\n")
-        out.print(f"{r.maker} {r.name}: {r.bytes / 2**20:.1f} MiB, KLD {r.kld_mean:.4f}, top-1 {r.top1:.1%}, "
-                  f"loops {r.loop_rate:.0%}, {r.quantize_seconds:.0f} s")  # fmt: skip
+        say(data(f"{r.maker} {r.name}"), f": {r.bytes / 2**20:.1f} MiB, KLD {r.kld_mean:.4f}, top-1 {r.top1:.1%}, "
+            f"loops {r.loop_rate:.0%}, {r.quantize_seconds:.0f} s")  # fmt: skip
 
+    ensure_texts()
+    if llama_mix and not tools_built(cache_dir()):
+        with err.status("building llama.cpp's tools (about 4 minutes, once)"):
+            api.build_tools(ctx=run_context())
     with tempfile.TemporaryDirectory(prefix="dynq-bench-", dir=out_dir) as tmp:
-        run_bench(ref, recipes, llama_mix or [], imatrix, evaluation_text(), Path(tmp), ctx, chunks, loop_tokens,
-                  threads, on_row)  # fmt: skip
+        run_bench(ref, recipes, llama_mix or [], imatrix, api.evaluation(), Path(tmp), n_ctx=ctx, chunks=chunks,
+                  loop_tokens=loop_tokens, ctx=run_context(threads), on_row=on_row)  # fmt: skip
     plot(done, out_dir / f"{stem}.png", stem)
-    out.print(markdown_table(done, title, settings))
+    out.print(data(markdown_table(done, title, settings)))
 
 
 @app.command()
@@ -301,10 +276,10 @@ def presets() -> None:
     table.add_column("name")
     table.add_column("description")
     for name in preset_names():
-        table.add_row(name, load_recipe(name).description)
+        table.add_row(data(name), data(load_recipe(name).description))
     out.print(table)
-    out.print("shape inventories: " + ", ".join(shapes.PREFIX + n for n in shapes.inventory_names()))
-    out.print("zoo models: " + ", ".join(zoo.PREFIX + n for n in zoo.MODELS))
+    say("shape inventories: " + ", ".join(shapes.PREFIX + n for n in shapes.inventory_names()))
+    say("zoo models: " + ", ".join(zoo.PREFIX + n for n in zoo.MODELS))
 
 
 @app.command()
@@ -315,15 +290,21 @@ def synthetic(
 ) -> None:
     """Write a tiny random model of a real llama.cpp architecture (MoE code paths without MoE weights)."""
     path = write_synthetic(kind, output, seed)
-    out.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    say("wrote ", data(path), f" ({path.stat().st_size:,} bytes)")
 
 
 @app.command()
-def fetch(name: Annotated[str, typer.Argument(help="zoo:NAME")]) -> None:
-    """Fetch a zoo model into the cache and print its path."""
-    with out.status(f"fetching {name}") as status:
-        path = zoo.fetch(name, lambda done, total: status.update(f"fetching {name}: part {done}/{total}"))
-    print(path)
+def fetch(name: Annotated[str, typer.Argument(help="zoo:NAME, or 'texts' for the built-in texts")]) -> None:
+    """Download a zoo model or the built-in calibration and evaluation texts into the cache; print where."""
+    sys.stdout.write(clean(fetch_with_bar(name)) + "\n")
+
+
+@app.command(name="build-tools")
+def build_tools() -> None:
+    """Build llama.cpp's llama-quantize, llama-imatrix and llama-perplexity from the pinned source (once)."""
+    with err.status("building llama.cpp's tools (about 4 minutes, once)"):
+        path = api.build_tools(ctx=run_context())
+    sys.stdout.write(clean(path) + "\n")
 
 
 cli_offload.register(app)
@@ -331,15 +312,11 @@ cli_deploy.register(app)
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_time=False, show_path=False)],
-    )
+    setup_logging()
     try:
         app()
     except DynqError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "bold red"), " ", data(e)), highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

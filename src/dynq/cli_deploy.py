@@ -9,44 +9,33 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dynq.cli_shell import ensure_source, err, out, progress_bar, run_context
+from dynq.cli_text import clean, data, line
 from dynq.deploy.ollama import Message, export_ollama
 from dynq.deploy.run import Generation, Runner, Sampling
-from dynq.deploy.shards import CopyProgress, merge, split
+from dynq.deploy.shards import merge, split
 from dynq.errors import DynqError
 from dynq.gguf_io.writer import parse_size
-from dynq.sources.open import resolve_path
-
-out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+from dynq.paths import cache_dir
+from dynq.sources.open import gguf_path
 
 
-def _copy_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
-
-
-def _with_bar(description: str) -> tuple[Progress, CopyProgress]:
-    bar = _copy_bar()
-    task = bar.add_task(description, total=None)
-
-    def on_progress(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-
-    return bar, on_progress
+def _model_file(spec: str) -> Path:
+    return gguf_path(ensure_source(spec), cache_dir())
 
 
 def _stream(piece: str) -> None:
-    sys.stdout.write(piece)
+    # Model output is data: a completion may hold escape sequences (even split over tokens), so every control
+    # character is shown, not sent. Cleaning piece by piece is enough because each is replaced on its own.
+    sys.stdout.write(clean(piece))
     sys.stdout.flush()
 
 
 def _stats(g: Generation) -> None:
     end = "end of text" if g.stopped else "token budget"
-    err.print(f"[dim]{g.n_prompt} prompt tokens in {g.prompt_seconds:.2f} s; {g.n_tokens} tokens at "
-              f"{g.tokens_per_s:.1f} tok/s; stopped at {end}[/]", highlight=False, soft_wrap=True)  # fmt: skip
+    err.print(line(f"{g.n_prompt} prompt tokens in {g.prompt_seconds:.2f} s; {g.n_tokens} tokens at "
+                   f"{g.tokens_per_s:.1f} tok/s; stopped at {end}", style="dim"), soft_wrap=True)  # fmt: skip
 
 
 def run(
@@ -77,13 +66,14 @@ def run(
     if max_tokens < 1 or ctx < 8:
         raise DynqError("--max-tokens must be at least 1 and --ctx at least 8")
     sampling = Sampling(temperature, min_p, top_p, top_k, repeat_penalty, max_tokens)
-    path = resolve_path(model)
-    with err.status(f"loading {path.name}"):
+    path = _model_file(model)
+    with err.status(line("loading ", data(path.name))):
         runner = Runner(path, ctx, threads, n_gpu_layers, seed)
     with runner:
         layers = runner.offload.n_gpu_layers
-        err.print(f"[dim]{path.name}: GPU layers {'all' if layers < 0 else layers} ({runner.offload.reason}); "
-                  f"temperature {temperature:g}, min_p {min_p:g}[/]", highlight=False, soft_wrap=True)  # fmt: skip
+        err.print(line(data(path.name), f": GPU layers {'all' if layers < 0 else layers} (",
+                       data(runner.offload.reason), f"); temperature {temperature:g}, min_p {min_p:g}", style="dim"),
+                  soft_wrap=True)  # fmt: skip
         if not chat:
             assert prompt is not None
             _stream(prompt)
@@ -98,13 +88,13 @@ def run(
             _stream("\n")
             _stats(done)
             return
-        err.print("[dim]chat: one message per line; an empty line or end of input stops[/]")
+        err.print(line("chat: one message per line; an empty line or end of input stops", style="dim"))
         while True:
-            err.print("[bold]>>>[/] ", end="")
-            line = sys.stdin.readline()
-            if not line.strip():
+            err.print(line(data(">>>", "bold"), " "), end="")
+            question = sys.stdin.readline()
+            if not question.strip():
                 break
-            messages.append({"role": "user", "content": line.rstrip("\n")})
+            messages.append({"role": "user", "content": question.rstrip("\n")})
             answer = runner.chat(messages, sampling, _stream)
             _stream("\n")
             _stats(answer)
@@ -119,10 +109,10 @@ def merge_command(
     force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
 ) -> None:
     """Merge llama.cpp split shards into one GGUF; tensor bytes are copied unchanged."""
-    bar, on_progress = _with_bar("merging")
-    with bar:
-        result = merge(shard, output, force, on_progress)
-    out.print(f"wrote {result.files[0]}: {result.n_tensors} tensors, {result.tensor_bytes:,} tensor bytes")
+    with progress_bar("merging") as on_step:
+        result = merge(shard, output, overwrite=force, ctx=run_context(progress=on_step))
+    counts = f": {result.n_tensors} tensors, {result.tensor_bytes:,} tensor bytes"
+    out.print(line("wrote ", data(result.files[0]), counts))
 
 
 def split_command(
@@ -136,12 +126,13 @@ def split_command(
 ) -> None:
     """Split a GGUF into llama.cpp shards (llama-gguf-split's format); tensor bytes are copied unchanged."""
     size = parse_size(max_size) if max_size is not None else None
-    bar, on_progress = _with_bar("splitting")
-    with bar:
-        result = split(model, output, size, shards, force, on_progress)
+    with progress_bar("splitting") as on_step:
+        result = split(
+            model, output, max_size=size, n_shards=shards, overwrite=force, ctx=run_context(progress=on_step)
+        )
     for f in result.files:
-        out.print(f"wrote {f} ({f.stat().st_size:,} bytes)")
-    out.print(f"{len(result.files)} shards, {result.n_tensors} tensors; llama.cpp loads them from the first")
+        out.print(line("wrote ", data(f), f" ({f.stat().st_size:,} bytes)"))
+    out.print(line(f"{len(result.files)} shards, {result.n_tensors} tensors; llama.cpp loads them from the first"))
 
 
 def export_ollama_command(
@@ -153,16 +144,17 @@ def export_ollama_command(
     force: Annotated[bool, typer.Option("--force", help="replace existing files")] = False,
 ) -> None:
     """Write one GGUF (shards merged) and a Modelfile with the model's chat template, sampling and stop tokens."""
-    bar, on_progress = _with_bar("merging")
-    with bar:
-        result = export_ollama(resolve_path(model), output, temperature, min_p, link, force, on_progress)
+    with progress_bar("exporting") as on_step:
+        result = export_ollama(_model_file(model), output, temperature=temperature, min_p=min_p, link=link,
+                               overwrite=force, ctx=run_context(progress=on_step))  # fmt: skip
     m = result.content
     if m.family is None:
-        err.print("[yellow]no chat template dynq can translate; see the comment in the Modelfile[/]")
-    for problem in m.problems:
-        err.print(f"[yellow]template differs:[/] {problem}", highlight=False, soft_wrap=True)
-    out.print(f"wrote {result.gguf} and {result.modelfile} (template: {m.family or 'none'})")
-    out.print(f"import it with: ollama create {result.gguf.stem} -f {result.modelfile}", highlight=False)
+        err.print(line("no chat template dynq can translate; see the comment in the Modelfile", style="yellow"))
+    for problem in m.problems:  # problems quote the model's template
+        err.print(line(data("template differs:", "yellow"), " ", data(problem)), soft_wrap=True)
+    template = data(m.family or "none")
+    out.print(line("wrote ", data(result.gguf), " and ", data(result.modelfile), " (template: ", template, ")"))
+    out.print(line("import it with: ollama create ", data(result.gguf.stem), " -f ", data(result.modelfile)))
 
 
 def register(app: typer.Typer) -> None:

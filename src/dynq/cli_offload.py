@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dynq.cli_shell import ensure_source, out
+from dynq.cli_text import clean, data, line
 from dynq.deploy.memory import GIB, KV_TYPES, parse_memory
 from dynq.deploy.offload import (
     AUTO_KV_TYPES,
@@ -21,8 +23,6 @@ from dynq.deploy.offload import (
     offload,
 )
 from dynq.errors import DynqError
-
-out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _gib(n: int) -> str:
@@ -42,8 +42,9 @@ def _placements(plan: OffloadPlan) -> Table:
         table.add_column(col, justify="left" if col in ("plan", "experts on CPU") else "right", overflow="fold")
     for p in (plan.best, *plan.alternatives, plan.rule_of_thumb):
         fits = "yes" if p.fits else ("no: VRAM" if not p.fits_vram else "no: RAM")
-        table.add_row(p.label, str(p.n_gpu_layers), f"{p.experts_on_cpu} tensors\n{_experts(p)}" if p.experts_on_cpu
-                      else "-", ",".join(map(str, p.tensor_split or ())) or "-",
+        # -ot patterns are built from the file's tensor names
+        experts = data(f"{p.experts_on_cpu} tensors\n{_experts(p)}" if p.experts_on_cpu else "-")
+        table.add_row(data(p.label), str(p.n_gpu_layers), experts, ",".join(map(str, p.tensor_split or ())) or "-",
                       " + ".join(_gib(g) for g in p.gpu_bytes), _gib(p.cpu_bytes), fits,
                       f"{p.tokens_per_s:.2f}")  # fmt: skip
     return table
@@ -53,33 +54,35 @@ def draw_offload(console: Console, plan: OffloadPlan) -> None:
     m, s = plan.model, plan.settings
     blocks = m.block_bytes
     console.print(
-        f"{m.source} ({m.arch}): {_gib(m.file_bytes)} GiB of weights, {m.n_blocks} blocks of "
-        f"{_gib(min(blocks))}-{_gib(max(blocks))} GiB"
-        + (f" ({_gib(sum(m.expert_bytes))} GiB routed experts)" if m.is_moe else "")
-        + f"; input layer {_gib(m.input_bytes)} GiB (stays on the CPU), output layer {_gib(m.output_bytes)} GiB"
-        + (" (tied: token_embd again)" if m.tied_output else "")
-    )
+        line(data(m.source), " (", data(m.arch), f"): {_gib(m.file_bytes)} GiB of weights, {m.n_blocks} blocks of "
+             f"{_gib(min(blocks))}-{_gib(max(blocks))} GiB"
+             + (f" ({_gib(sum(m.expert_bytes))} GiB routed experts)" if m.is_moe else "")
+             + f"; input layer {_gib(m.input_bytes)} GiB (stays on the CPU), output layer {_gib(m.output_bytes)} GiB"
+             + (" (tied: token_embd again)" if m.tied_output else ""))
+    )  # fmt: skip
     kv = {m.kv_bytes_per_token(b, s.kv_type) for b in range(m.n_blocks)}
     console.print(
-        f"KV cache ({s.kv_type}{', MLA' if m.attention.mla else ''}): "
-        + "/".join(f"{v:,}" for v in sorted(kv))
-        + f" bytes per token per block; {_gib(m.kv_total(s.ctx, s.kv_type, s.n_ubatch))} GiB at {s.ctx} tokens; "
-        f"compute buffer allowance {_gib(m.compute_bytes(s.ctx, s.n_ubatch, True))} GiB"
-    )
+        line("KV cache (", data(s.kv_type), f"{', MLA' if m.attention.mla else ''}): "
+             + "/".join(f"{v:,}" for v in sorted(kv))
+             + f" bytes per token per block; {_gib(m.kv_total(s.ctx, s.kv_type, s.n_ubatch))} GiB at {s.ctx} tokens; "
+             f"compute buffer allowance {_gib(m.compute_bytes(s.ctx, s.n_ubatch, True))} GiB")
+    )  # fmt: skip
     console.print(_placements(plan))
     rule, best = plan.rule_of_thumb, plan.best
     verdict = "fits" if rule.fits_vram else "does not fit"
     console.print(
-        f"rule of thumb (VRAM / file size x {m.n_blocks} blocks - 4): -ngl {rule.n_gpu_layers}, which {verdict} by "
-        f"the byte model ({' + '.join(_gib(g) for g in rule.gpu_bytes)} GiB on the GPU); the plan: -ngl "
-        f"{best.n_gpu_layers} at {best.tokens_per_s:.2f} tokens/s against {rule.tokens_per_s:.2f}"
-    )
+        line(f"rule of thumb (VRAM / file size x {m.n_blocks} blocks - 4): -ngl {rule.n_gpu_layers}, which {verdict} "
+             f"by the byte model ({' + '.join(_gib(g) for g in rule.gpu_bytes)} GiB on the GPU); the plan: -ngl "
+             f"{best.n_gpu_layers} at {best.tokens_per_s:.2f} tokens/s against {rule.tokens_per_s:.2f}")
+    )  # fmt: skip
+    # Assumptions and notes quote the settings and the model (KV type, architecture, sizes): data, not markup.
     for a in plan.assumptions:
-        console.print(f"[dim]assumes: {a}[/]", highlight=False)
+        console.print(line("assumes: ", data(a), style="dim"))
     for n in plan.notes:
-        console.print(f"note: {n}", highlight=False)
-    console.print("command:")
-    print(plan.command)
+        console.print(line("note: ", data(n)))
+    console.print(line("command:"))
+    # Plain print, so the command is never wrapped and can be copied; it holds the model's path.
+    print(clean(plan.command))
 
 
 def register(app: typer.Typer) -> None:
@@ -122,7 +125,8 @@ def register(app: typer.Typer) -> None:
             cpu_bandwidth=cpu_bw * 1e9,
         )
         settings = Settings(ctx=ctx, kv_type=(kv_type or "f16").lower(), n_ubatch=ubatch, op_offload=op_offload)
-        plan = offload(source, hw, recipe, settings, None if kv_type else AUTO_KV_TYPES)
+        kv_types = None if kv_type else AUTO_KV_TYPES
+        plan = offload(ensure_source(source), hw, recipe=recipe, settings=settings, kv_types=kv_types)
         if as_json:
             sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
         else:

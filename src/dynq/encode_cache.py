@@ -1,8 +1,8 @@
 """A disk cache of encoded tensors, so that several recipes of one model encode each (tensor, type) once.
 
-The key covers everything the bytes depend on: the source file (path, size, modification time), the tensor, the
-target type, the kernel backend and the tensor's importance data. Entries are written to a temporary name and
-renamed, so a crash never leaves a torn entry.
+The key covers everything the bytes depend on: the source's content fingerprint (the same on every machine), the
+tensor, the target type, the kernel backend and the tensor's importance data. Entries are written to a temporary
+name and renamed, so a crash never leaves a torn entry.
 """
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from dynq.paths import cache_dir
-
 
 class EncodeCache:
-    def __init__(self, source_files: list[Path], backend: str, root: Path | None = None) -> None:
-        self.root = root or cache_dir() / "encoded"
-        identity = hashlib.sha256(backend.encode())
-        for f in source_files:
-            st = f.stat()
-            identity.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-        self.identity = identity.digest()
+    def __init__(self, source_fingerprint: str, backend: str, cache: Path) -> None:
+        self.root = cache / "encoded"
+        self.identity = hashlib.sha256(f"{backend}:{source_fingerprint}".encode()).digest()
         self.hits = 0
 
     def _path(self, tensor: str, qtype: str, importance: npt.NDArray[np.float32] | None) -> Path:

@@ -7,9 +7,9 @@ from typing import Any
 
 from gguf import LlamaFileType
 
+from dynq.core.sizes import ClassStats, census, class_breakdown
+from dynq.core.tensors import TensorClass
 from dynq.gguf_io.reader import GGUFModel
-from dynq.sizes import ClassStats, census, class_breakdown
-from dynq.sources.tensor_info import TensorClass
 
 _ARCH_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
               "attention.head_count_kv", "expert_count", "expert_used_count", "expert_shared_count",

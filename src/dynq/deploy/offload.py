@@ -15,12 +15,12 @@ import shlex
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dynq.core.context import RunContext, context
 from dynq.deploy.memory import GIB, ByteModel, SizedTensor, byte_model
-from dynq.recipe.plan import QuantPlan, resolve
-from dynq.recipe.presets import load_recipe
-from dynq.recipe.rules import Recipe
-from dynq.sources import shapes
-from dynq.sources.open import open_inventory, resolve_path
+from dynq.gguf_io.reader import GGUFModel
+from dynq.recipe.plan import resolve
+from dynq.recipe.presets import RecipeLike, as_recipe
+from dynq.sources.open import SourceLike, open_source
 
 log = logging.getLogger(__name__)
 
@@ -415,20 +415,21 @@ AUTO_KV_TYPES = ("f16", "q8_0", "q4_0")
 
 
 def offload(
-    source: str,
+    source: SourceLike,
     hardware: Hardware,
-    recipe: str | Recipe | None = None,
+    *,
+    recipe: RecipeLike | None = None,
     settings: Settings | None = None,
     kv_types: tuple[str, ...] | None = None,
+    ctx: RunContext | None = None,
 ) -> OffloadPlan:
-    """Plan how llama.cpp should load `source` (GGUF path, `zoo:X` or `shapes:X`) on `hardware`: the model as
-    stored, or as `recipe` would quantize it. With `kv_types`, the first KV cache type whose best placement fits in
-    VRAM and RAM wins (settings.kv_type is ignored); the plan notes what the smaller cache buys."""
-    inventory = open_inventory(source)
-    plan: QuantPlan | None = None
-    if recipe is not None:
-        plan = resolve(load_recipe(recipe) if isinstance(recipe, str) else recipe, inventory)
-    model_file = str(resolve_path(source)) if recipe is None and not source.startswith(shapes.PREFIX) else None
+    """Plan how llama.cpp should load `source` (GGUF path, `zoo:X`, `shapes:X` or an opened source) on `hardware`:
+    the model as stored, or as `recipe` would quantize it. With `kv_types`, the first KV cache type whose best
+    placement fits in VRAM and RAM wins (settings.kv_type is ignored); the plan notes what the smaller cache buys."""
+    opened = open_source(source, context(ctx).cache_dir)
+    inventory = opened.inventory()
+    plan = resolve(as_recipe(recipe), inventory) if recipe is not None else None
+    model_file = str(opened.path) if recipe is None and isinstance(opened, GGUFModel) else None
     model = byte_model(inventory, plan)
     s = settings or Settings()
     tried = kv_types or (s.kv_type,)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
-from dynq import __version__
 from dynq.calib.runtime import _quiet_llama, llama
-from dynq.deploy.shards import CopyProgress, merge, model_stem
+from dynq.core.context import RunContext
+from dynq.deploy.shards import merge, model_stem
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
+from dynq.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -297,9 +298,9 @@ def _copy_file(source: Path, target: Path, link: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def export_ollama(source: str | Path, out_dir: str | Path, temperature: float = 0.6, min_p: float = 0.05,
+def export_ollama(source: str | Path, out_dir: str | Path, *, temperature: float = 0.6, min_p: float = 0.05,
                   link: bool = False, overwrite: bool = False,
-                  on_progress: CopyProgress | None = None) -> OllamaExport:  # fmt: skip
+                  ctx: RunContext | None = None) -> OllamaExport:  # fmt: skip
     """Write `out_dir/NAME.gguf` (shards merged; a single file copied, or hard-linked with `link`) and
     `out_dir/Modelfile`; then `ollama create NAME -f out_dir/Modelfile` imports it."""
     model = GGUFModel(source)
@@ -313,7 +314,7 @@ def export_ollama(source: str | Path, out_dir: str | Path, temperature: float = 
     # the Modelfile is made first: a template that cannot be written stops the export before gigabytes are copied
     content = modelfile(model, read_vocab(model.shards[0]), gguf.name, temperature, min_p)
     if len(model.shards) > 1:
-        merge(model.path, gguf, overwrite=overwrite, on_progress=on_progress)
+        merge(model.path, gguf, overwrite=overwrite, ctx=ctx)
     else:
         _copy_file(model.path, gguf, link)
     _write_text(target_modelfile, content.text)

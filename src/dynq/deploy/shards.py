@@ -10,22 +10,18 @@ gguf-py wrote and merging it back gives the same file, byte for byte.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from gguf import GGUFValueType
 
+from dynq.core.context import RunContext, context
 from dynq.errors import DynqError
-from dynq.gguf_io.reader import SPLIT_KEYS, SPLIT_NAME, GGUFModel
-from dynq.gguf_io.writer import StreamingWriter, streaming_writer
+from dynq.gguf_io.reader import SPLIT_NAME, GGUFModel
+from dynq.gguf_io.writer import OutputTensor, copy_metadata, write_gguf
 
 log = logging.getLogger(__name__)
-
-# bytes copied so far, bytes in all
-CopyProgress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -72,22 +68,6 @@ def max_size_for(sizes: Sequence[int], n_shards: int) -> int:
     return low
 
 
-def _copy_metadata(model: GGUFModel, writer: StreamingWriter) -> None:
-    """Every key of the first shard, in order, but the split bookkeeping (which the writer sets per shard) and the
-    architecture (which gguf-py writes first by itself)."""
-    gguf_writer = writer.writer
-    for key, field in model.readers[0].fields.items():
-        if key.startswith("GGUF.") or key in SPLIT_KEYS or key == "general.architecture":
-            continue
-        vtype = GGUFValueType(field.types[0])
-        sub_type = GGUFValueType(field.types[-1]) if vtype == GGUFValueType.ARRAY else None
-        value: Any = field.contents()
-        gguf_writer.add_key_value(key, value, vtype, sub_type)
-        if key == "general.alignment":
-            # the tensor data must be laid out with the alignment the file declares
-            gguf_writer.data_alignment = int(value)
-
-
 def _check_targets(targets: list[Path], inputs: list[Path], overwrite: bool) -> None:
     resolved = {p.resolve() for p in inputs}
     for target in targets:
@@ -97,28 +77,31 @@ def _check_targets(targets: list[Path], inputs: list[Path], overwrite: bool) -> 
             raise DynqError(f"{target}: already exists; remove it or pass --force")
 
 
-def _rewrite(model: GGUFModel, output: Path, split_max_size: int, on_progress: CopyProgress | None) -> ShardsWritten:
-    tensors = model.tensors
-    total = sum(int(model.raw(t.name).nbytes) for t in tensors)
+def _rewrite(model: GGUFModel, output: Path, split_max_size: int, ctx: RunContext) -> ShardsWritten:
+    tensors = [OutputTensor(t, int(model.raw(t.name).nbytes), model.ggml_type(t.name)) for t in model.tensors]
+    total = sum(t.nbytes for t in tensors)
     done = 0
-    with streaming_writer(output, model.arch, split_max_size) as writer:
-        _copy_metadata(model, writer)
-        for info in tensors:
-            writer.declare(info, int(model.raw(info.name).nbytes), info.dtype.ggml)
-        writer.begin()
-        for info in tensors:
-            data = model.raw(info.name)
-            writer.write(np.asarray(data).view(np.uint8))
-            model.release(info.name)
-            done += int(data.nbytes)
-            if on_progress is not None:
-                on_progress(done, total)
-        files = writer.finish()
+
+    def written(index: int, t: OutputTensor) -> None:
+        nonlocal done
+        model.release(t.info.name)
+        done += t.nbytes
+        ctx.report("copy", done, total, "bytes", t.info.name)
+
+    files = write_gguf(
+        output,
+        model.arch,
+        tensors,
+        lambda t: np.asarray(model.raw(t.info.name)).view(np.uint8),
+        metadata=lambda w: copy_metadata(model.metadata_fields(), w, drop=lambda key: False),
+        split_max_size=split_max_size,
+        written=written,
+    )
     return ShardsWritten(files, len(tensors), total)
 
 
-def merge(source: str | Path, output: str | Path | None = None, overwrite: bool = False,
-          on_progress: CopyProgress | None = None) -> ShardsWritten:  # fmt: skip
+def merge(source: str | Path, output: str | Path | None = None, *, overwrite: bool = False,
+          ctx: RunContext | None = None) -> ShardsWritten:  # fmt: skip
     """Join all shards of a split model (given any one of them) into one GGUF file; `output` defaults to the
     model's name beside the shards."""
     model = GGUFModel(source)
@@ -126,14 +109,14 @@ def merge(source: str | Path, output: str | Path | None = None, overwrite: bool 
         raise DynqError(f"{model.path}: already a single file; nothing to merge")
     out = Path(output) if output is not None else model.path.with_name(model_stem(model.path) + ".gguf")
     _check_targets([out], model.shards, overwrite)
-    result = _rewrite(model, out, 0, on_progress)
+    result = _rewrite(model, out, 0, context(ctx))
     log.info("merged %d shards into %s (%d tensors)", len(model.shards), out, result.n_tensors)
     return result
 
 
-def split(source: str | Path, output: str | Path | None = None, max_size: int | None = None,
+def split(source: str | Path, output: str | Path | None = None, *, max_size: int | None = None,
           n_shards: int | None = None, overwrite: bool = False,
-          on_progress: CopyProgress | None = None) -> ShardsWritten:  # fmt: skip
+          ctx: RunContext | None = None) -> ShardsWritten:  # fmt: skip
     """Split a model into llama.cpp shards of at most `max_size` tensor bytes each, or into `n_shards` shards as
     even as the tensor boundaries allow. Shards are named after `output` (default: the model's name beside it)."""
     if (max_size is None) == (n_shards is None):
@@ -152,7 +135,7 @@ def split(source: str | Path, output: str | Path | None = None, max_size: int | 
                         "choose a smaller size")  # fmt: skip
     out = Path(output) if output is not None else model.path.with_name(model_stem(model.path) + ".gguf")
     _check_targets(shard_names(out, count), model.shards, overwrite)
-    result = _rewrite(model, out, max_size, on_progress)
+    result = _rewrite(model, out, max_size, context(ctx))
     if len(result.files) != count:  # the writer's own cut must be the one the names were checked for
         raise DynqError(f"internal: expected {count} shards, the writer made {len(result.files)}")
     log.info("split %s into %d shards", model.path, count)

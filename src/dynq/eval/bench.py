@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dynq.calib.text import Text
+from dynq.core.context import RunContext
 from dynq.errors import DynqError
 from dynq.eval.evaluate import evaluate
 from dynq.eval.loops import generate, loop_rate
@@ -21,6 +22,8 @@ from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import summarize
 from dynq.llamacpp_tools import tool
 from dynq.quantize import quantize
+from dynq.recipe.plan import resolve
+from dynq.recipe.presets import load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,11 @@ class BenchRow:
     quantize_seconds: float
 
 
-def _llama_quantize(ref: Path, mix: str, out: Path, imatrix: Path | None, threads: int) -> None:
-    cmd = [str(tool("llama-quantize"))]
+def _llama_quantize(ref: Path, mix: str, out: Path, imatrix: Path | None, ctx: RunContext) -> None:
+    cmd = [str(tool("llama-quantize", ctx.cache_dir))]
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
-    cmd += [str(ref), str(out), mix, str(threads)]
+    cmd += [str(ref), str(out), mix, str(ctx.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise DynqError(f"llama-quantize {mix} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -56,28 +59,30 @@ def run_bench(
     imatrix: Path | None,
     text: Text,
     work: Path,
+    *,
     n_ctx: int = 512,
     chunks: int | None = None,
     loop_tokens: int = 256,
-    threads: int = 1,
+    ctx: RunContext,
     on_row: Callable[[BenchRow], None] | None = None,
 ) -> list[BenchRow]:
     rows = []
     jobs = [("dynq", r) for r in recipes] + [("llama.cpp", m) for m in llama_mixes]
+    inventory = GGUFModel(ref).inventory()
     for maker, name in jobs:
         out = work / f"{ref.stem}-{maker}-{name}.gguf"
         started = time.perf_counter()
         if maker == "dynq":
             # No encoding cache: the time column must be what a user waits for.
-            quantize(str(ref), name, out, imatrix=imatrix, threads=threads)
+            quantize(resolve(load_recipe(name), inventory), out, imatrix=imatrix, ctx=ctx)
         else:
-            _llama_quantize(ref, name, out, imatrix, threads)
+            _llama_quantize(ref, name, out, imatrix, ctx)
         seconds = time.perf_counter() - started
-        scores = evaluate(out, ref, text.text, text.provenance, n_ctx, chunks, threads)
-        loops = loop_rate(generate(out, loop_tokens, threads)) if loop_tokens else float("nan")
+        scores = evaluate(out, ref, text.text, text.provenance, n_ctx=n_ctx, n_chunks=chunks, ctx=ctx)
+        loops = loop_rate(generate(out, loop_tokens, ctx.threads)) if loop_tokens else float("nan")
         summary = summarize(GGUFModel(out))
-        row = BenchRow(name, maker, summary.total_bytes, summary.bpw, scores["ppl"], scores["kld_mean"],
-                       scores["kld_p99"], scores["top1"], loops, seconds)  # fmt: skip
+        row = BenchRow(name, maker, summary.total_bytes, summary.bpw, scores.ppl, scores.kld_mean, scores.kld_p99,
+                       scores.top1, loops, seconds)  # fmt: skip
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -110,12 +115,13 @@ def markdown_table(rows: Sequence[BenchRow], title: str, settings: str = "") -> 
 
 
 def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
-    import matplotlib
+    # A Figure with its own Agg canvas: no pyplot, so no process-wide backend or figure registry is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for maker, marker in (("dynq", "o"), ("llama.cpp", "s")):
         pts = [r for r in rows if r.maker == maker]
         ax.scatter([r.bytes / 2**20 for r in pts], [r.kld_mean for r in pts], marker=marker, label=maker)
@@ -129,7 +135,6 @@ def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
     place_labels(ax, [(r.name, r.bytes / 2**20, r.kld_mean) for r in sorted(rows, key=lambda r: r.bytes)])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def place_labels(ax: Any, points: Sequence[tuple[str, float, float]]) -> None:

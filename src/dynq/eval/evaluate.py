@@ -1,6 +1,6 @@
 """`dynq eval`: a quant against its reference on the same text, chunk by chunk as llama-perplexity does it.
 
-The reference's predictions are computed once per (reference file, text, n_ctx, chunks, k) and cached compactly
+The reference's predictions are computed once per (reference content, text, n_ctx, chunks, k) and cached compactly
 under the dynq cache; every later evaluation against that reference reads only the cache.
 """
 
@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dynq.calib.runtime import LlamaRuntime
+from dynq.calib.runtime import LlamaRuntime, token_chunks
+from dynq.core.context import RunContext, context
 from dynq.errors import DynqError
 from dynq.eval.metrics import Scores
 from dynq.eval.reference import CompactReference
-from dynq.paths import cache_dir
+from dynq.gguf_io.reader import GGUFModel
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +29,26 @@ TAIL_SAMPLES = 256
 
 
 @dataclass(frozen=True)
-class EvalProgress:
-    stage: str  # "reference" or "quant"
-    chunk: int
-    n_chunks: int
+class EvalResult:
+    """A quant judged against its reference; `to_dict` gives the JSON `dynq eval --json` prints."""
 
+    tokens: int
+    ppl: float
+    ref_ppl: float
+    kld_mean: float
+    kld_median: float
+    kld_p90: float
+    kld_p99: float
+    kld_p999: float
+    kld_max: float
+    top1: float
+    dp_rms: float
+    chunks: int
+    n_ctx: int
+    text: str
 
-def chunks_of(tokens: list[int], n_ctx: int, n_chunks: int | None) -> list[list[int]]:
-    available = len(tokens) // n_ctx
-    if available < 1:
-        raise DynqError(f"evaluation text has {len(tokens)} tokens; at least {n_ctx} (one chunk) are needed")
-    count = available if n_chunks is None else min(n_chunks, available)
-    return [tokens[i * n_ctx : (i + 1) * n_ctx] for i in range(count)]
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def scored_positions(n_ctx: int) -> slice:
@@ -47,9 +56,8 @@ def scored_positions(n_ctx: int) -> slice:
     return slice(n_ctx // 2, n_ctx - 1)
 
 
-def _reference_key(ref: Path, text: str, n_ctx: int, n_chunks: int | None, k: int) -> str:
-    st = ref.stat()
-    h = hashlib.sha256(f"{ref.resolve()}:{st.st_size}:{st.st_mtime_ns}:{n_ctx}:{n_chunks}:{k}:{TAIL_SAMPLES}".encode())
+def _reference_key(fingerprint: str, text: str, n_ctx: int, n_chunks: int | None, k: int) -> str:
+    h = hashlib.sha256(f"{fingerprint}:{n_ctx}:{n_chunks}:{k}:{TAIL_SAMPLES}".encode())
     h.update(text.encode())
     return h.hexdigest()[:24]
 
@@ -60,24 +68,25 @@ def reference_predictions(
     provenance: str,
     n_ctx: int,
     n_chunks: int | None,
-    threads: int,
+    ctx: RunContext,
     k: int = TOP_K,
-    progress: Callable[[EvalProgress], None] | None = None,
 ) -> CompactReference:
-    path = cache_dir() / "references" / f"{ref.stem}-{_reference_key(ref, text, n_ctx, n_chunks, k)}.npz"
+    """The reference's compact predictions on `text`, from the cache (keyed by the reference's content) or computed
+    once and cached (progress stage "reference")."""
+    key = _reference_key(GGUFModel(ref).fingerprint(), text, n_ctx, n_chunks, k)
+    path = ctx.cache_dir / "references" / f"{ref.stem}-{key}.npz"
     if path.exists():
         return CompactReference.load(path)
     parts = []
-    with LlamaRuntime(ref, n_ctx, threads, logits=True) as rt:
-        chunks = chunks_of(rt.tokenize(text), n_ctx, n_chunks)
+    with LlamaRuntime(ref, n_ctx, ctx.threads, logits=True) as rt:
+        chunks = token_chunks(rt.tokenize(text), n_ctx, n_chunks, "the evaluation text")
         for i, chunk in enumerate(chunks):
             logits = rt.evaluate_chunk(chunk)
             assert logits is not None
             rows = scored_positions(n_ctx)
             nxt = np.asarray(chunk[rows.start + 1 : rows.stop + 1], dtype=np.int32)
             parts.append(CompactReference.from_logits(logits[rows], nxt, k, TAIL_SAMPLES, seed=i))
-            if progress is not None:
-                progress(EvalProgress("reference", i + 1, len(chunks)))
+            ctx.report("reference", i + 1, len(chunks), "chunks")
     result = CompactReference.concat(parts, n_ctx, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
     result.save(path)
@@ -85,26 +94,28 @@ def reference_predictions(
 
 
 def evaluate(
-    quant: Path,
-    ref: Path,
+    quant: str | os.PathLike[str],
+    ref: str | os.PathLike[str],
     text: str,
     provenance: str,
+    *,
     n_ctx: int = 512,
     n_chunks: int | None = None,
-    threads: int = 1,
-    progress: Callable[[EvalProgress], None] | None = None,
     top_k: int = TOP_K,
-) -> dict[str, Any]:
+    ctx: RunContext | None = None,
+) -> EvalResult:
     """PPL of both, KLD statistics, top-1 agreement and RMS Δp of `quant` against `ref` on `text`.
 
     The KL divergence is exact over the reference's `top_k` tokens and sampled over the rest of the vocabulary."""
-    reference = reference_predictions(ref, text, provenance, n_ctx, n_chunks, threads, top_k, progress)
+    ctx = context(ctx)
+    quant, ref = Path(quant), Path(ref)
+    reference = reference_predictions(ref, text, provenance, n_ctx, n_chunks, ctx, top_k)
     scores = Scores()
     per_chunk = n_ctx - 1 - n_ctx // 2
-    with LlamaRuntime(quant, n_ctx, threads, logits=True) as rt:
+    with LlamaRuntime(quant, n_ctx, ctx.threads, logits=True) as rt:
         if rt.n_vocab != reference.n_vocab:
             raise DynqError(f"{quant}: vocabulary of {rt.n_vocab} tokens, the reference has {reference.n_vocab}")
-        chunks = chunks_of(rt.tokenize(text), n_ctx, n_chunks)
+        chunks = token_chunks(rt.tokenize(text), n_ctx, n_chunks, "the evaluation text")
         for i, chunk in enumerate(chunks):
             rows = slice(i * per_chunk, (i + 1) * per_chunk)
             expected = np.asarray(chunk[n_ctx // 2 + 1 :], dtype=np.int32)
@@ -113,6 +124,5 @@ def evaluate(
             logits = rt.evaluate_chunk(chunk)
             assert logits is not None
             scores.add(reference, rows, logits[scored_positions(n_ctx)])
-            if progress is not None:
-                progress(EvalProgress("quant", i + 1, len(chunks)))
-    return scores.summary() | {"chunks": len(chunks), "n_ctx": n_ctx, "text": provenance}
+            ctx.report("eval", i + 1, len(chunks), "chunks")
+    return EvalResult(**scores.summary(), chunks=len(chunks), n_ctx=n_ctx, text=provenance)

@@ -32,20 +32,22 @@ def _run(cmd: list[str]) -> str:
     return done.stdout + done.stderr
 
 
-def llama_imatrix(model: Path, text_file: Path, out: Path, n_ctx: int, chunks: int, threads: int) -> None:
-    _run([str(tool("llama-imatrix")), "-m", str(model), "-f", str(text_file), "-o", str(out), "-c", str(n_ctx),
+def llama_imatrix(model: Path, text_file: Path, out: Path, n_ctx: int, chunks: int, threads: int, cache: Path) -> None:
+    _run([str(tool("llama-imatrix", cache)), "-m", str(model), "-f", str(text_file), "-o", str(out), "-c", str(n_ctx),
           "-b", str(n_ctx), "--chunks", str(chunks), "-t", str(threads), "--no-ppl",
           "--output-format", "gguf"])  # fmt: skip
 
 
-def llama_kld_base(ref: Path, text_file: Path, base: Path, n_ctx: int, chunks: int, threads: int) -> None:
-    _run([str(tool("llama-perplexity")), "-m", str(ref), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx),
-          "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(base)])  # fmt: skip
+def llama_kld_base(ref: Path, text_file: Path, base: Path, n_ctx: int, chunks: int, threads: int, cache: Path) -> None:
+    _run([str(tool("llama-perplexity", cache)), "-m", str(ref), "-f", str(text_file), "-c", str(n_ctx), "-b",
+          str(n_ctx), "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(base)])  # fmt: skip
 
 
-def llama_kld(quant: Path, base: Path, text_file: Path, n_ctx: int, chunks: int, threads: int) -> dict[str, float]:
+def llama_kld(
+    quant: Path, base: Path, text_file: Path, n_ctx: int, chunks: int, threads: int, cache: Path
+) -> dict[str, float]:
     """llama-perplexity --kl-divergence against a base file; its summary parsed into dynq eval's keys."""
-    cmd = [str(tool("llama-perplexity")), "-m", str(quant), "-f", str(text_file), "-c", str(n_ctx), "-b",
+    cmd = [str(tool("llama-perplexity", cache)), "-m", str(quant), "-f", str(text_file), "-c", str(n_ctx), "-b",
            str(n_ctx), "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(base),
            "--kl-divergence"]  # fmt: skip
     # On a loaded machine this build sometimes ends with status 0 before its last chunk and summary (seen here

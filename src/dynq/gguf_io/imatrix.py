@@ -1,66 +1,21 @@
-"""Importance matrices in llama.cpp's two file formats: GGUF (`*.in_sum2` / `*.counts`) and the legacy `.dat`.
-
-An entry holds, for one weight matrix, the sum of squared input activations per input column, one row per matrix
-(per expert for 3-D expert tensors), and the number of tokens each matrix saw. What a quantizer wants is the mean:
-`importance()` gives it the way llama-quantize computes it (a matrix that saw no token gets all ones).
-"""
+"""Importance matrices (core/importance.py) in llama.cpp's two file formats: GGUF (`*.in_sum2` / `*.counts`) and
+the legacy `.dat`."""
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 from gguf import GGUFReader, GGUFWriter
 
+from dynq.core.importance import F32Array, Imatrix, ImatrixEntry
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import field_value
 
-F32Array = npt.NDArray[np.float32]
 
-
-@dataclass
-class ImatrixEntry:
-    sums: F32Array  # shape [n_mat, row_length]: sum of x² per column
-    counts: F32Array  # shape [n_mat]: tokens seen per matrix
-
-    @property
-    def n_mat(self) -> int:
-        return int(self.sums.shape[0])
-
-    @property
-    def row_length(self) -> int:
-        return int(self.sums.shape[1])
-
-    def with_row_length(self, row_length: int) -> ImatrixEntry | None:
-        """The same data laid out as rows of `row_length` (.dat files store one flat vector), or None if it
-        does not divide."""
-        total = self.sums.size
-        if total % row_length:
-            return None
-        sums = self.sums.reshape(-1, row_length)
-        counts = self.counts if self.counts.size == sums.shape[0] else np.full(sums.shape[0], self.counts[0])
-        return ImatrixEntry(sums, counts.astype(np.float32))
-
-    def importance(self) -> F32Array:
-        """Per-column mean of x², [n_mat, row_length]; ones for a matrix without data (as llama-quantize does)."""
-        counts = self.counts[:, None]
-        safe = np.where(counts > 0, counts, 1.0).astype(np.float32)
-        return np.where(counts > 0, self.sums / safe, np.float32(1.0)).astype(np.float32)
-
-
-@dataclass
-class Imatrix:
-    entries: dict[str, ImatrixEntry]
-    datasets: list[str] = field(default_factory=list)
-    chunk_count: int = 0
-    chunk_size: int = 0
-
-
-def read_imatrix(path: str | Path) -> Imatrix:
+def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     """Read an imatrix in GGUF or legacy .dat format (told apart by the GGUF magic)."""
     path = Path(path)
     if not path.is_file():

@@ -1,11 +1,13 @@
-"""Reading GGUF models, single files and llama.cpp split shards, with tensor data memory-mapped.
+"""Reading GGUF models, single files and llama.cpp split shards, with tensor data memory-mapped: the GGUF
+implementation of the source protocol (core/source.py).
 
 Parsing and decoding are the `gguf` package's; this module adds split discovery, checks that turn a damaged file
-into one clear error, and dequantization of one tensor at a time.
+into one clear error, dequantization of one tensor (or one expert) at a time, and a content fingerprint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import mmap
 import re
@@ -16,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from gguf import GGUFReader, GGUFValueType, ReaderTensor, dequantize
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor, dequantize
 
+from dynq.core.qtypes import qtype
+from dynq.core.source import MetadataField
+from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
-from dynq.sources.tensor_info import ModelInventory, TensorInfo
-from dynq.types import qtype
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,9 @@ SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 # Metadata that is bulky and says nothing about sizes; kept out of `metadata`, still readable via `field()`.
 _BULKY_PREFIXES = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                    "tokenizer.ggml.scores")  # fmt: skip
+# The fingerprint reads at most this many windows of this size from each tensor: a few MiB per tensor whatever the
+# model's size, enough to tell apart two files that differ in any tensor's weights.
+_WINDOWS, _WINDOW = 16, 1 << 16
 
 
 def shard_paths(path: Path) -> list[Path]:
@@ -87,8 +93,9 @@ class GGUFTensor:
 class GGUFModel:
     """A GGUF model on disk (one file or all shards of a split), read lazily."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, spec: str | None = None) -> None:
         self.path = Path(path)
+        self._spec = spec or str(self.path)
         self.shards = shard_paths(self.path)
         self.readers = [_open_reader(p) for p in self.shards]
         self._check_split()
@@ -110,6 +117,10 @@ class GGUFModel:
                     f"{self.shards[i]}: split metadata says shard {no} of {count}, expected {i} of "
                     f"{len(self.shards)}; the shards do not belong together"
                 )
+
+    @property
+    def spec(self) -> str:
+        return self._spec
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
@@ -134,17 +145,57 @@ class GGUFModel:
         return [t.info for t in self._tensors.values()]
 
     def inventory(self) -> ModelInventory:
-        return ModelInventory(str(self.path), self.arch, tuple(self.tensors), self.metadata)
+        return ModelInventory(self.spec, self.arch, tuple(self.tensors), self.metadata)
+
+    def metadata_fields(self) -> list[MetadataField]:
+        """Every key/value of the first shard in order, less the split bookkeeping (a writer sets it per shard)."""
+        fields = []
+        for key, f in self.readers[0].fields.items():
+            if key.startswith("GGUF.") or key in SPLIT_KEYS:
+                continue
+            vtype = GGUFValueType(f.types[0])
+            sub_type = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
+            fields.append(MetadataField(key, f.contents(), vtype, sub_type))
+        return fields
+
+    def ggml_type(self, name: str) -> GGMLQuantizationType:
+        return GGMLQuantizationType(int(self._get(name).raw.tensor_type))
 
     def raw(self, name: str) -> npt.NDArray[Any]:
         """The tensor's bytes (or elements, for float types) as stored, memory-mapped."""
         return self._get(name).raw.data
 
-    def dequantize(self, name: str) -> npt.NDArray[np.float32]:
+    def load(self, name: str) -> npt.NDArray[np.float32]:
         """One tensor as float32, numpy shape (reversed GGUF shape: rows last-to-first, row length last)."""
         t = self._get(name)
         values = dequantize(t.raw.data, t.raw.tensor_type)
         return np.asarray(values, dtype=np.float32).reshape(tuple(reversed(t.info.shape)))
+
+    def load_expert(self, name: str, expert: int) -> npt.NDArray[np.float32]:
+        """Expert `expert`'s matrix of a 3-D tensor as float32 [rows, row length]; only its bytes are read."""
+        t = self._get(name)
+        if len(t.info.shape) != 3 or not 0 <= expert < t.info.shape[2]:
+            raise DynqError(f"{self.path}: tensor {name} {t.info.shape} has no expert {expert}")
+        values = dequantize(t.raw.data[expert], t.raw.tensor_type)
+        return np.asarray(values, dtype=np.float32).reshape(t.info.shape[1], t.info.shape[0])
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for reader in self.readers:
+            digest.update(np.asarray(reader.data[: reader.data_offset]).tobytes())  # header, metadata, tensor infos
+        for name, t in self._tensors.items():
+            data = np.asarray(t.raw.data).view(np.uint8).reshape(-1)
+            step = max(_WINDOW, len(data) // _WINDOWS)
+            for start in range(0, len(data), step):
+                digest.update(data[start : start + _WINDOW].tobytes())
+            self.release(name)
+        return digest.hexdigest()
+
+    def fingerprint(self) -> str:
+        """sha256 of every shard's header (metadata and tensor infos) and of evenly spaced windows of every
+        tensor's bytes: the same on any machine holding the same file, at a few MiB of reading per tensor."""
+        return self._fingerprint
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process's memory map (they are re-read from disk if touched again),

@@ -1,4 +1,6 @@
 """Streaming GGUF output: all tensor infos are fixed first, then tensor data is written one tensor at a time.
+`write_gguf` is the one loop every writer of dynq (quantize, split, merge) goes through, and `copy_metadata` the
+one way metadata is carried from a source into an output, with the layout its `general.alignment` asks for.
 
 The files are written into a temporary folder beside the output and renamed into place only when every byte is on
 disk, so an interrupted or failed run never leaves a file that looks complete. Splitting into llama.cpp shards
@@ -10,35 +12,33 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter
 
+from dynq.core.source import MetadataField
+from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
-from dynq.gguf_io.reader import SPLIT_KEYS, GGUFModel
-from dynq.sources.tensor_info import TensorInfo
 
 log = logging.getLogger(__name__)
 
-# Keys a quantizer rewrites rather than copies.
-_REWRITTEN = (*SPLIT_KEYS, "general.architecture", "general.file_type", "general.quantization_version")
-_REWRITTEN_PREFIXES = ("GGUF.", "quantize.imatrix.", "dynq.")
+U8Array = npt.NDArray[np.uint8]
 
 
-def copy_metadata(model: GGUFModel, writer: GGUFWriter) -> None:
-    """Every key/value of `model` (tokenizer and chat template included) except those a quantizer rewrites."""
-    for key, field in model.readers[0].fields.items():
-        if key in _REWRITTEN or key.startswith(_REWRITTEN_PREFIXES):
+def copy_metadata(fields: Iterable[MetadataField], writer: GGUFWriter, drop: Callable[[str], bool]) -> None:
+    """Every key/value of `fields`, in order, but the architecture (which gguf-py writes first by itself) and the
+    keys `drop` names; the tensor data is then laid out with the `general.alignment` the file declares."""
+    for f in fields:
+        if f.key == "general.architecture" or drop(f.key):
             continue
-        vtype = GGUFValueType(field.types[0])
-        sub_type = GGUFValueType(field.types[-1]) if vtype == GGUFValueType.ARRAY else None
-        value: Any = field.contents()
-        writer.add_key_value(key, value, vtype, sub_type)
+        writer.add_key_value(f.key, f.value, f.vtype, f.sub_type)
+        if f.key == "general.alignment":
+            writer.data_alignment = int(f.value)
 
 
 def parse_size(text: str) -> int:
@@ -70,7 +70,7 @@ class StreamingWriter:
         self.names: list[str] = []
         self.paths: list[Path] = []
 
-    def declare(self, info: TensorInfo, nbytes: int, ggml_type: Any) -> None:
+    def declare(self, info: TensorInfo, nbytes: int, ggml_type: GGMLQuantizationType) -> None:
         # A uint8 byte shape; gguf-py converts it back to the element shape from the type.
         rows = info.n_elements // info.row_length
         byte_shape = [*reversed(info.shape[1:]), nbytes // rows] if rows else [nbytes]
@@ -119,3 +119,39 @@ def streaming_writer(output: Path, arch: str, split_max_size: int = 0) -> Iterat
     except BaseException:
         writer.abort()
         raise
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor as it will be stored: its info (name, shape), its byte count and its GGML type."""
+
+    info: TensorInfo
+    nbytes: int
+    ggml_type: GGMLQuantizationType
+
+
+def write_gguf(
+    output: Path,
+    arch: str,
+    tensors: Sequence[OutputTensor],
+    data: Callable[[OutputTensor], U8Array],
+    *,
+    metadata: Callable[[GGUFWriter], None],
+    split_max_size: int = 0,
+    written: Callable[[int, OutputTensor], None] | None = None,
+) -> list[Path]:
+    """Write `output` (or its shards): `metadata` adds the key/values, every tensor is declared, then each one's
+    bytes come from `data` in order and `written(index, tensor)` follows each write. Returns the final paths."""
+    with streaming_writer(output, arch, split_max_size) as writer:
+        metadata(writer.writer)
+        for t in tensors:
+            writer.declare(t.info, t.nbytes, t.ggml_type)
+        writer.begin()
+        for i, t in enumerate(tensors):
+            chunk = data(t)
+            if chunk.nbytes != t.nbytes:
+                raise DynqError(f"{t.info.name}: {chunk.nbytes} bytes to write, {t.nbytes} declared")
+            writer.write(chunk)
+            if written is not None:
+                written(i, t)
+        return writer.finish()

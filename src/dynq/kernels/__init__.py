@@ -7,8 +7,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from dynq.core.qtypes import QType
 from dynq.errors import DynqError
-from dynq.types import QType
 
 F32Array = npt.NDArray[np.float32]
 U8Array = npt.NDArray[np.uint8]

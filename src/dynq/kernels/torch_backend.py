@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+from dynq.core.qtypes import QType
 from dynq.errors import DynqError
 from dynq.kernels import F32Array, KernelBackend, U8Array
 from dynq.kernels.encoders import EncodeFn, encoders
-from dynq.types import QType
 
 log = logging.getLogger(__name__)
 
 # Rows per batch: bounds the encoders' working memory (a few hundred bytes per weight for the lattice searches).
 _BATCH_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's thread count is process-wide: set it for one encode call and give the caller's back afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def default_device() -> str:
@@ -29,9 +42,7 @@ class TorchBackend:
         self.device = device or default_device()
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise DynqError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, threads))
-        self.threads = threads
+        self.threads = max(1, threads)
         self._encoders: dict[str, EncodeFn] = encoders()
         self._ggml: KernelBackend | None = None
 
@@ -59,7 +70,7 @@ class TorchBackend:
         weights = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance)).to(self.device)
         out = np.empty((n_rows, qtype.row_bytes(n_per_row)), dtype=np.uint8)
         step = max(1, _BATCH_ELEMENTS["cuda" if self.device.startswith("cuda") else "cpu"] // n_per_row)
-        with torch.inference_mode():
+        with torch.inference_mode(), _intra_op_threads(self.threads):
             for start in range(0, n_rows, step):
                 part = np.ascontiguousarray(rows[start : start + step], dtype=np.float32)
                 x = torch.from_numpy(part).to(self.device)

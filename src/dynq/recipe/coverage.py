@@ -7,8 +7,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dynq.core.importance import Imatrix
 from dynq.errors import DynqError
-from dynq.gguf_io.imatrix import Imatrix
 from dynq.recipe.plan import PlannedTensor, QuantPlan
 
 

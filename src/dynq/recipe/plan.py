@@ -10,24 +10,46 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
+from dynq.core.qtypes import F32, QType, fallback_for
+from dynq.core.sizes import GIB, ClassStats, census, class_breakdown
+from dynq.core.tensors import ModelInventory, TensorClass, TensorInfo
 from dynq.errors import DynqError
 from dynq.recipe.rules import Recipe, Rule, When
-from dynq.sizes import GIB, ClassStats, census, class_breakdown
-from dynq.sources.tensor_info import ModelInventory, TensorClass, TensorInfo
-from dynq.types import F32, QType, fallback_for
 
 log = logging.getLogger(__name__)
+
+
+class ReasonKind(StrEnum):
+    KEEP = "keep"  # the keep-list or a 1-D tensor: F32
+    RULE = "rule"  # the first matching rule
+    DEFAULT = "default"  # no rule matched: the recipe's default type
+    FALLBACK = "fallback"  # the rule's (or default's) type does not divide the row: llama.cpp's fallback
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a tensor got its type: the kind, the 1-based rule index where a rule decided, and the text people read."""
+
+    kind: ReasonKind
+    text: str
+    rule: int | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "rule": self.rule, "text": self.text}
 
 
 @dataclass(frozen=True)
 class PlannedTensor:
     info: TensorInfo
     qtype: QType
-    reason: str
+    reason: Reason
     requested: QType  # what the rule asked for, before any fallback
-    rule: int | None = None  # 1-based index of the matching rule
 
     @property
     def nbytes(self) -> int:
@@ -35,7 +57,7 @@ class PlannedTensor:
 
     @property
     def kept(self) -> bool:
-        return self.reason.startswith("keep")
+        return self.reason.kind is ReasonKind.KEEP
 
     @property
     def needs_imatrix(self) -> bool:
@@ -104,7 +126,9 @@ class QuantPlan:
                     "class": t.info.tensor_class.value,
                     "type": t.qtype.name,
                     "bytes": t.nbytes,
-                    "reason": t.reason,
+                    "reason": t.reason.text,
+                    "reason_kind": t.reason.kind.value,
+                    "rule": t.reason.rule,
                 }
                 for t in self.tensors
             ],
@@ -129,12 +153,12 @@ def _matches(rule: Rule, info: TensorInfo, selected: frozenset[int] | None) -> b
     return rule.pattern.search(info.name) is not None and (selected is None or info.block in selected)
 
 
-def _keep_reason(recipe: Recipe, info: TensorInfo) -> str | None:
+def _keep_reason(recipe: Recipe, info: TensorInfo) -> Reason | None:
     if len(info.shape) < 2:
-        return "keep: 1-D"
+        return Reason(ReasonKind.KEEP, "keep: 1-D")
     for pattern in recipe.keep:
         if pattern.search(info.name):
-            return f"keep: {pattern.pattern}"
+            return Reason(ReasonKind.KEEP, f"keep: {pattern.pattern}")
     return None
 
 
@@ -152,19 +176,18 @@ def resolve(recipe: Recipe, inventory: ModelInventory) -> QuantPlan:
         rule = next((r for r in active if _matches(r, info, blocks[r.index])), None)
         if rule is not None:
             used[rule.index] += 1
-            requested, reason, index = rule.qtype, rule.label, rule.index
+            requested, reason = rule.qtype, Reason(ReasonKind.RULE, rule.label, rule.index)
         elif recipe.default is not None:
-            requested, reason, index = recipe.default, "default", None
+            requested, reason = recipe.default, Reason(ReasonKind.DEFAULT, "default")
         else:
             raise DynqError(
                 f"recipe {recipe.name}: no rule matches tensor {info.name}; add a catch-all rule or a 'default' type"
             )
         actual = fallback_for(requested, info.row_length)
         if actual is not requested:
-            reason = (
-                f"fallback: row {info.row_length} % {requested.block_size} != 0 ({requested.name} asked by {reason})"
-            )
-        planned.append(PlannedTensor(info, actual, reason, requested, index))
+            text = f"fallback: row {info.row_length} % {requested.block_size} != 0 ({requested.name} asked by {reason})"
+            reason = Reason(ReasonKind.FALLBACK, text, reason.rule)
+        planned.append(PlannedTensor(info, actual, reason, requested))
     warnings = tuple(
         f"recipe {recipe.name}: {r.label} matches no tensor of {inventory.source}"
         for r in active

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
+from dynq.core.qtypes import QType, qtype, quantizable_qtypes
 from dynq.errors import DynqError
-from dynq.recipe.rules import Recipe, recipe_from_dict
-from dynq.types import QType, qtype, quantizable_qtypes
+from dynq.recipe.rules import RECIPE_VERSION, Recipe, recipe_from_dict
 
 UNIFORM = "uniform-"
 
@@ -28,6 +29,7 @@ def uniform_recipe(t: QType) -> Recipe:
     """The naive baseline: every weight matrix at `t` (the keep-list and row-length fallbacks aside)."""
     return recipe_from_dict(
         {
+            "version": RECIPE_VERSION,
             "name": UNIFORM + t.name.lower(),
             "description": f"every weight matrix at {t.name}: the uniform baseline dynamic recipes are judged against",
             "rules": [{"match": ".", "type": t.name, "note": "uniform"}],
@@ -44,6 +46,14 @@ def load_yaml_recipe(path: Path) -> Recipe:
     except yaml.YAMLError as e:
         raise DynqError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return recipe_from_dict(data, str(path))
+
+
+# What the public API takes for a recipe: a preset name, a YAML file or a Recipe.
+RecipeLike = Recipe | str | os.PathLike[str]
+
+
+def as_recipe(recipe: RecipeLike) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
 
 
 def load_recipe(spec: str) -> Recipe:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from dynq.core.qtypes import QType, qtype
 from dynq.errors import DynqError
-from dynq.types import QType, qtype
 
 # Tensors that always stay F32, whatever the rules say: llama.cpp never quantizes them either.
 DEFAULT_KEEP = (
@@ -29,7 +29,9 @@ DEFAULT_KEEP = (
     r"token_types",
 )
 
-_RECIPE_KEYS = {"name", "description", "keep", "default", "rules"}
+# The recipe format's version. Files without the key are version 1; a later format bumps it and keeps reading 1.
+RECIPE_VERSION = 1
+_RECIPE_KEYS = {"version", "name", "description", "keep", "default_keep", "default", "rules"}
 _RULE_KEYS = {"match", "type", "blocks", "when", "optional", "note"}
 _ITEM = re.compile(r"^\s*(?:(?P<a>\d+)\s*(?:-\s*(?P<b>\d+))?|(?P<rel>first|last)\s*:\s*(?P<k>\d+))\s*$")
 
@@ -130,11 +132,13 @@ class Recipe:
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as data again (what a quantized file records as its resolved recipe)."""
-        d: dict[str, Any] = {"name": self.name}
+        """The recipe as complete data (what a quantized file records): the whole keep-list with `default_keep:
+        false`, so that reading it back gives the same plan even if a later dynq keeps other tensors by default."""
+        d: dict[str, Any] = {"version": RECIPE_VERSION, "name": self.name}
         if self.description:
             d["description"] = self.description
-        d["keep"] = [p.pattern for p in self.keep if p.pattern not in DEFAULT_KEEP]
+        d["keep"] = [p.pattern for p in self.keep]
+        d["default_keep"] = False
         if self.default:
             d["default"] = self.default.name
         d["rules"] = [r.to_dict() for r in self.rules]
@@ -212,10 +216,16 @@ def recipe_from_dict(data: object, where: str) -> Recipe:
     default = data.get("default")
     if not rules_raw and default is None:
         raise DynqError(f"{where}: the recipe has no rules and no default type")
+    version = data.get("version", 1)
+    if version != RECIPE_VERSION:
+        raise DynqError(f"{where}: recipe version {version!r}; this dynq reads version {RECIPE_VERSION}, upgrade dynq")
+    default_keep = data.get("default_keep", True)
+    if not isinstance(default_keep, bool):
+        raise DynqError(f"{where}: 'default_keep' must be true or false")
     return Recipe(
         name=str(data.get("name", where)),
         description=str(data.get("description", "")).strip(),
         rules=tuple(_rule(i + 1, r, where) for i, r in enumerate(rules_raw)),
-        keep=_compile_all((*DEFAULT_KEEP, *keep_raw), f"{where}, keep"),
+        keep=_compile_all((*(DEFAULT_KEEP if default_keep else ()), *keep_raw), f"{where}, keep"),
         default=_type(default, f"{where}, default") if default is not None else None,
     )

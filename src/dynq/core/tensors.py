@@ -1,4 +1,8 @@
-"""What a tensor is before any weight is read: its GGUF name, shape and source type, and the model around it."""
+"""What a tensor is before any weight is read: its GGUF name, shape and source type, and the model around it.
+
+This is core vocabulary: sources (GGUF files, shape inventories, checkpoints) produce it, the planner and the
+writers consume it, and it imports nothing of theirs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from dynq.types import QType
+from dynq.core.qtypes import QType, qtype
+
+
+@dataclass(frozen=True)
+class CheckpointDType:
+    """A source storage type GGUF has no type for: a checkpoint's FP8 weights (their block scales are separate
+    tensors that the source applies when it loads the weight as float32)."""
+
+    name: str
+    bits: int
+    is_float: bool = True
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        n = 1
+        for d in shape:
+            n *= d
+        return n * self.bits // 8
+
+
+F8_E4M3 = CheckpointDType("F8_E4M3", 8)
+F8_E5M2 = CheckpointDType("F8_E5M2", 8)
+# How a tensor is stored in its source: a GGML type (GGUF files, and the F32/F16/BF16 of checkpoints) or not.
+SourceDType = QType | CheckpointDType
+
+
+def source_dtype(name: str) -> SourceDType:
+    """A storage type by name: GGML names (`Q4_K`, `BF16`) and safetensors' (`F8_E4M3`, `F8_E5M2`)."""
+    foreign = {t.name: t for t in (F8_E4M3, F8_E5M2)}
+    return foreign[name] if name in foreign else qtype(name)
+
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -50,7 +83,7 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: QType
+    dtype: SourceDType
 
     @property
     def n_elements(self) -> int:

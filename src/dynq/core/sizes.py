@@ -6,8 +6,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dynq.sources.tensor_info import TensorClass, TensorInfo
-from dynq.types import QType
+from dynq.core.tensors import SourceDType, TensorClass, TensorInfo
 
 GIB = 1 << 30
 
@@ -31,7 +30,7 @@ class ClassStats:
         }
 
 
-def class_breakdown(items: Iterable[tuple[TensorInfo, QType]]) -> dict[TensorClass, ClassStats]:
+def class_breakdown(items: Iterable[tuple[TensorInfo, SourceDType]]) -> dict[TensorClass, ClassStats]:
     """Tensors, parameters, bytes and bpw per tensor class, in TensorClass order."""
     acc: dict[TensorClass, list[int]] = {}
     for info, t in items:
@@ -42,7 +41,7 @@ def class_breakdown(items: Iterable[tuple[TensorInfo, QType]]) -> dict[TensorCla
     return {cls: ClassStats(*acc[cls]) for cls in TensorClass if cls in acc}
 
 
-def census(types: Iterable[QType]) -> dict[str, int]:
+def census(types: Iterable[SourceDType]) -> dict[str, int]:
     """Tensor count per type, most common first."""
     counts = Counter(t.name for t in types)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

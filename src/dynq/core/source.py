@@ -1,0 +1,61 @@
+"""The source protocol: what the planner and the streaming quantizer need from a model, whatever it is stored as.
+
+The planner needs the inventory (names, shapes, source types) and the metadata to carry into an output; the
+streamer loads one tensor (or one expert's slice of a 3-D tensor) as float32 and releases it before the next.
+`spec` reopens the same source in another process (`dynq.open_source(spec)`), and `fingerprint` identifies its
+content on any machine, so caches and remote workers never rely on a local path or a modification time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGUFValueType
+
+from dynq.core.tensors import ModelInventory
+
+F32Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class MetadataField:
+    """One GGUF key/value to carry over, with its GGUF type (and element type for arrays)."""
+
+    key: str
+    value: Any
+    vtype: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    @property
+    def spec(self) -> str:
+        """What `dynq.open_source` takes to open this source again (a path, `zoo:NAME`, `shapes:NAME`)."""
+        ...
+
+    def inventory(self) -> ModelInventory: ...
+
+    def metadata_fields(self) -> list[MetadataField]:
+        """Every key/value an output made from this source starts from (tokenizer, chat template, hyperparameters),
+        in the source's order."""
+        ...
+
+    def load(self, name: str) -> F32Array:
+        """One tensor as float32, numpy shape (the reversed GGUF shape: row length last)."""
+        ...
+
+    def load_expert(self, name: str, expert: int) -> F32Array:
+        """One expert's matrix of a 3-D expert tensor as float32 [rows, row length]."""
+        ...
+
+    def release(self, name: str) -> None:
+        """Drop what loading `name` brought into memory."""
+        ...
+
+    def fingerprint(self) -> str:
+        """A hex digest of the content (not the path): equal on every machine that holds the same model."""
+        ...
