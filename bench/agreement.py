@@ -4,7 +4,7 @@ Writes bench/results/agreement.md: per-tensor imatrix differences against llama-
 llama-perplexity --kl-divergence, the size of the compact reference cache against llama.cpp's base-logit file, and
 the error the compaction adds to the KL divergence (top-k plus rest bucket against the full vocabulary).
 
-    .venv/bin/python bench/agreement.py [--chunks 6] [--imatrix-chunks 8]
+    .venv/bin/python bench/agreement.py [--chunks 6] [--imatrix-chunks 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -17,31 +17,27 @@ from pathlib import Path
 
 import numpy as np
 
-from dynq.calib.collector import collect_imatrix
-from dynq.calib.runtime import LlamaRuntime
-from dynq.calib.text import calibration_text, evaluation_text
-from dynq.eval.evaluate import TAIL_SAMPLES, TOP_K, chunks_of, evaluate, reference_predictions, scored_positions
+import dynq
+from dynq.calib.runtime import LlamaRuntime, token_chunks
+from dynq.eval.evaluate import TAIL_SAMPLES, TOP_K, reference_predictions, scored_positions
 from dynq.eval.llamacpp import llama_imatrix, llama_kld, llama_kld_base
 from dynq.eval.metrics import kld_estimate, kld_full
 from dynq.eval.reference import CompactReference, log_softmax
 from dynq.gguf_io.imatrix import read_imatrix
-from dynq.paths import cache_dir
-from dynq.quantize import quantize
-from dynq.sources import zoo
 
 THREADS = os.cpu_count() or 1
 RESULTS = Path(__file__).parent / "results"
 
 
-def imatrix_agreement(model: Path, work: Path, chunks: int) -> list[str]:
-    calib = calibration_text()
+def imatrix_agreement(model: Path, work: Path, chunks: int, ctx: dynq.RunContext) -> list[str]:
+    calib = dynq.calibration(ctx=ctx)
     text_file = work / "calib.txt"
     text_file.write_text(calib.text)
     t = time.perf_counter()
-    llama_imatrix(model, text_file, work / "llama.imatrix.gguf", 512, chunks, THREADS)
+    llama_imatrix(model, text_file, work / "llama.imatrix.gguf", 512, chunks, ctx.threads, ctx.cache_dir)
     t_llama = time.perf_counter() - t
     t = time.perf_counter()
-    ours = collect_imatrix(model, calib.text, [calib.provenance], 512, chunks, THREADS)
+    ours = dynq.collect_imatrix(model, text=calib, n_ctx=512, chunks=chunks, ctx=ctx)
     t_ours = time.perf_counter() - t
     theirs = read_imatrix(work / "llama.imatrix.gguf")
     diffs = []
@@ -53,7 +49,7 @@ def imatrix_agreement(model: Path, work: Path, chunks: int) -> list[str]:
     return [
         "## imatrix: dynq imatrix against llama-imatrix",
         "",
-        f"{model.name}, {chunks} chunks of 512 tokens of the built-in calibration text, {THREADS} threads.",
+        f"{model.name}, {chunks} chunks of 512 tokens of the built-in calibration text, {ctx.threads} threads.",
         "Per tensor: relative L1 difference of the per-column importance (mean of x²).",
         "",
         "| tensors | same token counts | median | p90 | max | llama-imatrix time | dynq time |",
@@ -64,17 +60,18 @@ def imatrix_agreement(model: Path, work: Path, chunks: int) -> list[str]:
     ]
 
 
-def eval_agreement(ref: Path, quant: Path, work: Path, chunks: int) -> list[str]:
-    text = evaluation_text()
+def eval_agreement(ref: Path, quant: Path, work: Path, chunks: int, ctx: dynq.RunContext) -> list[str]:
+    text = dynq.evaluation(ctx=ctx)
     text_file = work / "eval.txt"
     text_file.write_text(text.text)
     base = work / "base.kld"
-    llama_kld_base(ref, text_file, base, 512, chunks, THREADS)
-    theirs = llama_kld(quant, base, text_file, 512, chunks, THREADS)
-    ours = evaluate(quant, ref, text.text, text.provenance, 512, chunks, THREADS)
-    compact = reference_predictions(ref, text.text, text.provenance, 512, chunks, THREADS)
-    cache = sorted((cache_dir() / "references").glob(f"{ref.stem}-*.npz"), key=lambda p: p.stat().st_mtime)[-1]
-    exact, approx = exact_vs_compact(ref, quant, text.text, chunks)
+    llama_kld_base(ref, text_file, base, 512, chunks, ctx.threads, ctx.cache_dir)
+    theirs = llama_kld(quant, base, text_file, 512, chunks, ctx.threads, ctx.cache_dir)
+    ours = dynq.evaluate(quant, ref, text=text, n_ctx=512, chunks=chunks, ctx=ctx).to_dict()
+    compact = reference_predictions(ref, text.text, text.provenance, 512, chunks, ctx)  # cached by the evaluation
+    references = (ctx.cache_dir / "references").glob(f"{ref.stem}-*.npz")
+    cache = sorted(references, key=lambda p: p.stat().st_mtime)[-1]
+    exact, approx = exact_vs_compact(ref, quant, text.text, chunks, ctx.threads)
     base_size, cache_size = base.stat().st_size, cache.stat().st_size
     lines = [
         "## eval: dynq eval against llama-perplexity --kl-divergence",
@@ -105,10 +102,10 @@ def eval_agreement(ref: Path, quant: Path, work: Path, chunks: int) -> list[str]
     return lines
 
 
-def exact_vs_compact(ref: Path, quant: Path, text: str, chunks: int) -> tuple[float, float]:
+def exact_vs_compact(ref: Path, quant: Path, text: str, chunks: int, threads: int) -> tuple[float, float]:
     exact, approx = [], []
-    with LlamaRuntime(ref, 512, THREADS, logits=True) as r, LlamaRuntime(quant, 512, THREADS, logits=True) as q:
-        for i, chunk in enumerate(chunks_of(r.tokenize(text), 512, chunks)):
+    with LlamaRuntime(ref, 512, threads, logits=True) as r, LlamaRuntime(quant, 512, threads, logits=True) as q:
+        for i, chunk in enumerate(token_chunks(r.tokenize(text), 512, chunks, "the evaluation text")):
             rows = scored_positions(512)
             ref_logits, q_logits = r.evaluate_chunk(chunk), q.evaluate_chunk(chunk)
             assert ref_logits is not None and q_logits is not None
@@ -124,21 +121,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--chunks", type=int, default=6)
     parser.add_argument("--imatrix-chunks", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=THREADS)
     args = parser.parse_args()
-    source = zoo.fetch("zoo:qwen2.5-coder-1.5b")
-    work_cache = cache_dir() / "demo"
+    ctx = dynq.RunContext(threads=args.threads)
+    # the one step that uses the network or a compiler: the model, the texts and llama.cpp's tools (skipped if there)
+    source = dynq.fetch("zoo:qwen2.5-coder-1.5b", ctx=ctx)
+    dynq.fetch("texts", ctx=ctx)
+    dynq.build_tools(ctx=ctx)
+    work_cache = ctx.cache_dir / "demo"
     work_cache.mkdir(parents=True, exist_ok=True)
     ref = work_cache / "qwen2.5-coder-1.5b-f16.gguf"
     if not ref.exists():
-        quantize(str(source), "f16", ref, threads=THREADS)
+        dynq.quantize(dynq.plan(source, "f16", ctx=ctx), ref, ctx=ctx)
     quant = work_cache / "qwen2.5-coder-1.5b-uniform-q4_k.gguf"
     if not quant.exists():
-        quantize(str(ref), "uniform-q4_k", quant, threads=THREADS)
+        dynq.quantize(dynq.plan(ref, "uniform-q4_k", ctx=ctx), quant, ctx=ctx)
     with tempfile.TemporaryDirectory(prefix="dynq-agree-") as tmp:
         work = Path(tmp)
         lines = ["# dynq against llama.cpp's tools (zoo:qwen2.5-coder-1.5b)", ""]
-        lines += imatrix_agreement(source, work, args.imatrix_chunks)
-        lines += eval_agreement(ref, quant, work, args.chunks)
+        lines += imatrix_agreement(source, work, args.imatrix_chunks, ctx)
+        lines += eval_agreement(ref, quant, work, args.chunks, ctx)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "agreement.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -25,21 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynq import api
+import dynq
+from dynq.core.qtypes import qtype
 from dynq.gguf_io.imatrix import read_imatrix
-from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels import KernelBackend
 from dynq.kernels.compare import decode, weighted_error
 from dynq.kernels.encoders import encoders
 from dynq.kernels.ggml import GgmlBackend
 from dynq.kernels.torch_backend import TorchBackend
-from dynq.paths import cache_dir
-from dynq.core.qtypes import qtype
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
          "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")  # fmt: skip
 RESULTS = Path(__file__).parent / "results"
-DEMO = cache_dir() / "demo"
+CACHE = dynq.RunContext().cache_dir
+DEMO = CACHE / "demo"
 
 
 @dataclass
@@ -51,10 +50,10 @@ class Sample:
 
 
 def make_sample(ref: Path, imatrix: Path, rows: int, out: Path) -> None:
-    model = GGUFModel(ref)
+    model = dynq.open_source(ref)
     imx = read_imatrix(imatrix)
     arrays: dict[str, np.ndarray] = {}
-    for t in model.tensors:
+    for t in model.inventory().tensors:
         if len(t.shape) < 2 or not t.name.endswith(".weight") or "norm" in t.name:
             continue
         full = model.load(t.name).reshape(-1, t.row_length)
@@ -131,7 +130,7 @@ def cuda_full_rate(type_name: str, samples: list[Sample]) -> float:
 
 def r1_projection(rates: dict[str, float]) -> tuple[float, int, list[str]]:
     """Seconds to encode DeepSeek-R1's quantized tensors with the dyn-iq1_s plan at `rates` (weights/s)."""
-    plan = api.plan("shapes:deepseek-r1", "dyn-iq1_s")
+    plan = dynq.plan("shapes:deepseek-r1", "dyn-iq1_s")
     per_type: dict[str, int] = {}
     for p in plan.tensors:
         if not p.qtype.is_float:
@@ -244,9 +243,9 @@ def main() -> None:
     s.add_argument("--ref", type=Path, default=DEMO / "qwen2.5-coder-1.5b-f16.gguf")
     s.add_argument("--imatrix", type=Path, default=DEMO / "calib8.imatrix.gguf")
     s.add_argument("--rows", type=int, default=16)
-    s.add_argument("-o", "--output", type=Path, default=cache_dir() / "bench" / "kernel-sample.npz")
+    s.add_argument("-o", "--output", type=Path, default=CACHE / "bench" / "kernel-sample.npz")
     r = sub.add_parser("run", help="measure every type on a sample")
-    r.add_argument("--sample", type=Path, default=cache_dir() / "bench" / "kernel-sample.npz")
+    r.add_argument("--sample", type=Path, default=CACHE / "bench" / "kernel-sample.npz")
     r.add_argument("--types", default="")
     r.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--threads", type=int, default=2)

@@ -20,12 +20,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import dynq
 from dynq.calib.runtime import llama_log
 from dynq.deploy.memory import byte_model
-from dynq.gguf_io.reader import GGUFModel
-from dynq.paths import cache_dir
-from dynq.quantize import quantize
-from dynq.sources import zoo
 from dynq.sources.synthetic import write_synthetic
 
 MIB = 1 << 20
@@ -66,20 +63,20 @@ def load_and_report(path: Path, ctx: int, ubatch: int) -> Reported:
     return r
 
 
-def requantized(name: str) -> Path:
-    """The zoo model requantized to uniform-q4_k by dynq (the second quant of each model), cached."""
-    path = cache_dir() / "offload-check" / f"{name}-q4_k.gguf"
+def requantized(name: str, ctx: dynq.RunContext) -> Path:
+    """The zoo model (fetched before) requantized to uniform-q4_k by dynq (the second quant of each model), cached."""
+    path = ctx.cache_dir / "offload-check" / f"{name}-q4_k.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        quantize(f"zoo:{name}", "uniform-q4_k", path, threads=os.cpu_count() or 1, backend="ggml")
+        dynq.quantize(dynq.plan(f"zoo:{name}", "uniform-q4_k", ctx=ctx), path, ctx=ctx, backend="ggml")
     return path
 
 
-def models(extra: list[Path], tmp: Path) -> list[tuple[str, Path]]:
+def models(extra: list[Path], tmp: Path, ctx: dynq.RunContext) -> list[tuple[str, Path]]:
     out: list[tuple[str, Path]] = []
     for name in ZOO:
-        out.append((f"zoo:{name} (as shipped)", zoo.fetch(f"zoo:{name}")))
-        out.append((f"zoo:{name} uniform-q4_k", requantized(name)))
+        out.append((f"zoo:{name} (as shipped)", dynq.fetch(f"zoo:{name}", ctx=ctx)))
+        out.append((f"zoo:{name} uniform-q4_k", requantized(name, ctx)))
     for kind in ("deepseek2", "qwen3moe"):
         out.append((f"synthetic {kind}", write_synthetic(kind, tmp / f"{kind}.gguf")))
     out += [(p.name, p) for p in extra]
@@ -93,11 +90,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/offload-check.md"))
     ap.add_argument("extra", nargs="*", type=Path)
     args = ap.parse_args()
+    ctx = dynq.RunContext(threads=os.cpu_count() or 1)
     rows = []
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        for label, path in models(args.extra, Path(tmp)):
-            bm = byte_model(GGUFModel(path).inventory())
+        for label, path in models(args.extra, Path(tmp), ctx):
+            bm = byte_model(dynq.open_source(path, ctx=ctx).inventory())
             predicted = (
                 bm.file_bytes / MIB,
                 bm.kv_total(args.ctx, "f16", args.ubatch) / MIB,

@@ -16,15 +16,13 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
+from rich.text import Text
 
-from dynq.calib.collector import collect_imatrix
+import dynq
 from dynq.calib.runtime import llama
-from dynq.calib.text import calibration_text
 from dynq.cli_render import draw_comparison
+from dynq.cli_text import data, line
 from dynq.gguf_io.imatrix import write_imatrix_gguf
-from dynq.paths import cache_dir
-from dynq.quantize import quantize
-from dynq.sources import zoo
 
 MODEL = "zoo:qwen2.5-coder-1.5b"
 RECIPES = ("dyn-iq1_s", "uniform-iq1_s")
@@ -35,8 +33,17 @@ console = Console()
 
 
 def step(title: str) -> float:
-    console.rule(f"[bold]{title}")
+    console.rule(Text(title, style="bold"))
     return time.perf_counter()
+
+
+def say(*parts: str | Text) -> None:
+    """One line of the demo's own words (str) and data pieces (`data(...)`), never parsed as markup."""
+    console.print(line(*parts), highlight=False, soft_wrap=True)
+
+
+def since(t: float) -> str:
+    return f"{time.perf_counter() - t:.0f} s"
 
 
 def complete(path: Path) -> str:
@@ -47,41 +54,44 @@ def complete(path: Path) -> str:
 
 
 def main() -> None:
-    work = cache_dir() / "demo"
+    ctx = dynq.RunContext(threads=THREADS)
+    work = ctx.cache_dir / "demo"
     work.mkdir(parents=True, exist_ok=True)
     t = step(f"1. fetch {MODEL}")
-    source = zoo.fetch(MODEL)
-    console.print(f"{source} ({source.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
+    source = dynq.fetch(MODEL, ctx=ctx)
+    dynq.fetch("texts", ctx=ctx)  # the built-in calibration text, for step 3
+    say(data(source), f" ({source.stat().st_size / 1e9:.2f} GB) in {since(t)}")
 
     reference = work / "qwen2.5-coder-1.5b-f16.gguf"
     t = step("2. F16 reference (dequantized from the published Q4_K_M)")
     if not reference.exists():
-        quantize(MODEL, "f16", reference, threads=THREADS)
-    console.print(f"{reference} ({reference.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
+        dynq.quantize(dynq.plan(MODEL, "f16", ctx=ctx), reference, ctx=ctx)
+    say(data(reference), f" ({reference.stat().st_size / 1e9:.2f} GB) in {since(t)}")
 
-    calib = calibration_text()
+    calib = dynq.calibration(ctx=ctx)
     digest = hashlib.sha256(calib.provenance.encode()).hexdigest()[:8]
     imatrix = work / f"qwen2.5-coder-1.5b-{CHUNKS}x512-{digest}.imatrix.gguf"
     t = step("3. importance matrix on llama.cpp's runtime")
     if not imatrix.exists():
         # run on the published Q4_K_M file: the reference holds exactly its weights, and it runs twice as fast
-        imx = collect_imatrix(source, calib.text, [calib.provenance], 512, CHUNKS, THREADS)
+        imx = dynq.collect_imatrix(source, text=calib, n_ctx=512, chunks=CHUNKS, ctx=ctx)
         write_imatrix_gguf(imx, imatrix)
-    console.print(f"{imatrix} in {time.perf_counter() - t:.0f} s\ncalibration text: {calib.provenance}")
+    say(data(imatrix), f" in {since(t)}")
+    say("calibration text: ", data(calib.provenance))
 
     plans = []
     for recipe in RECIPES:
         t = step(f"4. quantize with {recipe}")
         out = work / f"qwen2.5-coder-1.5b-{recipe}.gguf"
         # both recipes put most FFN tensors at IQ1_S: the second run reuses those encodings
-        result = quantize(str(reference), recipe, out, imatrix=imatrix, threads=THREADS, reuse_encoded=True)
+        result = dynq.quantize(dynq.plan(reference, recipe, ctx=ctx), out, imatrix=imatrix, ctx=ctx,
+                               reuse_encoded=True)  # fmt: skip
         plans.append(result.plan)
-        console.print(
-            f"{out}: {result.plan.total_bytes / 2**30:.3f} GiB, {result.plan.bpw:.3f} bpw, "
-            f"in {result.seconds:.0f} s (peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB)"
-        )
-        text = complete(out)
-        console.print(Panel(PROMPT + text, title=f"{recipe}: greedy completion", expand=False))
+        say(data(out), f": {result.plan.total_bytes / 2**30:.3f} GiB, {result.plan.bpw:.3f} bpw, "
+            f"in {result.seconds:.0f} s (peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB)")  # fmt: skip
+        completion = complete(out)
+        # the completion is the model's text: data, never markup (a `[/]` in it once ended the demo here)
+        console.print(Panel(data(PROMPT + completion), title=line(data(recipe), ": greedy completion"), expand=False))
     step("5. the two plans side by side")
     draw_comparison(console, plans)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGUFReader, GGUFWriter
 
 from dynq import RunContext, fetch
 from dynq.calib.collector import collect_imatrix
@@ -19,6 +21,7 @@ from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_gguf
 from dynq.gguf_io.reader import GGUFModel
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
+from dynq.recipe.rules import recipe_from_dict
 from dynq.sources.synthetic import write_synthetic
 from runs import TWO_THREADS, quantize_to
 
@@ -78,6 +81,8 @@ def test_moe_fixtures_quantize_and_run(
     assert sum(t.nbytes for t in written.tensors) == result.plan.total_bytes
     meta = written.metadata
     assert meta["dynq.recipe.name"] == recipe
+    recorded = recipe_from_dict(json.loads(meta["dynq.recipe"]), str(out))  # the file says how it was made
+    assert resolve(recorded, GGUFModel(synthetic[kind]).inventory()).tensors == result.plan.tensors
     assert meta["dynq.imatrix.datasets"] == ["test-calib"] and meta["quantize.imatrix.chunks_count"] == 4
     assert meta["general.quantization_version"] == 2
     assert meta["tokenizer.ggml.model"] == "llama"
@@ -235,3 +240,35 @@ def test_all_experts_gives_every_expert_data(synthetic: dict[str, Path]) -> None
     assert routed.entries[name].counts.sum() == 2 * 32 * 2  # two experts per token
     assert every.entries[name].counts.tolist() == [64.0] * 8  # every token through all eight
     assert (every.entries[name].sums > 0).all()
+
+
+def with_alignment(source: Path, target: Path, alignment: int) -> Path:
+    """`source` rewritten by gguf-py with `general.alignment = alignment` (tensor data laid out accordingly)."""
+    model = GGUFModel(source)
+    writer = GGUFWriter(target, model.arch)
+    writer.add_custom_alignment(alignment)
+    for f in model.metadata_fields():
+        if f.key != "general.architecture":
+            writer.add_key_value(f.key, f.value, f.vtype, f.sub_type)
+    for t in model.readers[0].tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def test_source_alignment_is_honoured(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    """A source declaring general.alignment = 64 gives an output laid out with it: gguf-py reads every tensor where
+    its info says, the bytes equal those quantized from the 32-aligned source, and llama.cpp runs it alike."""
+    aligned = with_alignment(synthetic["llama"], tmp_path / "aligned64.gguf", 64)
+    out, plain = tmp_path / "a64-q8.gguf", tmp_path / "a32-q8.gguf"
+    quantize_to(aligned, "uniform-q8_0", out)
+    quantize_to(synthetic["llama"], "uniform-q8_0", plain)
+    written, reference = GGUFReader(out), GGUFReader(plain)
+    assert written.alignment == 64 and written.fields["general.alignment"].contents() == 64
+    assert {t.data_offset % 64 for t in written.tensors} == {0}
+    for a, b in zip(written.tensors, reference.tensors, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    np.testing.assert_array_equal(run_llama(out), run_llama(plain))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -9,12 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dynq.core.qtypes import qtype
-from dynq.core.tensors import ModelInventory, TensorInfo
+from dynq.core.tensors import F8_E4M3, ModelInventory, TensorInfo, source_dtype
 from dynq.errors import DynqError
-from dynq.recipe.plan import resolve
+from dynq.recipe import rules
+from dynq.recipe.plan import ReasonKind, resolve
 from dynq.recipe.presets import load_recipe
-from dynq.recipe.rules import BlockSpec, recipe_from_dict
-from dynq.sources.shapes import DeepSeek2Config, deepseek2_tensors
+from dynq.recipe.rules import RECIPE_VERSION, BlockSpec, recipe_from_dict
+from dynq.sources.shapes import DeepSeek2Config, deepseek2_tensors, shape_inventory
 
 TINY_R1 = DeepSeek2Config(
     n_layer=6, n_embd=256, n_ff=512, n_ff_exp=256, n_expert=4, n_expert_used=2, n_expert_shared=1, n_dense_lead=2,
@@ -258,3 +260,39 @@ def test_rules_after_a_catch_all_change_nothing(rules: list[dict[str, str]], tai
     a = resolve(recipe_from_dict({"rules": head}, "prop"), tiny_moe())
     b = resolve(recipe_from_dict({"rules": head + tail}, "prop"), tiny_moe())
     assert types_of(a.tensors) == types_of(b.tensors)
+
+
+def test_recorded_recipe_is_complete_and_versioned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a quantized file records reads back to the same plan even if a later dynq keeps other tensors by
+    default; a recipe of an unknown version is refused in one line."""
+    inventory = shape_inventory("shapes:deepseek-r1")
+    recipe = load_recipe("dyn-iq1_s")
+    recorded = json.loads(json.dumps(recipe.to_dict()))
+    assert recorded["version"] == RECIPE_VERSION and recorded["default_keep"] is False
+    monkeypatch.setattr(rules, "DEFAULT_KEEP", ())  # a future dynq with another keep-list
+    again = resolve(recipe_from_dict(recorded, "file"), inventory)
+    assert again.tensors == resolve(recipe, inventory).tensors
+    with pytest.raises(DynqError, match="recipe version 2"):
+        recipe_from_dict({**recorded, "version": 2}, "file")
+
+
+def test_reasons_are_structured() -> None:
+    plan = resolve(load_recipe("dyn-iq1_s"), shape_inventory("shapes:deepseek-r1"))
+    kinds = {t.reason.kind for t in plan.tensors}
+    assert kinds == {ReasonKind.KEEP, ReasonKind.RULE}
+    for t in plan.tensors:
+        assert (t.reason.rule is not None) == (t.reason.kind is ReasonKind.RULE)
+        assert t.kept == (t.reason.kind is ReasonKind.KEEP)
+    smol = resolve(load_recipe("uniform-q4_k"), dense(n_embd=576))
+    fallback = [t for t in smol.tensors if t.reason.kind is ReasonKind.FALLBACK]
+    assert fallback and all(t.reason.rule == 1 and t.requested.name == "Q4_K" for t in fallback)
+
+
+def test_an_fp8_source_is_described_and_planned() -> None:
+    """A checkpoint's FP8 weights have no GGML type; the inventory still says what they are and what they weigh."""
+    assert source_dtype("F8_E4M3") is F8_E4M3 and source_dtype("bf16").name == "BF16"
+    fp8 = TensorInfo("blk.0.ffn_up.weight", (7168, 2048), F8_E4M3)
+    assert fp8.nbytes == 7168 * 2048
+    inv = ModelInventory("fp8", "llama", (fp8, TensorInfo("blk.0.attn_norm.weight", (7168,), qtype("F32"))), {})
+    plan = resolve(load_recipe("uniform-q2_k"), inv)
+    assert [t.qtype.name for t in plan.tensors] == ["Q2_K", "F32"]

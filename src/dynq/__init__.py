@@ -1,11 +1,13 @@
 """dynq: plan-first dynamic low-bit GGUF quantization. The public API is `dynq.api`, re-exported here."""
 
 from dynq.api import (
+    TEXTS,
     EvalResult,
     FileSummary,
     Hardware,
     Imatrix,
     OffloadPlan,
+    QType,
     QuantizeResult,
     QuantPlan,
     RunContext,
@@ -22,7 +24,10 @@ from dynq.api import (
     offload,
     open_source,
     plan,
+    qtype,
     quantize,
+    recipe,
+    recipe_from_dict,
 )
 from dynq.core.context import Progress
 from dynq.core.source import TensorSource
@@ -31,6 +36,7 @@ from dynq.recipe.rules import Recipe
 from dynq.version import __version__
 
 __all__ = [
+    "TEXTS",
     "DynqError",
     "EvalResult",
     "FileSummary",
@@ -38,6 +44,7 @@ __all__ = [
     "Imatrix",
     "OffloadPlan",
     "Progress",
+    "QType",
     "QuantPlan",
     "QuantizeResult",
     "Recipe",
@@ -57,5 +64,8 @@ __all__ = [
     "offload",
     "open_source",
     "plan",
+    "qtype",
     "quantize",
+    "recipe",
+    "recipe_from_dict",
 ]

@@ -14,6 +14,7 @@ from dynq.calib.collector import collect_imatrix as _collect
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix
+from dynq.core.qtypes import QType, qtype
 from dynq.core.source import TensorSource
 from dynq.deploy.offload import Hardware, OffloadPlan, Settings
 from dynq.deploy.offload import offload as _offload
@@ -30,6 +31,7 @@ from dynq.quantize import quantize as _quantize
 from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import RecipeLike, as_recipe
+from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.sources import zoo
 from dynq.sources.open import SourceLike, gguf_path
 from dynq.sources.open import open_source as _open_source
@@ -66,6 +68,11 @@ def plan(source: SourceLike, recipe: RecipeLike, *, ctx: RunContext | None = Non
     """Every tensor's type and the reason, from names and shapes alone. `recipe` is a preset name, a YAML file or a
     Recipe. The plan is data: edit it (dataclasses.replace) and hand it to `quantize`."""
     return resolve(as_recipe(recipe), open_source(source, ctx=ctx).inventory())
+
+
+def recipe(spec: RecipeLike) -> Recipe:
+    """A recipe by preset name or YAML file; `recipe.to_dict()` is its data, `recipe_from_dict` builds one back."""
+    return as_recipe(spec)
 
 
 def quantize(
@@ -169,8 +176,10 @@ __all__ = [
     "Hardware",
     "Imatrix",
     "OffloadPlan",
+    "QType",
     "QuantPlan",
     "QuantizeResult",
+    "Recipe",
     "RunContext",
     "Settings",
     "Text",
@@ -185,5 +194,8 @@ __all__ = [
     "offload",
     "open_source",
     "plan",
+    "qtype",
     "quantize",
+    "recipe",
+    "recipe_from_dict",
 ]

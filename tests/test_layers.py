@@ -1,0 +1,83 @@
+"""The import graph runs one way: core vocabulary at the bottom, the CLI at the top, no arrow back up.
+
+Each module of src/dynq belongs to a unit (a package under dynq, or a top-level module) and each unit to a layer. A
+module may import its own unit and units of lower layers only; two units of one layer stay independent.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dynq"
+
+LAYERS: tuple[frozenset[str], ...] = (
+    frozenset({"errors", "paths", "version"}),
+    frozenset({"core"}),  # tensor info, source dtypes, qtypes, sizes, importance data, run context, source protocol
+    frozenset({"recipe", "kernels"}),  # choosing (pure functions of the inventory) and encoding
+    frozenset({"gguf_io", "pypi"}),  # file formats; package downloads
+    frozenset({"sources", "calib", "encode_cache", "llamacpp_tools"}),  # opening, fetching, running
+    frozenset({"quantize", "inspect"}),
+    frozenset({"eval", "deploy"}),
+    frozenset({"api"}),
+    frozenset({"__init__", "cli_text"}),  # the package's exports; the CLI's one output path for data
+    frozenset({"cli_shell", "cli_render"}),
+    frozenset({"cli_offload", "cli_deploy"}),
+    frozenset({"cli"}),
+)
+RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+
+
+def unit_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "dynq":  # `from dynq import api`: the modules named
+            out |= {
+                f"dynq.{a.name}" if (SRC / f"{a.name}.py").exists() or (SRC / a.name).is_dir() else "dynq"
+                for a in node.names
+            }
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dynq":
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "dynq"}
+    return out
+
+
+def test_every_unit_has_a_layer() -> None:
+    units = {unit_of(m) for m in modules()}
+    assert units - set(RANK) == set(), "place these in LAYERS"
+
+
+@pytest.mark.parametrize("module", sorted(modules()))
+def test_no_import_runs_up_or_across(module: str) -> None:
+    unit = unit_of(module)
+    bad = []
+    for target in imports(modules()[module]):
+        other = unit_of(target) if target != "dynq" else "__init__"
+        if other != unit and RANK[other] >= RANK[unit]:
+            bad.append(f"{target} (layer {RANK[other]})")
+    assert bad == [], f"{module} (layer {RANK[unit]}) imports {bad}"
+
+
+def test_the_check_catches_an_upward_arrow(tmp_path: Path) -> None:
+    """The walker sees imports inside functions too, and a core module importing sources would be flagged."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from dynq.sources.open import open_source\n")
+    assert imports(probe) == {"dynq.sources.open"}
+    assert RANK[unit_of("dynq.sources.open")] > RANK[unit_of("dynq.core.tensors")]
