@@ -1,4 +1,5 @@
-"""The public Python API. The CLI only parses options, asks for what must be fetched or built, and draws.
+"""The public Python API, re-exported by the `dynq` package. The CLI only parses options, asks for what must be
+fetched or built, and draws. `quantize` (quantize.py) and `offload` (deploy/offload.py) are exported as they are.
 
 Every call takes keyword-only options and an optional `RunContext` (threads, device, cache folder, progress
 callback, logger); none of them touches the network or a compiler except `fetch` and `build_tools`, which exist
@@ -12,12 +13,11 @@ from pathlib import Path
 
 from dynq.calib.collector import collect_imatrix as _collect
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
-from dynq.core.context import RunContext, context
+from dynq.core.context import Progress, RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
 from dynq.core.source import TensorSource
-from dynq.deploy.offload import Hardware, OffloadPlan, Settings
-from dynq.deploy.offload import offload as _offload
+from dynq.deploy.offload import Hardware, OffloadPlan, Settings, offload
 from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
@@ -26,8 +26,7 @@ from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
 from dynq.llamacpp_tools import build_tools as _build_tools
 from dynq.llamacpp_tools import tools_dir
-from dynq.quantize import ImatrixLike, QuantizeResult
-from dynq.quantize import quantize as _quantize
+from dynq.quantize import QuantizeResult, quantize
 from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import RecipeLike, as_recipe
@@ -35,6 +34,7 @@ from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.sources import zoo
 from dynq.sources.open import SourceLike, gguf_path
 from dynq.sources.open import open_source as _open_source
+from dynq.version import __version__
 
 TEXTS = "texts"  # what `fetch` takes for the built-in calibration and evaluation texts
 
@@ -73,21 +73,6 @@ def plan(source: SourceLike, recipe: RecipeLike, *, ctx: RunContext | None = Non
 def recipe(spec: RecipeLike) -> Recipe:
     """A recipe by preset name or YAML file; `recipe.to_dict()` is its data, `recipe_from_dict` builds one back."""
     return as_recipe(spec)
-
-
-def quantize(
-    quant_plan: QuantPlan,
-    output: str | os.PathLike[str],
-    *,
-    imatrix: ImatrixLike | None = None,
-    ctx: RunContext | None = None,
-    backend: str | None = None,
-    split_max_size: int = 0,
-    reuse_encoded: bool = False,
-) -> QuantizeResult:
-    """Stream `quant_plan` from its source into `output` (GGUF; shards when `split_max_size` bytes is exceeded)."""
-    return _quantize(quant_plan, output, imatrix=imatrix, ctx=ctx, backend=backend, split_max_size=split_max_size,
-                     reuse_encoded=reuse_encoded)  # fmt: skip
 
 
 def calibration(*, ctx: RunContext | None = None) -> Text:
@@ -133,19 +118,6 @@ def evaluate(
                      n_ctx=n_ctx, n_chunks=chunks, ctx=ctx)  # fmt: skip
 
 
-def offload(
-    source: SourceLike,
-    hardware: Hardware,
-    *,
-    recipe: RecipeLike | None = None,
-    settings: Settings | None = None,
-    kv_types: tuple[str, ...] | None = None,
-    ctx: RunContext | None = None,
-) -> OffloadPlan:
-    """Where llama.cpp should put each block and expert tensor on `hardware`, and the predicted decode speed."""
-    return _offload(source, hardware, recipe=recipe, settings=settings, kv_types=kv_types, ctx=ctx)
-
-
 def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -> list[TensorCoverage]:
     """What `imatrix` covers of `quant_plan`; raises DynqError if it was made for another model."""
     imx = imatrix if isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
@@ -171,18 +143,22 @@ def _weights_file(source: SourceLike, ctx: RunContext) -> Path:
 
 __all__ = [
     "TEXTS",
+    "DynqError",
     "EvalResult",
     "FileSummary",
     "Hardware",
     "Imatrix",
     "OffloadPlan",
+    "Progress",
     "QType",
     "QuantPlan",
     "QuantizeResult",
     "Recipe",
     "RunContext",
     "Settings",
+    "TensorSource",
     "Text",
+    "__version__",
     "build_tools",
     "calibration",
     "collect_imatrix",

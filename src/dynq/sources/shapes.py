@@ -24,9 +24,16 @@ _BF16 = qtype("BF16")
 _F32 = qtype("F32")
 
 
-def _prefixed(arch: str, values: dict[str, object]) -> dict[str, object]:
-    """Architecture hyperparameters under llama.cpp's `<arch>.` key prefix."""
-    return {f"{arch}.{k}": v for k, v in values.items()}
+def _hparams(arch: str, n_layer: int, context_length: int, n_embd: int, n_head: int, n_head_kv: int, n_vocab: int,
+             own: dict[str, object]) -> dict[str, object]:  # fmt: skip
+    """The hyperparameters every architecture has, then its own, under llama.cpp's `<arch>.` key prefix."""
+    common = {"block_count": n_layer, "context_length": context_length, "embedding_length": n_embd,
+              "attention.head_count": n_head, "attention.head_count_kv": n_head_kv, "vocab_size": n_vocab}  # fmt: skip
+    return {f"{arch}.{k}": v for k, v in (common | own).items()}
+
+
+def _experts(n_ff_exp: int, n_expert: int, n_expert_used: int) -> dict[str, object]:
+    return {"expert_feed_forward_length": n_ff_exp, "expert_count": n_expert, "expert_used_count": n_expert_used}
 
 
 def _t(name: str, *shape: int, dtype: QType = _BF16) -> TensorInfo:
@@ -86,30 +93,18 @@ def deepseek2_tensors(c: DeepSeek2Config) -> tuple[list[TensorInfo], dict[str, o
     for i in range(c.n_layer):
         tensors.extend(block(i))
     tensors += [_t("output_norm.weight", c.n_embd), _t("output.weight", c.n_embd, c.n_vocab)]
-    a = "deepseek2"
-    meta = _prefixed(
-        a,
-        {
-            "block_count": c.n_layer,
-            "context_length": c.context_length,
-            "embedding_length": c.n_embd,
-            "feed_forward_length": c.n_ff,
-            "attention.head_count": c.n_head,
-            "attention.head_count_kv": c.n_head,
-            "attention.key_length": c.qk_nope + c.qk_rope,
-            "attention.value_length": c.v_head,
-            "attention.q_lora_rank": c.q_lora_rank,
-            "attention.kv_lora_rank": c.kv_lora_rank,
-            "rope.dimension_count": c.qk_rope,
-            "leading_dense_block_count": c.n_dense_lead,
-            "expert_feed_forward_length": c.n_ff_exp,
-            "expert_count": c.n_expert,
-            "expert_used_count": c.n_expert_used,
-            "expert_shared_count": c.n_expert_shared,
-            "vocab_size": c.n_vocab,
-        },
-    )
-    return tensors, meta
+    own = {
+        "feed_forward_length": c.n_ff,
+        "attention.key_length": c.qk_nope + c.qk_rope,
+        "attention.value_length": c.v_head,
+        "attention.q_lora_rank": c.q_lora_rank,
+        "attention.kv_lora_rank": c.kv_lora_rank,
+        "rope.dimension_count": c.qk_rope,
+        "leading_dense_block_count": c.n_dense_lead,
+        **_experts(c.n_ff_exp, c.n_expert, c.n_expert_used),
+        "expert_shared_count": c.n_expert_shared,
+    }
+    return tensors, _hparams("deepseek2", c.n_layer, c.context_length, c.n_embd, c.n_head, c.n_head, c.n_vocab, own)
 
 
 @dataclass(frozen=True)
@@ -151,24 +146,12 @@ def gqa_moe_tensors(c: GqaMoeConfig) -> tuple[list[TensorInfo], dict[str, object
             _t(p + "ffn_down_exps.weight", c.n_ff_exp, c.n_embd, c.n_expert),
         ]
     tensors += [_t("output_norm.weight", c.n_embd), _t("output.weight", c.n_embd, c.n_vocab)]
-    a = c.arch
-    meta = _prefixed(
-        a,
-        {
-            "block_count": c.n_layer,
-            "context_length": c.context_length,
-            "embedding_length": c.n_embd,
-            "attention.head_count": c.n_head,
-            "attention.head_count_kv": c.n_head_kv,
-            "attention.key_length": c.head_dim,
-            "attention.value_length": c.head_dim,
-            "expert_feed_forward_length": c.n_ff_exp,
-            "expert_count": c.n_expert,
-            "expert_used_count": c.n_expert_used,
-            "vocab_size": c.n_vocab,
-        },
-    )
-    return tensors, meta
+    own = {
+        "attention.key_length": c.head_dim,
+        "attention.value_length": c.head_dim,
+        **_experts(c.n_ff_exp, c.n_expert, c.n_expert_used),
+    }
+    return tensors, _hparams(c.arch, c.n_layer, c.context_length, c.n_embd, c.n_head, c.n_head_kv, c.n_vocab, own)
 
 
 @dataclass(frozen=True)
@@ -202,21 +185,8 @@ def dense_tensors(c: DenseConfig) -> tuple[list[TensorInfo], dict[str, object]]:
             _t(p + "ffn_down.weight", c.n_ff, c.n_embd),
         ]
     tensors += [_t("output_norm.weight", c.n_embd), _t("output.weight", c.n_embd, c.n_vocab)]
-    a = c.arch
-    meta = _prefixed(
-        a,
-        {
-            "block_count": c.n_layer,
-            "context_length": c.context_length,
-            "embedding_length": c.n_embd,
-            "feed_forward_length": c.n_ff,
-            "attention.head_count": c.n_head,
-            "attention.head_count_kv": c.n_head_kv,
-            "rope.dimension_count": head_dim,
-            "vocab_size": c.n_vocab,
-        },
-    )
-    return tensors, meta
+    own: dict[str, object] = {"feed_forward_length": c.n_ff, "rope.dimension_count": head_dim}
+    return tensors, _hparams(c.arch, c.n_layer, c.context_length, c.n_embd, c.n_head, c.n_head_kv, c.n_vocab, own)
 
 
 # Published configs: deepseek-ai/DeepSeek-R1 (= V3 architecture; the MTP block 61 is not part of GGUF files),

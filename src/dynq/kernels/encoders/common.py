@@ -1,4 +1,5 @@
-"""Pieces every encoder shares: the result type, fp16 storage, rounding and byte packing."""
+"""Pieces every encoder shares: the result type, fp16 rounding, block views and the scale-search helpers.
+Byte layouts are packing.py's."""
 
 from __future__ import annotations
 
@@ -21,34 +22,6 @@ def nearest_int(x: torch.Tensor) -> torch.Tensor:
 def fp16_round(x: torch.Tensor) -> torch.Tensor:
     """The float32 value an fp16 field holds after storing `x` (round to nearest even)."""
     return x.to(torch.float16).to(torch.float32)
-
-
-def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """fp16 fields as little-endian bytes: [...] float -> [..., 2] uint8."""
-    return u16_bytes(x.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF)
-
-
-def u16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """Little-endian bytes of 16-bit fields held in an integer tensor: [...] -> [..., 2] uint8."""
-    x = x.to(torch.int32)
-    return torch.stack((x & 0xFF, (x >> 8) & 0xFF), dim=-1).to(torch.uint8)
-
-
-def u32_bytes(x: torch.Tensor) -> torch.Tensor:
-    """Little-endian bytes of 32-bit fields held in an int64 tensor: [...] -> [..., 4] uint8."""
-    x = x.to(torch.int64)
-    return torch.stack([(x >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8)
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack groups of 8/bits small integers along the last axis into bytes, lowest bits first.
-
-    [..., m] with m a multiple of 8/bits -> [..., m*bits/8] uint8. For the strided layouts (element j in the low
-    bits of byte j, element j+16 in the high bits) arrange `values` first so consecutive entries share a byte."""
-    per = 8 // bits
-    v = values.to(torch.int32).reshape(*values.shape[:-1], -1, per)
-    shifts = torch.arange(0, 8, bits, device=values.device, dtype=torch.int32)
-    return (v << shifts).sum(dim=-1).to(torch.uint8)
 
 
 def blocks(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -26,8 +26,9 @@ import numpy.typing as npt
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import Encoded, fp16_bytes, fp16_round, u16_bytes
+from dynq.kernels.encoders.common import Encoded, fp16_round
 from dynq.kernels.encoders.grids import lattice, lattice_tensors
+from dynq.kernels.encoders.packing import fp16_bytes, u16_bytes
 
 QK = 256
 DELTA = 0.125

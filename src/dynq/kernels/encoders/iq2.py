@@ -24,8 +24,9 @@ from functools import cache, partial
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import Encoded, fp16_bytes, fp16_round, u16_bytes, u32_bytes
+from dynq.kernels.encoders.common import Encoded, fp16_round
 from dynq.kernels.encoders.grids import lattice_tensors
+from dynq.kernels.encoders.packing import fp16_bytes, u16_bytes, u32_bytes
 
 QK_K = 256
 GROUP = 8

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import FP16_MAX, Encoded, fp16_bytes, fp16_round, u32_bytes
+from dynq.kernels.encoders.common import FP16_MAX, Encoded, fp16_round
 from dynq.kernels.encoders.grids import lattice_tensors
+from dynq.kernels.encoders.packing import fp16_bytes, u32_bytes
 
 _GROUP = 4  # elements per lattice point
 _BLOCK = 32  # elements per 4-bit block scale

@@ -14,17 +14,8 @@ from __future__ import annotations
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import (
-    Best,
-    Encoded,
-    blocks,
-    fp16_bytes,
-    pack_bits,
-    ratio,
-    row_importance,
-    stored,
-    u16_bytes,
-)
+from dynq.kernels.encoders.common import Best, Encoded, blocks, ratio, row_importance, stored
+from dynq.kernels.encoders.packing import fp16_bytes, pack_bits, u16_bytes
 
 _KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _QK = 32

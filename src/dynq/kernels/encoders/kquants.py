@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import FP16_MAX, Encoded, fp16_bytes, fp16_round, pack_bits
+from dynq.kernels.encoders.common import FP16_MAX, Encoded, fp16_round
+from dynq.kernels.encoders.packing import fp16_bytes, pack_bits
 
 QK_K = 256
 _GROUP_MAX_EPS = 1e-15  # llama.cpp's "all zero" threshold for a group's largest value

@@ -13,17 +13,8 @@ from __future__ import annotations
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import (
-    Best,
-    Encoded,
-    blocks,
-    fp16_bytes,
-    pack_bits,
-    ratio,
-    row_importance,
-    stored,
-    u32_bytes,
-)
+from dynq.kernels.encoders.common import Best, Encoded, blocks, ratio, row_importance, stored
+from dynq.kernels.encoders.packing import fp16_bytes, pack_bits, u32_bytes
 
 _QK = 32
 _GROUP_MAX_EPS = 1e-15

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from dynq.kernels.encoders import EncodeFn
-from dynq.kernels.encoders.common import Encoded, blocks, fp16_bytes, fp16_round, pack_bits, row_importance
+from dynq.kernels.encoders.common import Encoded, blocks, fp16_round, row_importance
+from dynq.kernels.encoders.packing import fp16_bytes, pack_bits
 
 _QK_K = 256
 _FP16_MAX = 65504.0
