@@ -25,7 +25,7 @@ from dynq.errors import DynqError
 from dynq.eval.bench import BenchRow, markdown_table, plot, rows_as_dicts, run_bench
 from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
-from dynq.gguf_io.writer import parse_size
+from dynq.gguf_io.writer import check_output_folder, parse_size
 from dynq.llamacpp_tools import tools_built
 from dynq.paths import cache_dir
 from dynq.recipe.coverage import coverage_summary, imatrix_coverage
@@ -151,6 +151,7 @@ def imatrix(
     all_experts: Annotated[bool, typer.Option(help="route every token through every expert (MoE)")] = False,
 ) -> None:
     """Collect an importance matrix on llama.cpp's runtime (the format llama-quantize reads)."""
+    check_output_folder(output)
     if not text:
         ensure_texts()
     calib = read_texts(text) if text else api.calibration()

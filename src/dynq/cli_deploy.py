@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from dynq.cli_shell import ensure_source, err, out, progress_bar, run_context
+from dynq.cli_shell import ensure_source, err, progress_bar, run_context, say
 from dynq.cli_text import clean, data, line
 from dynq.deploy.ollama import Message, export_ollama
 from dynq.deploy.run import Generation, Runner, Sampling
@@ -112,7 +112,7 @@ def merge_command(
     with progress_bar("merging") as on_step:
         result = merge(shard, output, overwrite=force, ctx=run_context(progress=on_step))
     counts = f": {result.n_tensors} tensors, {result.tensor_bytes:,} tensor bytes"
-    out.print(line("wrote ", data(result.files[0]), counts))
+    say("wrote ", data(result.files[0]), counts)
 
 
 def split_command(
@@ -131,8 +131,8 @@ def split_command(
             model, output, max_size=size, n_shards=shards, overwrite=force, ctx=run_context(progress=on_step)
         )
     for f in result.files:
-        out.print(line("wrote ", data(f), f" ({f.stat().st_size:,} bytes)"))
-    out.print(line(f"{len(result.files)} shards, {result.n_tensors} tensors; llama.cpp loads them from the first"))
+        say("wrote ", data(f), f" ({f.stat().st_size:,} bytes)")
+    say(f"{len(result.files)} shards, {result.n_tensors} tensors; llama.cpp loads them from the first")
 
 
 def export_ollama_command(
@@ -153,8 +153,8 @@ def export_ollama_command(
     for problem in m.problems:  # problems quote the model's template
         err.print(line(data("template differs:", "yellow"), " ", data(problem)), soft_wrap=True)
     template = data(m.family or "none")
-    out.print(line("wrote ", data(result.gguf), " and ", data(result.modelfile), " (template: ", template, ")"))
-    out.print(line("import it with: ollama create ", data(result.gguf.stem), " -f ", data(result.modelfile)))
+    say("wrote ", data(result.gguf), " and ", data(result.modelfile), " (template: ", template, ")")
+    say("import it with: ollama create ", data(result.gguf.stem), " -f ", data(result.modelfile))
 
 
 def register(app: typer.Typer) -> None:

@@ -53,7 +53,11 @@ def setup_logging() -> None:
 
 @contextmanager
 def progress_bar(description: str) -> Iterator[ProgressFn]:
-    """A transient bar on stderr fed by dynq's one progress shape; byte counts show as sizes, other units as N/M."""
+    """A transient bar on stderr fed by dynq's one progress shape; byte counts show as sizes, other units as N/M.
+    Off a terminal (logs, pipes) there is no bar: it would only leave an empty line behind."""
+    if not err.is_terminal:
+        yield lambda step: None
+        return
     # Columns render their text as plain text (markup=False): stages and details hold tensor names and paths.
     columns: tuple[ProgressColumn, ...] = (
         TextColumn("{task.description}", markup=False),

@@ -16,12 +16,15 @@ __all__ = ["clean", "data", "line"]
 
 # C0 controls but tab and newline (ESC starts terminal sequences; CR and backspace overwrite what was printed), DEL,
 # C1 controls (0x9b is a one-character CSI on many terminals) and the bidi embeddings, overrides and isolates, which
-# reorder what the eye reads ("Trojan Source").
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# reorder what the eye reads ("Trojan Source"); lone surrogates, which is how Python keeps the bytes of a file name
+# that is not UTF-8 (one of them may be 0x9b) and which a strict encoder refuses to write at all.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _visible(m: re.Match[str]) -> str:
     code = ord(m.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a file name that is not UTF-8, as Python's surrogateescape keeps it
+        return f"\\x{code - 0xDC00:02x}"
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 

@@ -109,6 +109,9 @@ def evaluate(
     The KL divergence is exact over the reference's `top_k` tokens and sampled over the rest of the vocabulary."""
     ctx = context(ctx)
     quant, ref = Path(quant), Path(ref)
+    for path in (quant, ref):  # before the reference's minutes of work, not after them
+        if not path.is_file():
+            raise DynqError(f"{path}: no such model file")
     reference = reference_predictions(ref, text, provenance, n_ctx, n_chunks, ctx, top_k)
     scores = Scores()
     per_chunk = n_ctx - 1 - n_ctx // 2

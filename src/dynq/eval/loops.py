@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynq.errors import DynqError
+
 MAX_PERIOD = 64
 MIN_WINDOW = 32
 
@@ -59,7 +61,12 @@ def generate(model_path: Path, n_tokens: int = 256, threads: int = 1, seed: int 
     """Greedy and sampled (temperature 0.6, min_p 0.05) continuations of the fixed prompts."""
     from dynq.calib.runtime import llama
 
-    llm = llama().Llama(str(model_path), n_ctx=1024, n_threads=threads, seed=seed, verbose=False)
+    if not Path(model_path).is_file():
+        raise DynqError(f"{model_path}: no such model file")
+    try:
+        llm = llama().Llama(str(model_path), n_ctx=1024, n_threads=threads, seed=seed, verbose=False)
+    except ValueError as e:  # llama-cpp-python's word for a file llama.cpp refuses
+        raise DynqError(f"{model_path}: llama.cpp could not load this model") from e
     out = []
     for kind, prompt in PROMPTS:
         for mode, temp in (("greedy", 0.0), ("sampled", 0.6)):

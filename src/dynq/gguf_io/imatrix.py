@@ -13,6 +13,7 @@ from gguf import GGUFReader, GGUFWriter
 from dynq.core.importance import F32Array, Imatrix, ImatrixEntry
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import field_value
+from dynq.gguf_io.writer import check_output_folder
 
 
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
@@ -106,6 +107,7 @@ def _read_dat(path: Path) -> Imatrix:
 def write_imatrix_gguf(imatrix: Imatrix, path: str | Path) -> None:
     """Write llama.cpp's GGUF imatrix format (to a temporary name, then renamed into place)."""
     path = Path(path)
+    check_output_folder(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = GGUFWriter(tmp, arch="imatrix")
     writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry general.type only
@@ -130,6 +132,7 @@ def write_imatrix_gguf(imatrix: Imatrix, path: str | Path) -> None:
 def write_imatrix_dat(imatrix: Imatrix, path: str | Path) -> None:
     """Write the legacy .dat format: per entry mean·ncall, as llama-imatrix --output-format dat does."""
     path = Path(path)
+    check_output_folder(path)
     chunk = max(imatrix.chunk_size, 1)
     out = [struct.pack("<i", len(imatrix.entries))]
     for name in sorted(imatrix.entries):

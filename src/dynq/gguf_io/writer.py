@@ -41,6 +41,12 @@ def copy_metadata(fields: Iterable[MetadataField], writer: GGUFWriter, drop: Cal
             writer.data_alignment = int(f.value)
 
 
+def check_output_folder(path: Path) -> None:
+    """Say before any work, not after it, that the folder an output goes into is missing."""
+    if not path.parent.is_dir():
+        raise DynqError(f"{path}: the output directory {path.parent} does not exist; create it first")
+
+
 def parse_size(text: str) -> int:
     """'500M', '2G', '1.5GB', '123456' → bytes (powers of 1000, as llama-gguf-split --split-max-size)."""
     s = text.strip().upper().removesuffix("B")
@@ -59,8 +65,7 @@ class StreamingWriter:
     """Declare every tensor, then `write` them in the same order; `finish` renames the files into place."""
 
     def __init__(self, output: Path, arch: str, split_max_size: int = 0) -> None:
-        if not output.parent.is_dir():
-            raise DynqError(f"{output}: the output directory {output.parent} does not exist; create it first")
+        check_output_folder(output)
         if output.suffix != ".gguf":
             raise DynqError(f"{output}: the output name must end in .gguf")
         self.output = output

@@ -8,6 +8,7 @@ SentencePiece-style vocabulary, so every llama.cpp tool accepts them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from gguf import quantize as gguf_quantize
 from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
+from dynq.gguf_io.writer import check_output_folder
 from dynq.sources.shapes import (
     DeepSeek2Config,
     DenseConfig,
@@ -99,8 +101,10 @@ def write_synthetic(kind: str, path: str | Path, seed: int = 0) -> Path:
     """Write the tiny random `kind` model (deepseek2, qwen3moe or llama) to `path`."""
     arch, tensors, meta = _tiny(kind)
     path = Path(path)
+    check_output_folder(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     rng = np.random.default_rng(seed)
-    writer = GGUFWriter(path, arch)
+    writer = GGUFWriter(tmp, arch)
     writer.add_name(f"tiny-{kind}")
     for key, value in meta.items():
         _add_value(writer, key, value)
@@ -125,4 +129,5 @@ def write_synthetic(kind: str, path: str | Path, seed: int = 0) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    tmp.replace(path)
     return path
