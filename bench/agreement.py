@@ -126,7 +126,7 @@ def main() -> None:
     ctx = dynq.RunContext(threads=args.threads)
     # the one step that uses the network or a compiler: the model, the texts and llama.cpp's tools (skipped if there)
     source = dynq.fetch("zoo:qwen2.5-coder-1.5b", ctx=ctx)
-    dynq.fetch("texts", ctx=ctx)
+    dynq.fetch(dynq.TEXTS, ctx=ctx)
     dynq.build_tools(ctx=ctx)
     work_cache = ctx.cache_dir / "demo"
     work_cache.mkdir(parents=True, exist_ok=True)

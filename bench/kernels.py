@@ -26,8 +26,6 @@ import numpy as np
 import torch
 
 import dynq
-from dynq.core.qtypes import qtype
-from dynq.gguf_io.imatrix import read_imatrix
 from dynq.kernels import KernelBackend
 from dynq.kernels.compare import decode, weighted_error
 from dynq.kernels.encoders import encoders
@@ -51,7 +49,7 @@ class Sample:
 
 def make_sample(ref: Path, imatrix: Path, rows: int, out: Path) -> None:
     model = dynq.open_source(ref)
-    imx = read_imatrix(imatrix)
+    imx = dynq.read_imatrix(imatrix)
     arrays: dict[str, np.ndarray] = {}
     for t in model.inventory().tensors:
         if len(t.shape) < 2 or not t.name.endswith(".weight") or "norm" in t.name:
@@ -92,7 +90,7 @@ class Measured:
 
 
 def measure(backend: KernelBackend, type_name: str, samples: list[Sample]) -> Measured:
-    qt = qtype(type_name)
+    qt = dynq.qtype(type_name)
     usable = [s for s in samples if s.rows.shape[1] % qt.block_size == 0]
     backend.encode(qt, usable[0].rows[:4], usable[0].importance)  # warm-up: grids, kernels, thread pools
     err, n, seconds = 0.0, 0, 0.0
@@ -107,7 +105,7 @@ def measure(backend: KernelBackend, type_name: str, samples: list[Sample]) -> Me
 
 def cuda_full_rate(type_name: str, samples: list[Sample]) -> float:
     """Weights per second of the torch encoder on CUDA over every tensor at its full shape."""
-    qt = qtype(type_name)
+    qt = dynq.qtype(type_name)
     encode = encoders()[type_name]
     usable = [s for s in samples if s.rows.shape[1] % qt.block_size == 0]
     n, seconds = 0, 0.0

@@ -22,7 +22,6 @@ import dynq
 from dynq.calib.runtime import llama
 from dynq.cli_render import draw_comparison
 from dynq.cli_text import data, line
-from dynq.gguf_io.imatrix import write_imatrix_gguf
 
 MODEL = "zoo:qwen2.5-coder-1.5b"
 RECIPES = ("dyn-iq1_s", "uniform-iq1_s")
@@ -59,7 +58,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t = step(f"1. fetch {MODEL}")
     source = dynq.fetch(MODEL, ctx=ctx)
-    dynq.fetch("texts", ctx=ctx)  # the built-in calibration text, for step 3
+    dynq.fetch(dynq.TEXTS, ctx=ctx)  # the built-in calibration text, for step 3
     say(data(source), f" ({source.stat().st_size / 1e9:.2f} GB) in {since(t)}")
 
     reference = work / "qwen2.5-coder-1.5b-f16.gguf"
@@ -75,7 +74,7 @@ def main() -> None:
     if not imatrix.exists():
         # run on the published Q4_K_M file: the reference holds exactly its weights, and it runs twice as fast
         imx = dynq.collect_imatrix(source, text=calib, n_ctx=512, chunks=CHUNKS, ctx=ctx)
-        write_imatrix_gguf(imx, imatrix)
+        dynq.save_imatrix(imx, imatrix)
     say(data(imatrix), f" in {since(t)}")
     say("calibration text: ", data(calib.provenance))
 

@@ -21,7 +21,7 @@ from dynq.deploy.offload import Hardware, OffloadPlan, Settings, offload
 from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
-from dynq.gguf_io.imatrix import read_imatrix
+from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
 from dynq.llamacpp_tools import build_tools as _build_tools
@@ -118,6 +118,14 @@ def evaluate(
                      n_ctx=n_ctx, n_chunks=chunks, ctx=ctx)  # fmt: skip
 
 
+def save_imatrix(imatrix: Imatrix, path: str | os.PathLike[str]) -> Path:
+    """Write `imatrix` in llama.cpp's GGUF format, or the legacy format for a `.dat` name; `read_imatrix` reads
+    either."""
+    out = Path(path)
+    (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(imatrix, out)
+    return out
+
+
 def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -> list[TensorCoverage]:
     """What `imatrix` covers of `quant_plan`; raises DynqError if it was made for another model."""
     imx = imatrix if isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
@@ -172,6 +180,8 @@ __all__ = [
     "plan",
     "qtype",
     "quantize",
+    "read_imatrix",
     "recipe",
     "recipe_from_dict",
+    "save_imatrix",
 ]

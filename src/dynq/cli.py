@@ -24,7 +24,7 @@ from dynq.cli_text import clean, data
 from dynq.errors import DynqError
 from dynq.eval.bench import BenchRow, markdown_table, plot, rows_as_dicts, run_bench
 from dynq.eval.loops import generate, loop_rate
-from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
+from dynq.gguf_io.imatrix import read_imatrix
 from dynq.gguf_io.writer import check_output_folder, parse_size
 from dynq.llamacpp_tools import tools_built
 from dynq.paths import cache_dir
@@ -158,7 +158,7 @@ def imatrix(
     with progress_bar("imatrix") as on_step:
         imx = api.collect_imatrix(ensure_source(source), text=calib, n_ctx=ctx, chunks=chunks,
                                   all_experts=all_experts, ctx=run_context(threads, progress=on_step))  # fmt: skip
-    (write_imatrix_dat if output.suffix == ".dat" else write_imatrix_gguf)(imx, output)
+    api.save_imatrix(imx, output)
     draw_imatrix_coverage(out, imx, full=False)
     say("wrote ", data(output), f": {len(imx.entries)} tensors, {imx.chunk_count} chunks of {ctx} tokens (",
         data(calib.provenance), ")")  # fmt: skip
