@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 from dataclasses import asdict
@@ -18,7 +17,7 @@ from rich.text import Text
 from dynq import api, cli_deploy, cli_offload
 from dynq.calib.text import read_texts
 from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
-from dynq.cli_shell import ensure_source, ensure_texts, err, out, progress_bar, run_context, say, setup_logging
+from dynq.cli_shell import THREADS, ensure_source, ensure_texts, err, out, progress_bar, run_context, say, setup_logging
 from dynq.cli_shell import fetch as fetch_with_bar
 from dynq.cli_text import clean, data
 from dynq.errors import DynqError
@@ -40,7 +39,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_THREADS = os.cpu_count() or 1
 
 
 @app.callback()
@@ -118,7 +116,7 @@ def quantize(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="preset name or YAML recipe file")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output .gguf (shards are named after it)")],
     imatrix: Annotated[str | None, typer.Option(help="importance matrix (GGUF or .dat)")] = None,
-    threads: Annotated[int, typer.Option(help="encoder threads")] = os.cpu_count() or 1,
+    threads: Annotated[int, typer.Option(help="encoder threads")] = THREADS,
     split_max_size: Annotated[str | None, typer.Option(help="split into shards of at most this size (e.g. 2G)")] = None,
     backend: Annotated[
         str | None, typer.Option(help="encoders: ggml (llama.cpp's) or torch (dynq's); default torch on a GPU")
@@ -147,7 +145,7 @@ def imatrix(
     text: Annotated[list[Path] | None, typer.Option(help="calibration text file(s); default: the built-in set")] = None,
     ctx: Annotated[int, typer.Option(help="tokens per chunk")] = 512,
     chunks: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
-    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = os.cpu_count() or 1,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = THREADS,
     all_experts: Annotated[bool, typer.Option(help="route every token through every expert (MoE)")] = False,
 ) -> None:
     """Collect an importance matrix on llama.cpp's runtime (the format llama-quantize reads)."""
@@ -171,7 +169,7 @@ def eval_command(
     text: Annotated[list[Path] | None, typer.Option(help="evaluation text file(s); default: the built-in set")] = None,
     ctx: Annotated[int, typer.Option(help="tokens per chunk (the second half of each is scored)")] = 512,
     chunks: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
-    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = os.cpu_count() or 1,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = THREADS,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Perplexity, KL divergence, top-1 agreement and RMS Δp of a quant against its reference."""
@@ -198,7 +196,7 @@ def eval_command(
 def loops(
     model: Annotated[Path, typer.Argument(help="GGUF model")],
     tokens: Annotated[int, typer.Option(help="tokens per continuation")] = 256,
-    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = os.cpu_count() or 1,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = THREADS,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Greedy and sampled continuations of fixed prompts: how many end in endless repetition."""
@@ -227,7 +225,7 @@ def bench(
     ctx: Annotated[int, typer.Option(help="tokens per evaluation chunk")] = 512,
     chunks: Annotated[int | None, typer.Option(help="evaluation chunks")] = None,
     loop_tokens: Annotated[int, typer.Option(help="tokens per loop-check continuation (0: skip)")] = 256,
-    threads: Annotated[int, typer.Option(help="threads")] = os.cpu_count() or 1,
+    threads: Annotated[int, typer.Option(help="threads")] = THREADS,
     resume: Annotated[
         bool, typer.Option(help="keep the rows already in OUT_DIR/NAME.json (same settings!) and measure the rest")
     ] = False,
@@ -267,7 +265,7 @@ def bench(
         run_bench(ref, recipes, llama_mix or [], imatrix, api.evaluation(), Path(tmp), n_ctx=ctx, chunks=chunks,
                   loop_tokens=loop_tokens, ctx=run_context(threads), on_row=on_row)  # fmt: skip
     plot(done, out_dir / f"{stem}.png", stem)
-    out.print(data(markdown_table(done, title, settings)))
+    sys.stdout.write(clean(markdown_table(done, title, settings)))  # a markdown table: unwrapped, as in the file
 
 
 @app.command()

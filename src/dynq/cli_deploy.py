@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from dynq.cli_shell import ensure_source, err, progress_bar, run_context, say
+from dynq.cli_shell import THREADS, ensure_source, err, progress_bar, run_context, say
 from dynq.cli_text import clean, data, line
 from dynq.deploy.ollama import Message, export_ollama
 from dynq.deploy.run import Generation, Runner, Sampling
@@ -55,7 +54,7 @@ def run(
     repeat_penalty: Annotated[float, typer.Option(help="repetition penalty (1.0: off)")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed (default: random)")] = None,
     ctx: Annotated[int, typer.Option(help="context size in tokens")] = 4096,
-    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = os.cpu_count() or 1,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads")] = THREADS,
     n_gpu_layers: Annotated[
         int | None, typer.Option("--n-gpu-layers", "-ngl", help="layers on the GPU (default: the offload planner's)")
     ] = None,

@@ -32,7 +32,7 @@ from dynq.core.context import ProgressFn, RunContext
 from dynq.paths import cache_dir
 from dynq.sources import zoo
 
-_THREADS = os.cpu_count() or 1
+THREADS = os.cpu_count() or 1
 # Piped output (files, CI logs) gets a wide table instead of rich's 80-column default.
 out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
@@ -81,7 +81,7 @@ def progress_bar(description: str) -> Iterator[ProgressFn]:
         yield on_step
 
 
-def run_context(threads: int = _THREADS, device: str | None = None, progress: ProgressFn | None = None) -> RunContext:
+def run_context(threads: int = THREADS, device: str | None = None, progress: ProgressFn | None = None) -> RunContext:
     return RunContext(threads=threads, device=device, cache_dir=cache_dir(), progress=progress)
 
 
