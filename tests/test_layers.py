@@ -24,7 +24,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"api"}),
     frozenset({"__init__", "cli_text"}),  # the package's exports; the CLI's one output path for data
     frozenset({"cli_shell", "cli_render"}),
-    frozenset({"cli_offload", "cli_deploy"}),
+    frozenset({"cli_offload", "cli_deploy", "cli_solve"}),
     frozenset({"cli"}),
 )
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

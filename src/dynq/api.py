@@ -9,9 +9,14 @@ for exactly that.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dynq.calib.collector import collect_imatrix as _collect
+from dynq.calib.profile import DEFAULT_TYPES
+from dynq.calib.profile_file import Profile
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
 from dynq.core.context import Progress, RunContext, context
 from dynq.core.importance import Imatrix
@@ -21,16 +26,20 @@ from dynq.deploy.offload import Hardware, OffloadPlan, Settings, offload
 from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
+from dynq.eval.probe import profile as _profile
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
 from dynq.llamacpp_tools import build_tools as _build_tools
 from dynq.llamacpp_tools import tools_dir
 from dynq.quantize import QuantizeResult, quantize
+from dynq.recipe.budget import parse_target, pinned_by
 from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import RecipeLike, as_recipe
 from dynq.recipe.rules import Recipe, recipe_from_dict
+from dynq.recipe.solve import Solution
+from dynq.recipe.solved_recipe import solve_plan
 from dynq.sources import zoo
 from dynq.sources.open import SourceLike, gguf_path
 from dynq.sources.open import open_source as _open_source
@@ -126,6 +135,70 @@ def save_imatrix(imatrix: Imatrix, path: str | os.PathLike[str]) -> Path:
     return out
 
 
+def profile(
+    source: SourceLike,
+    *,
+    imatrix: Imatrix | str | os.PathLike[str] | None = None,
+    text: Text | None = None,
+    types: Sequence[str] = DEFAULT_TYPES,
+    rows: int = 256,
+    group_blocks: int = 4,
+    probe_type: str = "Q2_K",
+    n_ctx: int = 512,
+    chunks: int = 2,
+    ctx: RunContext | None = None,
+) -> Profile:
+    """How much each tensor of a float reference hurts the output at each candidate type, measured on calibration
+    text (default: the built-in calibration text, never the evaluation text); cached and reused across budgets."""
+    ctx = context(ctx)
+    imx = imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
+    calib = text if text is not None else calibration(ctx=ctx)
+    return _profile(_weights_file(source, ctx), imx, calib, types=types, rows=rows, group_blocks=group_blocks,
+                    probe_type=probe_type, n_ctx=n_ctx, chunks=chunks, ctx=ctx)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Solved:
+    """A solved allocation: the plan (quantize it), the recipe that writes it down, the solver's answer."""
+
+    plan: QuantPlan
+    recipe: Recipe
+    solution: Solution
+    target_bytes: int
+    predicted_kld: float
+
+
+def solve(
+    source: SourceLike,
+    profile: Profile | str | os.PathLike[str],
+    target: int | str,
+    *,
+    has_imatrix: bool,
+    base: RecipeLike | None = None,
+    types: Sequence[str] | None = None,
+    ties: Sequence[str] = (),
+    name: str | None = None,
+    ctx: RunContext | None = None,
+) -> Solved:
+    """The types of least predicted damage whose file is at most `target` (bytes, or '600MiB', '2.5bpw') and within
+    1% of it where reachable. `has_imatrix` says whether the quantize will have one (types that need it are left out
+    otherwise); `base` rules pin the tensors they match; `ties` are regexes whose matches in one block share a type."""
+    ctx = context(ctx)
+    opened = open_source(source, ctx=ctx)
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    prof.check_model(opened)
+    inventory = opened.inventory()
+    target_bytes = target if isinstance(target, int) else parse_target(target, inventory.n_parameters)
+    start = resolve(as_recipe("uniform-q8_0"), inventory)  # any plan: the solver keeps its keep-list, types all
+    pinned = pinned_by(as_recipe(base), inventory) if base is not None else {}
+    wanted = [qtype(t) for t in (types if types is not None else prof.method.types)]
+    label = name or f"solved-{target if isinstance(target, str) else target_bytes}"
+    plan, solution = solve_plan(start, prof.costs(), wanted, target_bytes, has_imatrix=has_imatrix, pinned=pinned,
+                                ties=[re.compile(t) for t in ties], name=label)  # fmt: skip
+    predicted = prof.predicted_kld({t.info.name: t.qtype.name for t in plan.tensors if not t.kept})
+    return Solved(plan, plan.recipe, solution, target_bytes, predicted)
+
+
 def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -> list[TensorCoverage]:
     """What `imatrix` covers of `quant_plan`; raises DynqError if it was made for another model."""
     imx = imatrix if isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
@@ -157,6 +230,7 @@ __all__ = [
     "Hardware",
     "Imatrix",
     "OffloadPlan",
+    "Profile",
     "Progress",
     "QType",
     "QuantPlan",
@@ -164,6 +238,7 @@ __all__ = [
     "Recipe",
     "RunContext",
     "Settings",
+    "Solved",
     "TensorSource",
     "Text",
     "__version__",
@@ -178,10 +253,12 @@ __all__ = [
     "offload",
     "open_source",
     "plan",
+    "profile",
     "qtype",
     "quantize",
     "read_imatrix",
     "recipe",
     "recipe_from_dict",
     "save_imatrix",
+    "solve",
 ]

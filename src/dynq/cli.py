@@ -14,14 +14,14 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from dynq import api, cli_deploy, cli_offload
+from dynq import api, cli_deploy, cli_offload, cli_solve
 from dynq.calib.text import read_texts
 from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
 from dynq.cli_shell import THREADS, ensure_source, ensure_texts, err, out, progress_bar, run_context, say, setup_logging
 from dynq.cli_shell import fetch as fetch_with_bar
 from dynq.cli_text import clean, data
 from dynq.errors import DynqError
-from dynq.eval.bench import BenchRow, markdown_table, plot, rows_as_dicts, run_bench
+from dynq.eval.bench import LLAMA, SOLVED, BenchRow, SolveFor, markdown_table, plot, rows_as_dicts, run_bench
 from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix
 from dynq.gguf_io.writer import check_output_folder, parse_size
@@ -29,6 +29,7 @@ from dynq.llamacpp_tools import tools_built
 from dynq.paths import cache_dir
 from dynq.recipe.coverage import coverage_summary, imatrix_coverage
 from dynq.recipe.llama_args import llama_quantize_command
+from dynq.recipe.plan import QuantPlan
 from dynq.recipe.presets import load_recipe, preset_names
 from dynq.sources import shapes, zoo
 from dynq.sources.synthetic import write_synthetic
@@ -113,8 +114,15 @@ def compare(
 @app.command()
 def quantize(
     source: Annotated[str, typer.Argument(help="GGUF file (any type; split shards too) or zoo:NAME")],
-    recipe: Annotated[str, typer.Option("--recipe", "-r", help="preset name or YAML recipe file")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output .gguf (shards are named after it)")],
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="preset name or YAML recipe file")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="instead of a recipe: a size (600MiB) or bpw (2.5bpw) to solve for from a cached profile"),
+    ] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="with --target: this profile (default: profile the source, or reuse the cache)")
+    ] = None,
     imatrix: Annotated[str | None, typer.Option(help="importance matrix (GGUF or .dat)")] = None,
     threads: Annotated[int, typer.Option(help="encoder threads")] = THREADS,
     split_max_size: Annotated[str | None, typer.Option(help="split into shards of at most this size (e.g. 2G)")] = None,
@@ -126,9 +134,21 @@ def quantize(
         bool, typer.Option(help="cache encoded tensors on disk and reuse them across recipes of this model")
     ] = False,
 ) -> None:
-    """Quantize a model with a recipe, streaming one tensor at a time into GGUF."""
+    """Quantize a model with a recipe, or for a size (--target: profile, cached, then solve), streaming one tensor at
+    a time into GGUF."""
+    if (recipe is None) == (target is None):
+        raise DynqError("give either --recipe or --target")
     max_size = parse_size(split_max_size) if split_max_size else 0
-    quant_plan = api.plan(ensure_source(source), recipe)
+    if target is not None:
+        if profile is None:
+            ensure_texts()
+            with progress_bar("profiling") as on_step:
+                made = api.profile(ensure_source(source), imatrix=imatrix, ctx=run_context(threads, progress=on_step))
+        quant_plan = api.solve(ensure_source(source), made if profile is None else profile, target,
+                               has_imatrix=imatrix is not None, ctx=run_context()).plan  # fmt: skip
+    else:
+        assert recipe is not None
+        quant_plan = api.plan(ensure_source(source), recipe)
     with progress_bar("quantizing") as on_step:
         result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
                               backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded)  # fmt: skip
@@ -229,8 +249,16 @@ def bench(
     resume: Annotated[
         bool, typer.Option(help="keep the rows already in OUT_DIR/NAME.json (same settings!) and measure the rest")
     ] = False,
+    solve_at: Annotated[
+        list[str] | None,
+        typer.Option(help="a solver row at this size: llama:MIX (that mix's bytes), 600MiB or 2.5bpw (repeat)"),
+    ] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="profile the solver rows use (default: profile the reference, cached)")
+    ] = None,
 ) -> None:
-    """Quantize one model with dynq recipes and llama.cpp mixes, judge all against the reference, tabulate."""
+    """Quantize one model with dynq recipes, llama.cpp mixes and solved mixes at given sizes, judge all against the
+    reference, tabulate."""
     stem = name or ref.stem
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -247,6 +275,7 @@ def bench(
         measured = {(r.maker, r.name) for r in done}
         recipes = [r for r in recipes if ("dynq", r) not in measured]
         llama_mix = [m for m in llama_mix or [] if ("llama.cpp", m) not in measured]
+        solve_at = [s for s in solve_at or [] if ("dynq", SOLVED + s.removeprefix(LLAMA)) not in measured]
         say(f"resuming: {len(done)} rows kept from ", data(previous))
 
     def on_row(r: BenchRow) -> None:
@@ -261,9 +290,21 @@ def bench(
     if llama_mix and not tools_built(cache_dir()):
         with err.status("building llama.cpp's tools (about 4 minutes, once)"):
             api.build_tools(ctx=run_context())
+    solver: SolveFor | None = None
+    if solve_at:
+        if profile is None:
+            with progress_bar("profiling") as on_step:
+                made = api.profile(ref, imatrix=imatrix, ctx=run_context(threads, progress=on_step))
+        chosen = made if profile is None else api.Profile.load(profile)
+
+        def solver(target: int, label: str) -> QuantPlan:
+            return api.solve(ref, chosen, target, has_imatrix=imatrix is not None, name=label).plan
+
+    kept = list(done)
     with tempfile.TemporaryDirectory(prefix="dynq-bench-", dir=out_dir) as tmp:
         run_bench(ref, recipes, llama_mix or [], imatrix, api.evaluation(), Path(tmp), n_ctx=ctx, chunks=chunks,
-                  loop_tokens=loop_tokens, ctx=run_context(threads), on_row=on_row)  # fmt: skip
+                  loop_tokens=loop_tokens, ctx=run_context(threads), on_row=on_row, solve_at=solve_at or [],
+                  solve_for=solver, measured=kept)  # fmt: skip
     plot(done, out_dir / f"{stem}.png", stem)
     sys.stdout.write(clean(markdown_table(done, title, settings)))  # a markdown table: unwrapped, as in the file
 
@@ -307,6 +348,7 @@ def build_tools() -> None:
 
 
 cli_offload.register(app)
+cli_solve.register(app)
 cli_deploy.register(app)
 
 

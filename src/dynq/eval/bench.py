@@ -22,10 +22,16 @@ from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import summarize
 from dynq.llamacpp_tools import tool
 from dynq.quantize import quantize
-from dynq.recipe.plan import resolve
+from dynq.recipe.budget import parse_target
+from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import load_recipe
 
 log = logging.getLogger(__name__)
+
+LLAMA = "llama:"  # a solve target named by a llama.cpp mix: that mix's size
+SOLVED = "solved@"  # the name of a solver row
+# (target bytes, row name) -> the solved plan to quantize
+SolveFor = Callable[[int, str], QuantPlan]
 
 
 @dataclass(frozen=True)
@@ -65,14 +71,26 @@ def run_bench(
     loop_tokens: int = 256,
     ctx: RunContext,
     on_row: Callable[[BenchRow], None] | None = None,
+    solve_at: Sequence[str] = (),
+    solve_for: SolveFor | None = None,
+    measured: Sequence[BenchRow] = (),
 ) -> list[BenchRow]:
-    rows = []
+    """Measure every recipe, llama.cpp mix and solve target; `measured` rows (from a resumed run) count for the
+    sizes `llama:MIX` targets name."""
+    rows: list[BenchRow] = []
     jobs = [("dynq", r) for r in recipes] + [("llama.cpp", m) for m in llama_mixes]
+    jobs += [("dynq", SOLVED + s.removeprefix(LLAMA)) for s in solve_at]  # after the mixes whose sizes they take
+    if solve_at and solve_for is None:
+        raise DynqError("solve targets need a profile to solve from")
     inventory = GGUFModel(ref).inventory()
     for maker, name in jobs:
         out = work / f"{ref.stem}-{maker}-{name}.gguf"
         started = time.perf_counter()
-        if maker == "dynq":
+        if name.startswith(SOLVED) and solve_for is not None:
+            spec = solve_at[[SOLVED + s.removeprefix(LLAMA) for s in solve_at].index(name)]
+            target = _target_bytes(spec, [*measured, *rows], inventory.n_parameters)
+            quantize(solve_for(target, name), out, imatrix=imatrix, ctx=ctx)
+        elif maker == "dynq":
             # No encoding cache: the time column must be what a user waits for.
             quantize(resolve(load_recipe(name), inventory), out, imatrix=imatrix, ctx=ctx)
         else:
@@ -88,6 +106,22 @@ def run_bench(
             on_row(row)
         out.unlink()
     return rows
+
+
+def _target_bytes(spec: str, rows: Sequence[BenchRow], n_parameters: int) -> int:
+    """`llama:MIX`: the tensor bytes of that llama.cpp mix as measured here (equal size, byte for byte); otherwise
+    a size or bpw."""
+    if not spec.startswith(LLAMA):
+        return parse_target(spec, n_parameters)
+    mix = spec.removeprefix(LLAMA)
+    found = [r.bytes for r in rows if r.maker == "llama.cpp" and r.name == mix]
+    if not found:
+        raise DynqError(f"--solve-at {spec} takes the size of llama.cpp's {mix} mix: add --llama-mix {mix}")
+    return found[0]
+
+
+def _kind(row: BenchRow) -> str:
+    return "dynq solver" if row.name.startswith(SOLVED) else row.maker
 
 
 def pareto_front(rows: Sequence[BenchRow]) -> list[BenchRow]:
@@ -122,9 +156,10 @@ def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for maker, marker in (("dynq", "o"), ("llama.cpp", "s")):
-        pts = [r for r in rows if r.maker == maker]
-        ax.scatter([r.bytes / 2**20 for r in pts], [r.kld_mean for r in pts], marker=marker, label=maker)
+    for label, marker in (("dynq", "o"), ("llama.cpp", "s"), ("dynq solver", "*")):
+        pts = [r for r in rows if _kind(r) == label]
+        if pts:
+            ax.scatter([r.bytes / 2**20 for r in pts], [r.kld_mean for r in pts], marker=marker, label=label)
     front = pareto_front(rows)
     ax.plot([r.bytes / 2**20 for r in front], [r.kld_mean for r in front], "k--", lw=1, label="Pareto front")
     ax.set_xlabel("size (MiB)")

@@ -1,0 +1,219 @@
+"""The sensitivity profile as data: per weight tensor, a measured damage per candidate GGML type that adds up over
+tensors to the whole model's KL divergence (KLD ≈ Σ_t S_t · e_t(type_t)), and its versioned JSON file.
+
+`e_t(type)` is the importance-weighted relative squared error of encoding sampled rows of tensor t at `type`;
+`S_t` is the sensitivity of t's probe group, measured as the KL divergence of a model whose group alone was
+degraded, divided by the group's summed error at the probe type. `costs()` is what a size-budget solver takes.
+The measuring is calib/profile.py's (errors, probe files) and eval/probe.py's (KL divergence of the probes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynq.core.importance import Imatrix
+from dynq.core.source import TensorSource
+from dynq.errors import DynqError
+from dynq.gguf_io.reader import GGUFModel
+from dynq.version import __version__
+
+PROFILE_VERSION = 1
+# A probe whose KL divergence is below this is noise (the sampled tail can even make it slightly negative): its
+# group gets this floor instead, a small positive sensitivity, so no tensor looks free to degrade.
+KLD_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    spec: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class ImatrixRef:
+    datasets: tuple[str, ...]
+    chunk_count: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TextRef:
+    provenance: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything besides the model, imatrix and text that the numbers depend on (part of the cache key)."""
+
+    rows: int
+    probe_type: str
+    group_blocks: int
+    n_ctx: int
+    chunks: int
+    types: tuple[str, ...]
+    seed: int = 0
+    kld_floor: float = KLD_FLOOR
+
+
+@dataclass(frozen=True)
+class TensorProfile:
+    group: str
+    sensitivity: float
+    errors: dict[str, float]  # type name -> relative weighted squared error
+
+    def costs(self) -> dict[str, float]:
+        return {t: self.sensitivity * e for t, e in self.errors.items()}
+
+
+@dataclass(frozen=True)
+class Probe:
+    group: str
+    tensors: tuple[str, ...]
+    kld: float  # as measured, before the floor
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: ModelRef
+    imatrix: ImatrixRef | None
+    text: TextRef
+    method: Method
+    tensors: dict[str, TensorProfile]
+    probes: tuple[Probe, ...]
+    seconds: dict[str, float] = field(default_factory=dict)  # "errors", "probes"
+
+    def costs(self) -> dict[str, dict[str, float]]:
+        """costs[tensor][type]: the predicted KL divergence that tensor adds at that type."""
+        return {name: t.costs() for name, t in self.tensors.items()}
+
+    def predicted_kld(self, choice: dict[str, str]) -> float:
+        """Σ costs of `choice` (tensor -> type); tensors the profile does not cover add nothing."""
+        return sum(self.tensors[n].costs()[t] for n, t in choice.items() if n in self.tensors)
+
+    def check_model(self, source: TensorSource | str | os.PathLike[str]) -> None:
+        """Refuse a model other than the one profiled (by content fingerprint, not by path)."""
+        opened = source if isinstance(source, TensorSource) else GGUFModel(Path(source))
+        if opened.fingerprint() != self.model.fingerprint:
+            raise DynqError(
+                f"this profile was made for another model ({self.model.spec}), not {opened.spec}; "
+                "run `dynq profile` on this model"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PROFILE_VERSION,
+            "dynq": __version__,
+            "model": asdict(self.model),
+            "imatrix": None
+            if self.imatrix is None
+            else {**asdict(self.imatrix), "datasets": list(self.imatrix.datasets)},
+            "text": asdict(self.text),
+            "method": {**asdict(self.method), "types": list(self.method.types)},
+            "tensors": {n: asdict(t) for n, t in self.tensors.items()},
+            "probes": [{**asdict(p), "tensors": list(p.tensors)} for p in self.probes],
+            "seconds": dict(self.seconds),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the JSON under a temporary name and rename it, so a reader never sees half a file."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
+
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> Profile:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except OSError as e:
+            raise DynqError(f"{p}: cannot read profile ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DynqError(f"{p}: not a dynq profile (not JSON); run `dynq profile` again") from None
+        return profile_from_dict(data, str(p))
+
+
+def profile_from_dict(data: Any, where: str) -> Profile:
+    if not isinstance(data, dict) or "version" not in data or "tensors" not in data:
+        raise DynqError(f"{where}: not a dynq profile; run `dynq profile` again")
+    if data["version"] != PROFILE_VERSION:
+        raise DynqError(
+            f"{where}: profile version {data['version']!r}, this dynq reads version {PROFILE_VERSION}; "
+            "run `dynq profile` again"
+        )
+    try:
+        imx = data["imatrix"]
+        method = data["method"]
+        return Profile(
+            model=ModelRef(str(data["model"]["spec"]), str(data["model"]["fingerprint"])),
+            imatrix=None
+            if imx is None
+            else ImatrixRef(tuple(map(str, imx["datasets"])), int(imx["chunk_count"]), str(imx["sha256"])),
+            text=TextRef(str(data["text"]["provenance"]), str(data["text"]["sha256"])),
+            method=Method(**{**method, "types": tuple(map(str, method["types"]))}),
+            tensors={str(n): _tensor_profile(t) for n, t in data["tensors"].items()},
+            probes=tuple(
+                Probe(str(p["group"]), tuple(map(str, p["tensors"])), float(p["kld"]), float(p["seconds"]))
+                for p in data["probes"]
+            ),
+            seconds={str(k): float(v) for k, v in data["seconds"].items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DynqError(f"{where}: damaged dynq profile ({type(e).__name__}: {e}); run `dynq profile` again") from None
+
+
+def _tensor_profile(t: Any) -> TensorProfile:
+    errors = {str(k): float(v) for k, v in t["errors"].items()}
+    return TensorProfile(str(t["group"]), float(t["sensitivity"]), errors)
+
+
+def imatrix_digest(imatrix: Imatrix) -> str:
+    """sha256 of an imatrix's content (entries in name order, sums and counts, datasets, chunk count)."""
+    h = hashlib.sha256()
+    for name in sorted(imatrix.entries):
+        e = imatrix.entries[name]
+        h.update(name.encode() + b"\0" + str(e.sums.shape).encode())
+        h.update(np.ascontiguousarray(e.sums, dtype=np.float32).tobytes())
+        h.update(np.ascontiguousarray(e.counts, dtype=np.float32).tobytes())
+    h.update(json.dumps([imatrix.datasets, imatrix.chunk_count]).encode())
+    return h.hexdigest()
+
+
+def imatrix_ref(imatrix: Imatrix | None) -> ImatrixRef | None:
+    if imatrix is None:
+        return None
+    return ImatrixRef(tuple(imatrix.datasets), imatrix.chunk_count, imatrix_digest(imatrix))
+
+
+def text_ref(text: str, provenance: str) -> TextRef:
+    return TextRef(provenance, hashlib.sha256(text.encode()).hexdigest())
+
+
+def cache_key(fingerprint: str, imatrix: ImatrixRef | None, text: TextRef, method: Method) -> str:
+    """What a cached profile is reused under: the model's content, the imatrix's, the text's, and the method."""
+    key = {
+        "version": PROFILE_VERSION,
+        "model": fingerprint,
+        "imatrix": None if imatrix is None else imatrix.sha256,
+        "text": text.sha256,
+        "method": {**asdict(method), "types": list(method.types)},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_path(cache_dir: Path, stem: str, key: str) -> Path:
+    return cache_dir / "profiles" / f"{stem}-{key}.json"

@@ -1,0 +1,87 @@
+"""`dynq profile` and `dynq solve`: measure what each tensor costs at each type, then choose types for a size."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dynq import api
+from dynq.calib.text import read_texts
+from dynq.cli_shell import THREADS, ensure_source, ensure_texts, err, progress_bar, run_context, say
+from dynq.cli_text import data
+from dynq.core.sizes import GIB
+from dynq.gguf_io.writer import check_output_folder
+from dynq.recipe.solved_recipe import recipe_yaml
+
+MIB = 1 << 20
+
+
+def profile_command(
+    source: Annotated[str, typer.Argument(help="float reference GGUF (F16/BF16/F32) of the model")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="profile file to write (JSON)")],
+    imatrix: Annotated[str | None, typer.Option(help="importance matrix of the model (GGUF or .dat)")] = None,
+    text: Annotated[list[Path] | None, typer.Option(help="calibration text file(s); default: the built-in set")] = None,
+    ctx: Annotated[int, typer.Option(help="tokens per probe chunk")] = 512,
+    chunks: Annotated[int, typer.Option(help="chunks each probe is judged on")] = 2,
+    rows: Annotated[int, typer.Option(help="rows sampled per tensor for the encode errors")] = 256,
+    group_blocks: Annotated[int, typer.Option(help="consecutive blocks probed together per tensor kind")] = 4,
+    probe_type: Annotated[str, typer.Option(help="the type a probe puts its tensors at")] = "Q2_K",
+    threads: Annotated[int, typer.Option(help="threads")] = THREADS,
+) -> None:
+    """Measure how much each tensor hurts the output at each candidate type, on calibration text only: encode
+    errors on sampled rows, scaled per tensor group by the KL divergence a probe of that group really causes.
+    Cached: a second run with the same model, imatrix, text and settings reads the cache."""
+    check_output_folder(output)
+    if not text:
+        ensure_texts()
+    calib = read_texts(text) if text else api.calibration()
+    with progress_bar("profiling") as on_step:
+        result = api.profile(ensure_source(source), imatrix=imatrix, text=calib, rows=rows, group_blocks=group_blocks,
+                             probe_type=probe_type, n_ctx=ctx, chunks=chunks,
+                             ctx=run_context(threads, progress=on_step))  # fmt: skip
+    result.save(output)
+    seconds = result.seconds
+    say("wrote ", data(output), f": {len(result.tensors)} tensors, {len(result.probes)} probes "
+        f"(errors {seconds.get('errors', 0):.0f} s, probes {seconds.get('probes', 0):.0f} s)")  # fmt: skip
+
+
+def solve_command(
+    source: Annotated[str, typer.Argument(help="the model the profile was made for (GGUF file or zoo:NAME)")],
+    profile: Annotated[Path, typer.Option(help="profile from `dynq profile`")],
+    target: Annotated[str, typer.Option(help="file size (600MiB, 1.2G, bytes) or bits per weight (2.5bpw)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="recipe to write (YAML)")],
+    imatrix: Annotated[
+        bool, typer.Option("--imatrix/--no-imatrix", help="the quantize will have an imatrix (IQ1/IQ2 types need one)")
+    ] = True,
+    base: Annotated[str | None, typer.Option(help="recipe whose rules pin the tensors they match")] = None,
+    types: Annotated[
+        list[str] | None, typer.Option("--type", help="candidate types (repeat); default: profiled")
+    ] = None,
+    tie: Annotated[list[str] | None, typer.Option(help="regex; its matches in one block share a type (repeat)")] = None,
+    name: Annotated[str | None, typer.Option(help="recipe name")] = None,
+) -> None:
+    """Choose every tensor's type for a size: the least predicted damage whose file is at most the target. Writes an
+    ordinary recipe (one rule per tensor kind and type, each with its predicted cost and bytes)."""
+    check_output_folder(output)
+    solved = api.solve(ensure_source(source), profile, target, has_imatrix=imatrix, base=base, types=types,
+                       ties=tie or (), name=name, ctx=run_context())  # fmt: skip
+    text = recipe_yaml(solved.recipe)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(output)
+    plan, s = solved.plan, solved.solution
+    proof = "optimal" if s.exact else f"within {s.gap:.3g} of the optimum"
+    say("wrote ", data(output), f": {len(solved.recipe.rules)} rules; {plan.total_bytes / MIB:.1f} MiB "
+        f"({plan.total_bytes:,} B, {plan.bpw:.3f} bpw) for a target of {solved.target_bytes / MIB:.1f} MiB; "
+        f"predicted KLD {solved.predicted_kld:.4f} ({proof})")  # fmt: skip
+    if plan.total_bytes < 0.99 * solved.target_bytes:
+        say(f"nothing larger fits these types and pins ({plan.total_bytes / GIB:.3f} GiB): the target is above what "
+            "they reach", console=err)  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="profile")(profile_command)
+    app.command(name="solve")(solve_command)

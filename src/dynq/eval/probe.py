@@ -1,0 +1,184 @@
+"""`dynq profile`: measured sensitivity of every weight tensor of a float reference, for a size-budget solver.
+
+Two measurements (calib/profile.py has the parts that run no model, calib/profile_file.py the format):
+1. errors: per tensor and candidate type, the imatrix-weighted relative squared encode error on sampled rows;
+2. probes: per group (one tensor kind over a few consecutive blocks, or token_embd / output alone), the mean KL
+   divergence, on calibration text, of the reference with that group alone quantized at the probe type and
+   dequantized back. S_g = KLD_g / Σ_{t∈g} e_t(probe type) calibrates the errors into KL divergence, so that
+   KLD(mix) ≈ Σ_t S_t · e_t(type_t), additive over tensors.
+Calibration text only: the evaluation text stays unseen, so judging the solver's quants on it stays fair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from dynq.calib.profile import (
+    DEFAULT_TYPES,
+    ProbeFile,
+    check_float_reference,
+    probe_groups,
+    probe_qtype,
+    profiled_tensors,
+    tensor_errors,
+)
+from dynq.calib.profile_file import (
+    KLD_FLOOR,
+    Method,
+    ModelRef,
+    Probe,
+    Profile,
+    TensorProfile,
+    cache_key,
+    cache_path,
+    imatrix_ref,
+    text_ref,
+)
+from dynq.calib.text import Text
+from dynq.core.context import RunContext, context
+from dynq.core.importance import Imatrix
+from dynq.core.qtypes import qtype
+from dynq.core.tensors import TensorInfo
+from dynq.errors import DynqError
+from dynq.eval.evaluate import evaluate, reference_predictions
+from dynq.gguf_io.reader import GGUFModel
+from dynq.kernels.ggml import GgmlBackend
+
+
+def _method(types: Sequence[str], rows: int, group_blocks: int, probe_type: str, n_ctx: int, chunks: int) -> Method:
+    names = tuple(dict.fromkeys(qtype(t).name for t in types))  # validated, upper case, first occurrence kept
+    for name in names:
+        if not qtype(name).quantizable:
+            raise DynqError(f"type {name} is not one llama.cpp quantizes to; F16 and the source type come anyway")
+    probe = qtype(probe_type)
+    if not probe.quantizable:
+        raise DynqError(f"probe type {probe.name} is not a quantized type; use e.g. Q2_K")
+    if rows < 1 or n_ctx < 2 or chunks < 1 or group_blocks < 1:
+        raise DynqError(
+            f"rows ({rows}), n_ctx ({n_ctx}), chunks ({chunks}) and group_blocks ({group_blocks}) must be positive"
+        )
+    return Method(rows, probe.name, group_blocks, n_ctx, chunks, names)
+
+
+def profile(
+    source_path: str | os.PathLike[str],
+    imatrix: Imatrix | None,
+    text: Text,
+    *,
+    types: Sequence[str] = DEFAULT_TYPES,
+    rows: int = 256,
+    group_blocks: int = 4,
+    probe_type: str = "Q2_K",
+    n_ctx: int = 512,
+    chunks: int = 2,
+    ctx: RunContext | None = None,
+) -> Profile:
+    """The sensitivity profile of the float reference at `source_path` on calibration `text`, from the cache under
+    ctx.cache_dir/profiles when one was made with the same model, imatrix, text and settings."""
+    ctx = context(ctx)
+    path = Path(source_path)
+    model = GGUFModel(path)
+    tensors = profiled_tensors(model)
+    check_float_reference(model, tensors)
+    method = _method(types, rows, group_blocks, probe_type, n_ctx, chunks)
+    model_ref = ModelRef(model.spec, model.fingerprint())
+    imx_ref, txt_ref = imatrix_ref(imatrix), text_ref(text.text, text.provenance)
+    cached = cache_path(ctx.cache_dir, path.stem, cache_key(model_ref.fingerprint, imx_ref, txt_ref, method))
+    if cached.exists():
+        ctx.logger.info("profile of %s from the cache: %s", path, cached)
+        return Profile.load(cached)
+    backend = GgmlBackend(ctx.threads)
+    groups = probe_groups(tensors, group_blocks)
+    # the reference's predictions first: a text too short fails here, not after minutes of encoding
+    reference_predictions(path, text.text, text.provenance, n_ctx, chunks, ctx)
+
+    started = time.perf_counter()
+    errors: dict[str, dict[str, float]] = {}
+    with ThreadPoolExecutor(max(1, ctx.threads)) as pool:
+        for i, info in enumerate(tensors):
+            ctx.report("profile-errors", i, len(tensors), "tensors", info.name)
+            errors[info.name] = tensor_errors(model, info, imatrix, method.types, rows, backend, method.probe_type,
+                                              method.seed, pool)  # fmt: skip
+    ctx.report("profile-errors", len(tensors), len(tensors), "tensors")
+    error_seconds = time.perf_counter() - started
+    ctx.logger.info("profile errors of %d tensors in %.1f s", len(tensors), error_seconds)
+
+    started = time.perf_counter()
+    probes = _run_probes(path, model, tensors, groups, imatrix, text, method, backend, ctx)
+    probe_seconds = time.perf_counter() - started
+    ctx.logger.info("profile probes of %d groups in %.1f s", len(probes), probe_seconds)
+
+    by_name = {t.name: t for t in tensors}
+    sensitivity: dict[str, float] = {}
+    for p in probes:
+        summed = sum(errors[n][_probe_name(by_name[n], method)] for n in p.tensors)
+        # a group whose probe changed nothing measurable gets the floor, not zero: no tensor is free to degrade
+        s = max(p.kld, method.kld_floor) / max(summed, 1e-30)
+        sensitivity |= dict.fromkeys(p.tensors, s)
+    group_of = {n: g for g, names in groups.items() for n in names}
+    result = Profile(
+        model=model_ref,
+        imatrix=imx_ref,
+        text=txt_ref,
+        method=method,
+        tensors={
+            t.name: TensorProfile(group_of[t.name], sensitivity.get(t.name, _unprobed(sensitivity)), errors[t.name])
+            for t in tensors
+        },
+        probes=tuple(probes),
+        seconds={"errors": error_seconds, "probes": probe_seconds},
+    )
+    result.save(cached)
+    ctx.logger.info("profile of %s written to %s", path, cached)
+    return result
+
+
+def _probe_name(info: TensorInfo, method: Method) -> str:
+    t = probe_qtype(info, method.probe_type)
+    assert t is not None  # only tensors with a probe type are probed
+    return t.name
+
+
+def _unprobed(sensitivity: dict[str, float]) -> float:
+    """A tensor no probe could degrade (rows only F16 fits): the largest measured sensitivity, the cautious guess."""
+    return max(sensitivity.values(), default=KLD_FLOOR)
+
+
+def _run_probes(
+    path: Path,
+    model: GGUFModel,
+    tensors: Sequence[TensorInfo],
+    groups: dict[str, list[str]],
+    imatrix: Imatrix | None,
+    text: Text,
+    method: Method,
+    backend: GgmlBackend,
+    ctx: RunContext,
+) -> list[Probe]:
+    """One probe per group: the group degraded in the work file, its mean KLD against the reference, restored."""
+    by_name = {t.name: t for t in tensors}
+    todo = []
+    for g, names in groups.items():
+        typed = [(by_name[n], pt) for n in names if (pt := probe_qtype(by_name[n], method.probe_type)) is not None]
+        if typed:
+            todo.append((g, typed))
+    # the probes' evaluations report as probes, not as evaluations of their own
+    quiet = dataclasses.replace(ctx, progress=None)
+    probes = []
+    with ProbeFile(model, ctx.cache_dir / "profiles") as work:
+        for i, (g, typed) in enumerate(todo):
+            ctx.report("profile-probes", i, len(todo), "probes", g)
+            started = time.perf_counter()
+            work.apply(typed, imatrix, backend)
+            scores = evaluate(work.path, path, text.text, text.provenance, n_ctx=method.n_ctx,
+                              n_chunks=method.chunks, ctx=quiet)  # fmt: skip
+            work.restore()
+            probes.append(Probe(g, tuple(t.name for t, _ in typed), scores.kld_mean, time.perf_counter() - started))
+            ctx.logger.info("probe %s: KLD %.5f in %.1f s", g, scores.kld_mean, probes[-1].seconds)
+        ctx.report("profile-probes", len(todo), len(todo), "probes")
+    return probes

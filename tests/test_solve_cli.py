@@ -1,0 +1,142 @@
+"""`dynq profile`, `dynq solve` and `dynq quantize --target` on a tiny real model: the recipe written reads back to
+the solved plan, the budget holds, and bad inputs are one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import dynq
+from dynq.cli import app
+from dynq.errors import DynqError
+from dynq.recipe.budget import parse_target, pinned_by
+from dynq.sources.synthetic import write_synthetic
+
+CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
+FAST = ["--ctx", "64", "--chunks", "1", "--rows", "32", "--group-blocks", "2"]
+TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]
+runner = CliRunner()
+
+
+def dynq_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dynq.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("solve")
+    text = d / "calib.txt"
+    text.write_text(CALIB)
+    tiny = write_synthetic("llama", d / "tiny.gguf")
+    imatrix = d / "tiny.imatrix.gguf"
+    ran = runner.invoke(app, ["imatrix", str(tiny), "--text", str(text), "-o", str(imatrix), "--ctx", "64",
+                              "--chunks", "2", "--threads", "2"])  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    profile = d / "tiny.profile"
+    ran = runner.invoke(app, ["profile", str(tiny), "--imatrix", str(imatrix), "--text", str(text), "-o", str(profile),
+                              "--threads", "2", *FAST])  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    return {"dir": d, "tiny": tiny, "imatrix": imatrix, "profile": profile, "text": text}
+
+
+def sizes(made: dict[str, Path]) -> tuple[int, int]:
+    """The file sizes of the tiny model at uniform Q2_K and Q8_0: the range a solve can aim inside."""
+    low = dynq.plan(made["tiny"], "uniform-q2_k").total_bytes
+    high = dynq.plan(made["tiny"], "uniform-q8_0").total_bytes
+    return low, high
+
+
+def test_parse_target() -> None:
+    assert parse_target("600MiB", 10**9) == 600 << 20
+    assert parse_target("1.5G", 10**9) == 1_500_000_000
+    assert parse_target("2.5bpw", 8 * 10**9) == 2_500_000_000
+    with pytest.raises(DynqError, match="bad target"):
+        parse_target("lots", 1)
+
+
+def test_solve_writes_a_recipe_that_plans_to_the_budget(made: dict[str, Path]) -> None:
+    low, high = sizes(made)
+    target = (low + high) // 2
+    recipe = made["dir"] / "solved.yaml"
+    ran = runner.invoke(app, ["solve", str(made["tiny"]), "--profile", str(made["profile"]), "--target", str(target),
+                              "-o", str(recipe), *[a for t in TYPES for a in ("--type", t)]])  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    assert "predicted KLD" in ran.output
+    planned = runner.invoke(app, ["plan", str(made["tiny"]), "-r", str(recipe), "--json"])
+    data = json.loads(planned.stdout)
+    assert 0.99 * target <= data["total_bytes"] <= target
+    assert {t["type"] for t in data["tensors"]} - {"F32"} <= set(TYPES)
+    assert all("predicted cost" in r["note"] for r in dynq.recipe(str(recipe)).to_dict()["rules"])
+    # the API gives the same plan as the file
+    solved = dynq.solve(made["tiny"], made["profile"], target, has_imatrix=True, types=TYPES)
+    assert [t.qtype for t in solved.plan.tensors] == [t.qtype for t in dynq.plan(made["tiny"], str(recipe)).tensors]
+    assert solved.predicted_kld > 0 and solved.solution.nbytes <= target
+
+
+def test_base_rules_pin_and_ties_tie(made: dict[str, Path]) -> None:
+    low, high = sizes(made)
+    base = made["dir"] / "base.yaml"
+    base.write_text("rules:\n  - match: 'attn_v'\n    type: Q8_0\n  - match: '^output\\.'\n    type: Q6_K\n")
+    solved = dynq.solve(made["tiny"], made["profile"], low + (high - low) // 3, has_imatrix=True, types=TYPES,
+                        base=base, ties=[r"ffn_(gate|up)\."])  # fmt: skip
+    got = {t.info.name: t.qtype.name for t in solved.plan.tensors}
+    assert all(v == "Q8_0" for k, v in got.items() if "attn_v" in k)
+    assert pinned_by(dynq.recipe(base), dynq.open_source(made["tiny"]).inventory())
+    for b in range(dynq.open_source(made["tiny"]).inventory().n_blocks):
+        assert got[f"blk.{b}.ffn_gate.weight"] == got[f"blk.{b}.ffn_up.weight"]
+
+
+def test_quantize_to_a_target(made: dict[str, Path]) -> None:
+    low, high = sizes(made)
+    target = (low + high) // 2
+    out = made["dir"] / "target.gguf"
+    ran = runner.invoke(app, ["quantize", str(made["tiny"]), "--target", str(target), "--profile", str(made["profile"]),
+                              "--imatrix", str(made["imatrix"]), "-o", str(out), "--threads", "2"])  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    written = sum(t.nbytes for t in dynq.open_source(out).inventory().tensors)
+    assert 0.99 * target <= written <= target
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "1000"], "below the smallest reachable size"),
+        (["--target", "99MiB", "--type", "Q9_Z"], "unknown tensor type 'Q9_Z'"),
+        (["--target", "99MiB", "--no-imatrix", "--type", "IQ2_XXS"], "no candidate type"),
+    ],
+)
+def test_bad_solve_inputs(made: dict[str, Path], tmp_path: Path, extra: list[str], message: str) -> None:
+    out = tmp_path / "r.yaml"
+    done = dynq_cli("solve", made["tiny"], "--profile", made["profile"], "-o", out, *extra)
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_profile_of_another_model_is_refused(made: dict[str, Path], tmp_path: Path) -> None:
+    other = write_synthetic("llama", tmp_path / "other.gguf", seed=1)
+    done = dynq_cli("solve", other, "--profile", made["profile"], "--target", "99MiB", "-o", tmp_path / "r.yaml")
+    assert done.returncode == 1
+    assert "made for another model" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_bench_solver_rows_at_a_mix_size(made: dict[str, Path]) -> None:
+    """A solver row takes exactly the tensor bytes of the llama.cpp mix it is named after, and is plotted."""
+    dynq.build_tools()
+    out = made["dir"] / "bench"
+    ran = runner.invoke(app, ["bench", str(made["tiny"]), "-r", "uniform-q4_k", "--llama-mix", "Q4_K_M",
+                              "--solve-at", "llama:Q4_K_M", "--profile", str(made["profile"]), "--imatrix",
+                              str(made["imatrix"]), "--out-dir", str(out), "--ctx", "64", "--chunks", "1",
+                              "--loop-tokens", "0", "--name", "tiny", "--threads", "2"])  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    rows = {r["name"]: r for r in json.loads((out / "tiny.json").read_text())}
+    assert set(rows) == {"uniform-q4_k", "Q4_K_M", "solved@Q4_K_M"}
+    assert 0.99 * rows["Q4_K_M"]["bytes"] <= rows["solved@Q4_K_M"]["bytes"] <= rows["Q4_K_M"]["bytes"]
+    assert "| solved@Q4_K_M | dynq |" in (out / "tiny.md").read_text()
+    assert (out / "tiny.png").stat().st_size > 1000
