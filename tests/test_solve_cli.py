@@ -64,9 +64,10 @@ def test_solve_writes_a_recipe_that_plans_to_the_budget(made: dict[str, Path]) -
     target = (low + high) // 2
     recipe = made["dir"] / "solved.yaml"
     ran = runner.invoke(app, ["solve", str(made["tiny"]), "--profile", str(made["profile"]), "--target", str(target),
-                              "-o", str(recipe), *[a for t in TYPES for a in ("--type", t)]])  # fmt: skip
+                              "-o", str(recipe), *[a for t in TYPES for a in ("--type", t)], "--imatrix",
+                              str(made["imatrix"]), "--verify", "--text", str(made["text"])])  # fmt: skip
     assert ran.exit_code == 0, ran.output
-    assert "predicted KLD" in ran.output
+    assert "predicted KLD" in ran.output and "measured" in ran.output
     planned = runner.invoke(app, ["plan", str(made["tiny"]), "-r", str(recipe), "--json"])
     data = json.loads(planned.stdout)
     assert 0.99 * target <= data["total_bytes"] <= target
@@ -107,7 +108,7 @@ def test_quantize_to_a_target(made: dict[str, Path]) -> None:
     [
         (["--target", "1000"], "below the smallest reachable size"),
         (["--target", "99MiB", "--type", "Q9_Z"], "unknown tensor type 'Q9_Z'"),
-        (["--target", "99MiB", "--no-imatrix", "--type", "IQ2_XXS"], "no candidate type"),
+        (["--target", "99MiB", "--type", "IQ2_XXS"], "no candidate type"),  # no --imatrix: IQ2_XXS needs one
     ],
 )
 def test_bad_solve_inputs(made: dict[str, Path], tmp_path: Path, extra: list[str], message: str) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dynq.calib.collector import collect_imatrix as _collect
 from dynq.calib.profile import DEFAULT_TYPES
-from dynq.calib.profile_file import Profile
+from dynq.calib.profile_file import Profile, text_ref
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
 from dynq.core.context import Progress, RunContext, context
 from dynq.core.importance import Imatrix
@@ -32,7 +33,7 @@ from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
 from dynq.llamacpp_tools import build_tools as _build_tools
 from dynq.llamacpp_tools import tools_dir
-from dynq.quantize import QuantizeResult, quantize
+from dynq.quantize import ImatrixLike, QuantizeResult, quantize
 from dynq.recipe.budget import parse_target, pinned_by
 from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
 from dynq.recipe.plan import QuantPlan, resolve
@@ -199,6 +200,45 @@ def solve(
     return Solved(plan, plan.recipe, solution, target_bytes, predicted)
 
 
+@dataclass(frozen=True)
+class Verified:
+    """A solved plan quantized and measured: the profile's prediction beside the KL divergence it really has, on the
+    profile's own calibration text and settings."""
+
+    predicted_kld: float
+    measured: EvalResult
+    seconds: float
+
+
+def verify(
+    solved: Solved,
+    profile: Profile | str | os.PathLike[str],
+    *,
+    imatrix: ImatrixLike | None = None,
+    text: Text | None = None,
+    ctx: RunContext | None = None,
+) -> Verified:
+    """Check the error model instead of trusting it: quantize `solved.plan` (into the cache, removed afterwards) and
+    measure its KL divergence to the reference on the calibration text the profile was measured on."""
+    ctx = context(ctx)
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    calib = text if text is not None else calibration(ctx=ctx)
+    if text_ref(calib.text, calib.provenance).sha256 != prof.text.sha256:
+        raise DynqError(f"the profile was measured on another text ({prof.text.provenance}); verify on the same text")
+    started = time.perf_counter()
+    work = ctx.cache_dir / "verify"
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{os.getpid()}-{solved.plan.recipe.name.replace('/', '_')}.gguf"
+    try:
+        quantize(solved.plan, out, imatrix=imatrix, ctx=ctx)
+        ref = _weights_file(solved.plan.source, ctx)
+        measured = _evaluate(out, ref, calib.text, calib.provenance, n_ctx=prof.method.n_ctx,
+                             n_chunks=prof.method.chunks, ctx=ctx)  # fmt: skip
+    finally:
+        out.unlink(missing_ok=True)
+    return Verified(solved.predicted_kld, measured, time.perf_counter() - started)
+
+
 def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -> list[TensorCoverage]:
     """What `imatrix` covers of `quant_plan`; raises DynqError if it was made for another model."""
     imx = imatrix if isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
@@ -241,6 +281,7 @@ __all__ = [
     "Solved",
     "TensorSource",
     "Text",
+    "Verified",
     "__version__",
     "build_tools",
     "calibration",
@@ -261,4 +302,5 @@ __all__ = [
     "recipe_from_dict",
     "save_imatrix",
     "solve",
+    "verify",
 ]

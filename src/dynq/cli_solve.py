@@ -54,29 +54,42 @@ def solve_command(
     target: Annotated[str, typer.Option(help="file size (600MiB, 1.2G, bytes) or bits per weight (2.5bpw)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="recipe to write (YAML)")],
     imatrix: Annotated[
-        bool, typer.Option("--imatrix/--no-imatrix", help="the quantize will have an imatrix (IQ1/IQ2 types need one)")
-    ] = True,
+        Path | None, typer.Option(help="the imatrix the quantize will use (without one, IQ1/IQ2 types are left out)")
+    ] = None,
     base: Annotated[str | None, typer.Option(help="recipe whose rules pin the tensors they match")] = None,
     types: Annotated[
         list[str] | None, typer.Option("--type", help="candidate types (repeat); default: profiled")
     ] = None,
     tie: Annotated[list[str] | None, typer.Option(help="regex; its matches in one block share a type (repeat)")] = None,
     name: Annotated[str | None, typer.Option(help="recipe name")] = None,
+    verify: Annotated[
+        bool, typer.Option(help="quantize the solution and measure its KLD beside the prediction (calibration text)")
+    ] = False,
+    text: Annotated[list[Path] | None, typer.Option(help="with --verify: the profile's calibration text")] = None,
+    threads: Annotated[int, typer.Option(help="threads (--verify)")] = THREADS,
 ) -> None:
     """Choose every tensor's type for a size: the least predicted damage whose file is at most the target. Writes an
     ordinary recipe (one rule per tensor kind and type, each with its predicted cost and bytes)."""
     check_output_folder(output)
-    solved = api.solve(ensure_source(source), profile, target, has_imatrix=imatrix, base=base, types=types,
-                       ties=tie or (), name=name, ctx=run_context())  # fmt: skip
-    text = recipe_yaml(solved.recipe)
+    solved = api.solve(ensure_source(source), profile, target, has_imatrix=imatrix is not None, base=base,
+                       types=types, ties=tie or (), name=name, ctx=run_context())  # fmt: skip
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(recipe_yaml(solved.recipe))
     tmp.replace(output)
     plan, s = solved.plan, solved.solution
     proof = "optimal" if s.exact else f"within {s.gap:.3g} of the optimum"
     say("wrote ", data(output), f": {len(solved.recipe.rules)} rules; {plan.total_bytes / MIB:.1f} MiB "
         f"({plan.total_bytes:,} B, {plan.bpw:.3f} bpw) for a target of {solved.target_bytes / MIB:.1f} MiB; "
         f"predicted KLD {solved.predicted_kld:.4f} ({proof})")  # fmt: skip
+    if verify:
+        if not text:
+            ensure_texts()
+        with progress_bar("verifying") as on_step:
+            checked = api.verify(solved, profile, imatrix=imatrix, text=read_texts(text) if text else None,
+                                 ctx=run_context(threads, progress=on_step))  # fmt: skip
+        m = checked.measured
+        say(f"verified on {m.tokens} tokens of calibration text: predicted KLD {checked.predicted_kld:.4f}, measured "
+            f"{m.kld_mean:.4f} (p99 {m.kld_p99:.4f}, top-1 {m.top1:.1%}) in {checked.seconds:.0f} s")  # fmt: skip
     if plan.total_bytes < 0.99 * solved.target_bytes:
         say(f"nothing larger fits these types and pins ({plan.total_bytes / GIB:.3f} GiB): the target is above what "
             "they reach", console=err)  # fmt: skip
