@@ -14,10 +14,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Unpack
 
 from dynq.calib.collector import collect_imatrix as _collect
-from dynq.calib.profile import DEFAULT_TYPES
-from dynq.calib.profile_file import Profile, text_ref
+from dynq.calib.profile_file import Profile, ProfileSettings, text_ref
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
 from dynq.core.context import Progress, RunContext, context
 from dynq.core.importance import Imatrix
@@ -141,21 +141,16 @@ def profile(
     *,
     imatrix: Imatrix | str | os.PathLike[str] | None = None,
     text: Text | None = None,
-    types: Sequence[str] = DEFAULT_TYPES,
-    rows: int = 256,
-    group_blocks: int = 4,
-    probe_type: str = "Q2_K",
-    n_ctx: int = 512,
-    chunks: int = 2,
     ctx: RunContext | None = None,
+    **settings: Unpack[ProfileSettings],
 ) -> Profile:
     """How much each tensor of a float reference hurts the output at each candidate type, measured on calibration
-    text (default: the built-in calibration text, never the evaluation text); cached and reused across budgets."""
+    text (default: the built-in calibration text, never the evaluation text); cached and reused across budgets.
+    `settings`: types, rows, group_blocks, probe_type, n_ctx, chunks (defaults: dynq.eval.probe.profile's)."""
     ctx = context(ctx)
     imx = imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
     calib = text if text is not None else calibration(ctx=ctx)
-    return _profile(_weights_file(source, ctx), imx, calib, types=types, rows=rows, group_blocks=group_blocks,
-                    probe_type=probe_type, n_ctx=n_ctx, chunks=chunks, ctx=ctx)  # fmt: skip
+    return _profile(_weights_file(source, ctx), imx, calib, ctx=ctx, **settings)
 
 
 @dataclass(frozen=True)

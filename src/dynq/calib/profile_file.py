@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -47,6 +48,17 @@ class ImatrixRef:
 class TextRef:
     provenance: str
     sha256: str
+
+
+class ProfileSettings(TypedDict, total=False):
+    """The measuring options a caller may set (profile() has the defaults); Method is what they resolve to."""
+
+    types: Sequence[str]
+    rows: int
+    group_blocks: int
+    probe_type: str
+    n_ctx: int
+    chunks: int
 
 
 @dataclass(frozen=True)
