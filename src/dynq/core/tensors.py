@@ -6,6 +6,7 @@ writers consume it, and it imports nothing of theirs.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,10 +25,7 @@ class CheckpointDType:
     is_float: bool = True
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
-        n = 1
-        for d in shape:
-            n *= d
-        return n * self.bits // 8
+        return math.prod(shape) * self.bits // 8
 
 
 F8_E4M3 = CheckpointDType("F8_E4M3", 8)
@@ -87,10 +85,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def row_length(self) -> int:
