@@ -109,6 +109,7 @@ def test_quantize_to_a_target(made: dict[str, Path]) -> None:
         (["--target", "1000"], "below the smallest reachable size"),
         (["--target", "99MiB", "--type", "Q9_Z"], "unknown tensor type 'Q9_Z'"),
         (["--target", "99MiB", "--type", "IQ2_XXS"], "no candidate type"),  # no --imatrix: IQ2_XXS needs one
+        (["--target", "99MiB", "--refine", "60"], "give the --imatrix"),  # refining quantizes the mixes it measures
     ],
 )
 def test_bad_solve_inputs(made: dict[str, Path], tmp_path: Path, extra: list[str], message: str) -> None:

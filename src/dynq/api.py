@@ -8,15 +8,18 @@ for exactly that.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Unpack
 
 from dynq.calib.collector import collect_imatrix as _collect
+from dynq.calib.profile import kind_of
 from dynq.calib.profile_file import Profile, ProfileSettings, text_ref
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
 from dynq.core.context import Progress, RunContext, context
@@ -38,11 +41,13 @@ from dynq.recipe.budget import parse_target, pinned_by
 from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import RecipeLike, as_recipe
+from dynq.recipe.refine import Refined, scaled_costs
+from dynq.recipe.refine import refine as _refine
 from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.recipe.solve import Solution
-from dynq.recipe.solved_recipe import solve_plan
+from dynq.recipe.solved_recipe import Costs, solve_plan
 from dynq.sources import zoo
-from dynq.sources.open import SourceLike, gguf_path
+from dynq.sources.open import SourceLike, gguf_path, open_described
 from dynq.sources.open import open_source as _open_source
 from dynq.version import __version__
 
@@ -77,7 +82,7 @@ def build_tools(*, ctx: RunContext | None = None) -> Path:
 def plan(source: SourceLike, recipe: RecipeLike, *, ctx: RunContext | None = None) -> QuantPlan:
     """Every tensor's type and the reason, from names and shapes alone. `recipe` is a preset name, a YAML file or a
     Recipe. The plan is data: edit it (dataclasses.replace) and hand it to `quantize`."""
-    return resolve(as_recipe(recipe), open_source(source, ctx=ctx).inventory())
+    return resolve(as_recipe(recipe), open_described(source, context(ctx).cache_dir).inventory())
 
 
 def recipe(spec: RecipeLike) -> Recipe:
@@ -179,9 +184,23 @@ def solve(
     """The types of least predicted damage whose file is at most `target` (bytes, or '600MiB', '2.5bpw') and within
     1% of it where reachable. `has_imatrix` says whether the quantize will have one (types that need it are left out
     otherwise); `base` rules pin the tensors they match; `ties` are regexes whose matches in one block share a type."""
-    ctx = context(ctx)
-    opened = open_source(source, ctx=ctx)
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    return _solver(source, prof, target, has_imatrix, base, types, ties, name, context(ctx))(prof.costs())
+
+
+def _solver(
+    source: SourceLike,
+    prof: Profile,
+    target: int | str,
+    has_imatrix: bool,
+    base: RecipeLike | None,
+    types: Sequence[str] | None,
+    ties: Sequence[str],
+    name: str | None,
+    ctx: RunContext,
+) -> Callable[[Costs], Solved]:
+    """The solve for one model, size and set of constraints, as a function of the costs it minimises."""
+    opened = open_described(source, ctx.cache_dir)  # no weights are read: the description is enough
     prof.check_model(opened)
     inventory = opened.inventory()
     target_bytes = target if isinstance(target, int) else parse_target(target, inventory.n_parameters)
@@ -189,10 +208,92 @@ def solve(
     pinned = pinned_by(as_recipe(base), inventory) if base is not None else {}
     wanted = [qtype(t) for t in (types if types is not None else prof.method.types)]
     label = name or f"solved-{target if isinstance(target, str) else target_bytes}"
-    plan, solution = solve_plan(start, prof.costs(), wanted, target_bytes, has_imatrix=has_imatrix, pinned=pinned,
-                                ties=[re.compile(t) for t in ties], name=label)  # fmt: skip
-    predicted = prof.predicted_kld({t.info.name: t.qtype.name for t in plan.tensors if not t.kept})
-    return Solved(plan, plan.recipe, solution, target_bytes, predicted)
+    patterns = [re.compile(t) for t in ties]
+
+    def solve_for(costs: Costs) -> Solved:
+        plan, solution = solve_plan(start, costs, wanted, target_bytes, has_imatrix=has_imatrix, pinned=pinned,
+                                    ties=patterns, name=label)  # fmt: skip
+        predicted = prof.predicted_kld({t.info.name: t.qtype.name for t in plan.tensors if not t.kept})
+        return Solved(plan, plan.recipe, solution, target_bytes, predicted)
+
+    return solve_for
+
+
+@dataclass(frozen=True)
+class RefinedSolve:
+    """A solution improved against measured KL divergence: the refined Solved (its predicted_kld is the profile's,
+    unweighted) and the search's record (measured KLD before and after, every mix tried)."""
+
+    solved: Solved
+    search: Refined
+
+
+def refine(
+    source: SourceLike,
+    profile: Profile | str | os.PathLike[str],
+    target: int | str,
+    *,
+    imatrix: ImatrixLike | None,
+    text: Text | None = None,
+    seconds: float = 600.0,
+    chunks: int = 4,
+    base: RecipeLike | None = None,
+    types: Sequence[str] | None = None,
+    ties: Sequence[str] = (),
+    name: str | None = None,
+    ctx: RunContext | None = None,
+) -> RefinedSolve:
+    """`solve`, then a search that weighs each tensor kind's predicted costs up or down and keeps the mix that
+    measures best (recipe/refine.py), for about `seconds`. Each mix is quantized (encoded tensors are cached, so
+    later mixes mostly reuse them) and judged on `chunks` chunks of the profile's own calibration text."""
+    ctx = context(ctx)
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    calib = _profile_text(prof, text, ctx)
+    solve_for = _solver(source, prof, target, imatrix is not None, base, types, ties, name, ctx)
+    costs = prof.costs()
+    kinds = sorted({kind_of(n) for n in costs})
+    solved: dict[tuple[tuple[str, str], ...], Solved] = {}
+
+    def key(choice: Mapping[str, QType]) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((n, t.name) for n, t in choice.items()))
+
+    def choose(weights: Mapping[str, float]) -> Mapping[str, QType]:
+        found = solve_for(scaled_costs(costs, kind_of, weights))
+        solved.setdefault(key(found.solution.choice), found)
+        return found.solution.choice
+
+    def measure(choice: Mapping[str, QType]) -> float:
+        plan = solved[key(choice)].plan
+        with _scratch(ctx, plan.recipe.name) as out:
+            quantize(plan, out, imatrix=imatrix, ctx=ctx, reuse_encoded=True)
+            ref = _weights_file(plan.source, ctx)
+            scores = _evaluate(out, ref, calib.text, calib.provenance, n_ctx=prof.method.n_ctx, n_chunks=chunks,
+                               ctx=dataclasses.replace(ctx, progress=None))  # fmt: skip
+        ctx.logger.info("refine: %s measured KLD %.4f", plan.recipe.name, scores.kld_mean)
+        return scores.kld_mean
+
+    search = _refine(kinds, choose, measure, seconds=seconds)
+    return RefinedSolve(solved[key(search.choice)], search)
+
+
+def _profile_text(prof: Profile, text: Text | None, ctx: RunContext) -> Text:
+    """The calibration text the profile was measured on (the built-in one unless given); another text is refused."""
+    calib = text if text is not None else calibration(ctx=ctx)
+    if text_ref(calib.text, calib.provenance).sha256 != prof.text.sha256:
+        raise DynqError(f"the profile was measured on another text ({prof.text.provenance}); use the same text")
+    return calib
+
+
+@contextmanager
+def _scratch(ctx: RunContext, label: str) -> Iterator[Path]:
+    """A temporary GGUF path in the cache, removed afterwards."""
+    work = ctx.cache_dir / "verify"
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{os.getpid()}-{label.replace('/', '_')}.gguf"
+    try:
+        yield out
+    finally:
+        out.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -217,20 +318,13 @@ def verify(
     measure its KL divergence to the reference on the calibration text the profile was measured on."""
     ctx = context(ctx)
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-    calib = text if text is not None else calibration(ctx=ctx)
-    if text_ref(calib.text, calib.provenance).sha256 != prof.text.sha256:
-        raise DynqError(f"the profile was measured on another text ({prof.text.provenance}); verify on the same text")
+    calib = _profile_text(prof, text, ctx)
     started = time.perf_counter()
-    work = ctx.cache_dir / "verify"
-    work.mkdir(parents=True, exist_ok=True)
-    out = work / f"{os.getpid()}-{solved.plan.recipe.name.replace('/', '_')}.gguf"
-    try:
+    with _scratch(ctx, solved.plan.recipe.name) as out:
         quantize(solved.plan, out, imatrix=imatrix, ctx=ctx)
         ref = _weights_file(solved.plan.source, ctx)
         measured = _evaluate(out, ref, calib.text, calib.provenance, n_ctx=prof.method.n_ctx,
                              n_chunks=prof.method.chunks, ctx=ctx)  # fmt: skip
-    finally:
-        out.unlink(missing_ok=True)
     return Verified(solved.predicted_kld, measured, time.perf_counter() - started)
 
 
@@ -271,6 +365,7 @@ __all__ = [
     "QuantPlan",
     "QuantizeResult",
     "Recipe",
+    "RefinedSolve",
     "RunContext",
     "Settings",
     "Solved",
@@ -295,6 +390,7 @@ __all__ = [
     "read_imatrix",
     "recipe",
     "recipe_from_dict",
+    "refine",
     "save_imatrix",
     "solve",
     "verify",

@@ -65,27 +65,49 @@ def solve_command(
     verify: Annotated[
         bool, typer.Option(help="quantize the solution and measure its KLD beside the prediction (calibration text)")
     ] = False,
-    text: Annotated[list[Path] | None, typer.Option(help="with --verify: the profile's calibration text")] = None,
-    threads: Annotated[int, typer.Option(help="threads (--verify)")] = THREADS,
+    refine: Annotated[
+        float,
+        typer.Option(help="seconds to improve the mix against measured KLD (calibration text; needs --imatrix)"),
+    ] = 0.0,
+    refine_chunks: Annotated[int, typer.Option(help="with --refine: calibration chunks each mix is judged on")] = 4,
+    text: Annotated[
+        list[Path] | None, typer.Option(help="with --verify or --refine: the profile's calibration text")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="threads (--verify, --refine)")] = THREADS,
 ) -> None:
     """Choose every tensor's type for a size: the least predicted damage whose file is at most the target. Writes an
-    ordinary recipe (one rule per tensor kind and type, each with its predicted cost and bytes)."""
+    ordinary recipe (one rule per tensor kind and type, each with its predicted cost and bytes). --verify measures
+    the mix; --refine SECONDS also tries mixes that weigh each tensor kind up or down and keeps the one that
+    measures best on calibration text."""
     check_output_folder(output)
-    solved = api.solve(ensure_source(source), profile, target, has_imatrix=imatrix is not None, base=base,
-                       types=types, ties=tie or (), name=name, ctx=run_context())  # fmt: skip
+    if refine > 0 and imatrix is None:
+        raise api.DynqError("--refine quantizes the mixes it measures: give the --imatrix they will be made with")
+    if (verify or refine > 0) and not text:
+        ensure_texts()
+    calib = read_texts(text) if text else None
+    if refine > 0:
+        with progress_bar("refining") as on_step:
+            refined = api.refine(ensure_source(source), profile, target, imatrix=imatrix, text=calib, seconds=refine,
+                                 chunks=refine_chunks, base=base, types=types, ties=tie or (), name=name,
+                                 ctx=run_context(threads, progress=on_step))  # fmt: skip
+        solved, search = refined.solved, refined.search
+        say(f"refined in {search.seconds:.0f} s: {len(search.trials)} mixes measured on {refine_chunks} chunks of "
+            f"calibration text, KLD {search.first:.4f} (as solved) -> {search.best:.4f}")  # fmt: skip
+    else:
+        solved = api.solve(ensure_source(source), profile, target, has_imatrix=imatrix is not None, base=base,
+                           types=types, ties=tie or (), name=name, ctx=run_context())  # fmt: skip
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     tmp.write_text(recipe_yaml(solved.recipe))
     tmp.replace(output)
     plan, s = solved.plan, solved.solution
     proof = "optimal" if s.exact else f"within {s.gap:.3g} of the optimum"
+    proof += " for the refined kind weights" if refine > 0 else ""
     say("wrote ", data(output), f": {len(solved.recipe.rules)} rules; {plan.total_bytes / MIB:.1f} MiB "
         f"({plan.total_bytes:,} B, {plan.bpw:.3f} bpw) for a target of {solved.target_bytes / MIB:.1f} MiB; "
         f"predicted KLD {solved.predicted_kld:.4f} ({proof})")  # fmt: skip
     if verify:
-        if not text:
-            ensure_texts()
         with progress_bar("verifying") as on_step:
-            checked = api.verify(solved, profile, imatrix=imatrix, text=read_texts(text) if text else None,
+            checked = api.verify(solved, profile, imatrix=imatrix, text=calib,
                                  ctx=run_context(threads, progress=on_step))  # fmt: skip
         m = checked.measured
         say(f"verified on {m.tokens} tokens of calibration text: predicted KLD {checked.predicted_kld:.4f}, measured "

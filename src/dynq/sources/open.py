@@ -11,6 +11,7 @@ from pathlib import Path
 from dynq.core.source import TensorSource
 from dynq.gguf_io.reader import GGUFModel
 from dynq.sources import shapes, zoo
+from dynq.sources.described import describe
 
 # What the public API takes for a model: an opened source, a spec string or a path.
 SourceLike = TensorSource | str | os.PathLike[str]
@@ -35,3 +36,11 @@ def open_source(spec: SourceLike, cache: Path) -> TensorSource:
 def open_gguf(spec: str | os.PathLike[str], cache: Path) -> GGUFModel:
     """A GGUF model with weights: a path or a cached zoo model."""
     return GGUFModel(gguf_path(spec, cache), spec=str(spec))
+
+
+def open_described(spec: SourceLike, cache: Path) -> TensorSource:
+    """Like `open_source`, with a GGUF file's description from the cache (see sources/described.py): for what
+    plans and sizes, which needs no weights."""
+    if isinstance(spec, TensorSource) or str(spec).startswith(shapes.PREFIX):
+        return open_source(spec, cache)
+    return describe(gguf_path(spec, cache), str(spec), cache)

@@ -1,0 +1,106 @@
+"""A GGUF file's description (inventory, metadata, content fingerprint) remembered per file in the cache.
+
+gguf-py builds its field objects one string at a time, so opening a model with a 150k-token vocabulary takes
+seconds before any tensor is touched. Planning and solving for a size need only the description; it is kept under
+cache/described, keyed by the file's path, size, modification time and inode (the way build tools decide a file
+is unchanged), and the weights are opened only if something loads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from dynq.core.qtypes import qtype
+from dynq.core.source import F32Array, MetadataField
+from dynq.core.tensors import ModelInventory, TensorInfo
+from dynq.gguf_io.reader import GGUFModel, shard_paths
+
+_VERSION = 1
+
+
+def _key(path: Path) -> str:
+    h = hashlib.sha256(str(_VERSION).encode())
+    for shard in shard_paths(path):
+        st = shard.stat()
+        h.update(f"{shard.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class DescribedGGUF:
+    """A GGUF model whose description comes from the cache; its weights (and full metadata) are read on demand."""
+
+    path: Path
+    spec_: str
+    inventory_: ModelInventory
+    fingerprint_: str
+
+    @property
+    def spec(self) -> str:
+        return self.spec_
+
+    def inventory(self) -> ModelInventory:
+        return self.inventory_
+
+    def fingerprint(self) -> str:
+        return self.fingerprint_
+
+    @cached_property
+    def model(self) -> GGUFModel:
+        return GGUFModel(self.path, spec=self.spec_)
+
+    def metadata_fields(self) -> list[MetadataField]:
+        return self.model.metadata_fields()
+
+    def load(self, name: str) -> F32Array:
+        return self.model.load(name)
+
+    def load_expert(self, name: str, expert: int) -> F32Array:
+        return self.model.load_expert(name, expert)
+
+    def release(self, name: str) -> None:
+        if "model" in self.__dict__:
+            self.model.release(name)
+
+
+def _to_json(inventory: ModelInventory, fingerprint: str) -> str:
+    tensors = [[t.name, list(t.shape), t.dtype.name] for t in inventory.tensors]
+    return json.dumps({"version": _VERSION, "arch": inventory.arch, "fingerprint": fingerprint,
+                       "metadata": dict(inventory.metadata), "tensors": tensors})  # fmt: skip
+
+
+def _from_json(text: str, spec: str) -> tuple[ModelInventory, str] | None:
+    data = json.loads(text)
+    if data.get("version") != _VERSION:
+        return None
+    tensors = tuple(TensorInfo(n, tuple(s), qtype(d)) for n, s, d in data["tensors"])
+    return ModelInventory(spec, data["arch"], tensors, data["metadata"]), data["fingerprint"]
+
+
+def describe(path: Path, spec: str, cache: Path) -> DescribedGGUF:
+    """The model at `path` described from the cache, or opened once and remembered. A memo that cannot be read
+    (torn, from another version) is rebuilt, never trusted."""
+    memo = cache / "described" / f"{_key(path)}.json"
+    try:
+        found = _from_json(memo.read_text(), spec)
+    except (OSError, ValueError, KeyError, TypeError):
+        found = None
+    if found is not None:
+        return DescribedGGUF(path, spec, *found)
+    model = GGUFModel(path, spec=spec)
+    described = DescribedGGUF(path, spec, model.inventory(), model.fingerprint())
+    described.__dict__["model"] = model  # already open: loading from it needs no second parse
+    try:
+        text = _to_json(described.inventory_, described.fingerprint_)
+    except TypeError:  # metadata JSON cannot hold: describe again next time
+        return described
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(memo)
+    return described
