@@ -124,7 +124,17 @@ def report(results: Sequence[MixResult], settings: Mapping[str, object], name: s
         f"# The profile's error model against measured KL divergence: {name}",
         "",
         f"{len(results)} mixes; Spearman rank correlation predicted vs measured: **{rho:.3f}**. Predicted/measured "
-        f"ratio: median {np.median(ratios):.2f}, range {ratios.min():.2f}-{ratios.max():.2f}.",
+        f"ratio: median {np.median(ratios):.2f}, range {ratios.min():.2g}-{ratios.max():.2g}.",
+        "",
+        "Within one kind of mix: "
+        + ", ".join(
+            f"{kind} {spearman([r.predicted_kld for r in sub], [r.kld_mean for r in sub]):.3f} ({len(sub)} mixes)"
+            for kind in ("random", "solved")
+            if len(sub := [r for r in results if r.kind == kind]) > 2
+        )
+        + ". Predicted: the profile's sum over tensors (calibration text); measured: `dynq eval` on the evaluation "
+        "text, which the profile never saw. Solved mixes are named by their target in bytes (the sizes of "
+        "llama.cpp's IQ1_S, IQ1_M, IQ2_XXS, Q2_K, Q3_K_M and Q4_K_M mixes in the model's bench).",
         "",
         "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()),
         "",
@@ -133,8 +143,8 @@ def report(results: Sequence[MixResult], settings: Mapping[str, object], name: s
     ]
     for r in sorted(results, key=lambda r: r.bytes):
         ratio = r.predicted_kld / r.kld_mean
-        lines.append(f"| {r.name} | {r.kind} | {r.bytes / MIB:.1f} | {r.bpw:.3f} | {r.predicted_kld:.4f} | "
-                     f"{r.kld_mean:.4f} | {ratio:.2f} | {r.kld_p99:.3f} | {r.top1:.1%} |")  # fmt: skip
+        lines.append(f"| {r.name} | {r.kind} | {r.bytes / MIB:.1f} | {r.bpw:.3f} | {r.predicted_kld:.3g} | "
+                     f"{r.kld_mean:.3g} | {ratio:.2g} | {r.kld_p99:.3f} | {r.top1:.1%} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -149,8 +159,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None)
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--render", action="store_true", help="only redraw the table and plot from the JSON")
     args = parser.parse_args()
     name = args.name or args.reference.stem
+    out_json = RESULTS / f"error-model-{name}.json"
+    if args.render:
+        saved = json.loads(out_json.read_text())
+        _write(name, [MixResult(**m) for m in saved["mixes"]], saved["settings"])
+        return
     ctx = dynq.RunContext(threads=args.threads)
     profile = Profile.load(args.profile)
     imatrix = dynq.read_imatrix(args.imatrix)
@@ -168,7 +184,6 @@ def main() -> None:
         solved = dynq.solve(args.reference, profile, target, has_imatrix=True, name=f"solved@{target}")
         mixes.append((solved.plan, "solved", solved.predicted_kld))
     results: list[MixResult] = []
-    out_json = RESULTS / f"error-model-{name}.json"
     settings = {"reference": args.reference.name, "profile": args.profile.name, "imatrix": args.imatrix.name,
                 "evaluation": f"{args.chunks} x 512 tokens", "seed": args.seed, "threads": args.threads}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dynq-error-model-") as tmp:
@@ -178,6 +193,10 @@ def main() -> None:
             print(f"{r.name}: {r.bytes / MIB:.1f} MiB predicted {r.predicted_kld:.4f} measured {r.kld_mean:.4f} "
                   f"({r.seconds:.0f} s)", flush=True)  # fmt: skip
             out_json.write_text(json.dumps({"settings": settings, "mixes": [asdict(x) for x in results]}, indent=1))
+    _write(name, results, settings)
+
+
+def _write(name: str, results: Sequence[MixResult], settings: Mapping[str, object]) -> None:
     (RESULTS / f"error-model-{name}.md").write_text(report(results, settings, name))
     _plot(results, RESULTS / f"error-model-{name}.png", f"error model, {name}")
     print(report(results, settings, name))

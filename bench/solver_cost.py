@@ -108,7 +108,7 @@ def main() -> None:
     scenarios = [
         Scenario(f"this machine ({args.threads} cores, reference read from disk at 2 GB/s)", args.threads, 2.0),
         Scenario("1 CPU server (128 cores, 1.5 TB RAM holding the reference, 300 GB/s)", 128, 300.0),
-        Scenario("8 CPU servers as above, probes spread over them (issue: Ray)", 128, 300.0, nodes=8),
+        Scenario("8 CPU servers as above, probes spread over them with Ray", 128, 300.0, nodes=8),
     ]
     for s in scenarios:
         speed = s.cores / args.threads
