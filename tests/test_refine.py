@@ -82,3 +82,5 @@ def test_solve_refine_on_a_tiny_model(made: dict[str, Path]) -> None:  # noqa: F
                          types=TYPES)  # fmt: skip
     assert result.search.best <= result.search.first and result.search.trials[0].accepted
     assert result.solved.plan.total_bytes <= target
+    # the recipe states the profile's own predictions, not the reweighted costs the search solved with
+    assert f"predicted cost {result.solved.predicted_kld:.4g}" in result.solved.recipe.description

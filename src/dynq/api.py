@@ -209,10 +209,11 @@ def _solver(
     wanted = [qtype(t) for t in (types if types is not None else prof.method.types)]
     label = name or f"solved-{target if isinstance(target, str) else target_bytes}"
     patterns = [re.compile(t) for t in ties]
+    measured = prof.costs()
 
     def solve_for(costs: Costs) -> Solved:
         plan, solution = solve_plan(start, costs, wanted, target_bytes, has_imatrix=has_imatrix, pinned=pinned,
-                                    ties=patterns, name=label)  # fmt: skip
+                                    ties=patterns, name=label, reported=measured)  # fmt: skip
         predicted = prof.predicted_kld({t.info.name: t.qtype.name for t in plan.tensors if not t.kept})
         return Solved(plan, plan.recipe, solution, target_bytes, predicted)
 

@@ -144,10 +144,12 @@ def solve_plan(
     ties: Sequence[re.Pattern[str]] | None = None,
     name: str = "solved",
     description: str = "",
+    reported: Costs | None = None,
 ) -> tuple[QuantPlan, Solution]:
     """The plan of least predicted cost whose file is at most `target_bytes`, resolved from the recipe that writes
     it down. The Solution covers the free tensors (its nbytes excludes kept and pinned ones); the plan's
-    total_bytes is the whole file."""
+    total_bytes is the whole file. The recipe's notes state `reported` costs (default: `costs`), so a solve on
+    reweighted costs still writes down the profile's own predictions."""
     units, fixed = units_from_plan(plan, costs, types, has_imatrix=has_imatrix, pinned=pinned, ties=ties)
     fixed_bytes = _fixed_bytes(plan, fixed)
     minimum = fixed_bytes + sum(min(o.nbytes for o in u.options) for u in units)
@@ -156,8 +158,10 @@ def solve_plan(
     solution = solve(units, target_bytes - fixed_bytes)
     kept = {t.info.name for t in plan.tensors if t.kept}
     choice = {**{n: t for n, t in fixed.items() if n not in kept}, **solution.choice}  # pins, then the solver's
-    text = description or f"solved for {target_bytes} B on {plan.source}: predicted cost {solution.cost:.4g}"
-    recipe = solution_recipe(plan, choice, costs, name=name, description=text)
+    noted = costs if reported is None else reported
+    predicted = math.fsum(noted[n][t.name] for n, t in solution.choice.items())
+    text = description or f"solved for {target_bytes} B on {plan.source}: predicted cost {predicted:.4g}"
+    recipe = solution_recipe(plan, choice, noted, name=name, description=text)
     solved = resolve(recipe, ModelInventory(plan.source, plan.arch, tuple(t.info for t in plan.tensors)))
     _check_reproduces(plan, solved, choice)
     return solved, solution
