@@ -15,6 +15,7 @@ import dynq
 from dynq.cli import app
 from dynq.errors import DynqError
 from dynq.recipe.budget import parse_target, pinned_by
+from dynq.recipe.solved_recipe import recipe_yaml
 from dynq.sources.synthetic import write_synthetic
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
@@ -129,16 +130,19 @@ def test_a_profile_of_another_model_is_refused(made: dict[str, Path], tmp_path: 
 
 
 def test_bench_solver_rows_at_a_mix_size(made: dict[str, Path]) -> None:
-    """A solver row takes exactly the tensor bytes of the llama.cpp mix it is named after, and is plotted."""
+    """A solver row takes exactly the tensor bytes of the llama.cpp mix it is named after, and is plotted; a recipe
+    given as a file path is benched like a preset."""
     dynq.build_tools()
     out = made["dir"] / "bench"
-    ran = runner.invoke(app, ["bench", str(made["tiny"]), "-r", "uniform-q4_k", "--llama-mix", "Q4_K_M",
+    recipe = made["dir"] / "q4.yaml"
+    recipe.write_text(recipe_yaml(dynq.recipe("uniform-q4_k")))
+    ran = runner.invoke(app, ["bench", str(made["tiny"]), "-r", str(recipe), "--llama-mix", "Q4_K_M",
                               "--solve-at", "llama:Q4_K_M", "--profile", str(made["profile"]), "--imatrix",
                               str(made["imatrix"]), "--out-dir", str(out), "--ctx", "64", "--chunks", "1",
                               "--loop-tokens", "0", "--name", "tiny", "--threads", "2"])  # fmt: skip
     assert ran.exit_code == 0, ran.output
     rows = {r["name"]: r for r in json.loads((out / "tiny.json").read_text())}
-    assert set(rows) == {"uniform-q4_k", "Q4_K_M", "solved@Q4_K_M"}
+    assert set(rows) == {str(recipe), "Q4_K_M", "solved@Q4_K_M"}
     assert 0.99 * rows["Q4_K_M"]["bytes"] <= rows["solved@Q4_K_M"]["bytes"] <= rows["Q4_K_M"]["bytes"]
     assert "| solved@Q4_K_M | dynq |" in (out / "tiny.md").read_text()
     assert (out / "tiny.png").stat().st_size > 1000

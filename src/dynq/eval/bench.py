@@ -6,6 +6,7 @@ Writes a markdown table and a plot of KLD against size with the Pareto front.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LLAMA = "llama:"  # a solve target named by a llama.cpp mix: that mix's size
 SOLVED = "solved@"  # the name of a solver row
+_UNSAFE = re.compile(r"[^\w.@-]")  # in a work file's name: a recipe may be given as a path
 # (target bytes, row name) -> the solved plan to quantize
 SolveFor = Callable[[int, str], QuantPlan]
 
@@ -84,7 +86,7 @@ def run_bench(
         raise DynqError("solve targets need a profile to solve from")
     inventory = GGUFModel(ref).inventory()
     for maker, name in jobs:
-        out = work / f"{ref.stem}-{maker}-{name}.gguf"
+        out = work / f"{ref.stem}-{maker}-{_UNSAFE.sub('_', name)}.gguf"
         started = time.perf_counter()
         if name.startswith(SOLVED) and solve_for is not None:
             spec = solve_at[[SOLVED + s.removeprefix(LLAMA) for s in solve_at].index(name)]

@@ -85,7 +85,11 @@ def _from_json(text: str, spec: str) -> tuple[ModelInventory, str] | None:
 def describe(path: Path, spec: str, cache: Path) -> DescribedGGUF:
     """The model at `path` described from the cache, or opened once and remembered. A memo that cannot be read
     (torn, from another version) is rebuilt, never trusted."""
-    memo = cache / "described" / f"{_key(path)}.json"
+    try:
+        memo = cache / "described" / f"{_key(path)}.json"
+    except OSError:  # missing or unreadable: the reader names the problem in one line
+        model = GGUFModel(path, spec=spec)
+        return DescribedGGUF(path, spec, model.inventory(), model.fingerprint())
     try:
         found = _from_json(memo.read_text(), spec)
     except (OSError, ValueError, KeyError, TypeError):
