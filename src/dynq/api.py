@@ -41,7 +41,7 @@ from dynq.recipe.budget import parse_target, pinned_by
 from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import RecipeLike, as_recipe
-from dynq.recipe.refine import Refined, scaled_costs
+from dynq.recipe.refine import Refined, choice_key, scaled_costs
 from dynq.recipe.refine import refine as _refine
 from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.recipe.solve import Solution
@@ -255,16 +255,13 @@ def refine(
     kinds = sorted({kind_of(n) for n in costs})
     solved: dict[tuple[tuple[str, str], ...], Solved] = {}
 
-    def key(choice: Mapping[str, QType]) -> tuple[tuple[str, str], ...]:
-        return tuple(sorted((n, t.name) for n, t in choice.items()))
-
     def choose(weights: Mapping[str, float]) -> Mapping[str, QType]:
         found = solve_for(scaled_costs(costs, kind_of, weights))
-        solved.setdefault(key(found.solution.choice), found)
+        solved.setdefault(choice_key(found.solution.choice), found)
         return found.solution.choice
 
     def measure(choice: Mapping[str, QType]) -> float:
-        plan = solved[key(choice)].plan
+        plan = solved[choice_key(choice)].plan
         with _scratch(ctx, plan.recipe.name) as out:
             quantize(plan, out, imatrix=imatrix, ctx=ctx, reuse_encoded=True)
             ref = _weights_file(plan.source, ctx)
@@ -274,7 +271,7 @@ def refine(
         return scores.kld_mean
 
     search = _refine(kinds, choose, measure, seconds=seconds)
-    return RefinedSolve(solved[key(search.choice)], search)
+    return RefinedSolve(solved[choice_key(search.choice)], search)
 
 
 def _profile_text(prof: Profile, text: Text | None, ctx: RunContext) -> Text:

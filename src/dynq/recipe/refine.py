@@ -45,8 +45,9 @@ def scaled_costs(
     return {n: {t: c * weights.get(kind_of(n), 1.0) for t, c in by_type.items()} for n, by_type in costs.items()}
 
 
-def _same(a: Choice, b: Choice) -> bool:
-    return a.keys() == b.keys() and all(a[n] is b[n] for n in a)
+def choice_key(choice: Choice) -> tuple[tuple[str, str], ...]:
+    """A mix as a hashable value: two choices are the same mix when their keys are equal."""
+    return tuple(sorted((n, t.name) for n, t in choice.items()))
 
 
 def refine(
@@ -66,7 +67,7 @@ def refine(
     incumbent = solve(weights)
     first = best = measure(incumbent)
     trials = [Trial(dict(weights), first, True)]
-    seen = [incumbent]
+    seen = {choice_key(incumbent)}
     while clock() - started < seconds:
         round_best: tuple[float, dict[str, float], Choice] | None = None
         for kind in kinds:
@@ -75,9 +76,9 @@ def refine(
                     break
                 trial = weights | {kind: weights[kind] * f}
                 choice = solve(trial)
-                if any(_same(choice, s) for s in seen):
+                if choice_key(choice) in seen:
                     continue
-                seen.append(choice)
+                seen.add(choice_key(choice))
                 m = measure(choice)
                 trials.append(Trial(trial, m, False))
                 if m < best and (round_best is None or m < round_best[0]):
