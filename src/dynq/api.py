@@ -45,7 +45,7 @@ from dynq.recipe.refine import Refined, choice_key, scaled_costs
 from dynq.recipe.refine import refine as _refine
 from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.recipe.solve import Solution
-from dynq.recipe.solved_recipe import Costs, solve_plan
+from dynq.recipe.solved_recipe import solve_plan
 from dynq.sources import zoo
 from dynq.sources.open import SourceLike, gguf_path, open_described
 from dynq.sources.open import open_source as _open_source
@@ -185,7 +185,7 @@ def solve(
     1% of it where reachable. `has_imatrix` says whether the quantize will have one (types that need it are left out
     otherwise); `base` rules pin the tensors they match; `ties` are regexes whose matches in one block share a type."""
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-    return _solver(source, prof, target, has_imatrix, base, types, ties, name, context(ctx))(prof.costs())
+    return _solver(source, prof, target, has_imatrix, base, types, ties, name, context(ctx))({})
 
 
 def _solver(
@@ -198,8 +198,9 @@ def _solver(
     ties: Sequence[str],
     name: str | None,
     ctx: RunContext,
-) -> Callable[[Costs], Solved]:
-    """The solve for one model, size and set of constraints, as a function of the costs it minimises."""
+) -> Callable[[Mapping[str, float]], Solved]:
+    """The solve for one model, size and set of constraints, as a function of per-kind weights on the profile's
+    costs (a kind left out weighs 1)."""
     opened = open_described(source, ctx.cache_dir)  # no weights are read: the description is enough
     prof.check_model(opened)
     inventory = opened.inventory()
@@ -211,7 +212,8 @@ def _solver(
     patterns = [re.compile(t) for t in ties]
     measured = prof.costs()
 
-    def solve_for(costs: Costs) -> Solved:
+    def solve_for(weights: Mapping[str, float]) -> Solved:
+        costs = scaled_costs(measured, kind_of, weights) if weights else measured
         plan, solution = solve_plan(start, costs, wanted, target_bytes, has_imatrix=has_imatrix, pinned=pinned,
                                     ties=patterns, name=label, reported=measured)  # fmt: skip
         predicted = prof.predicted_kld({t.info.name: t.qtype.name for t in plan.tensors if not t.kept})
@@ -251,12 +253,11 @@ def refine(
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
     calib = _profile_text(prof, text, ctx)
     solve_for = _solver(source, prof, target, imatrix is not None, base, types, ties, name, ctx)
-    costs = prof.costs()
-    kinds = sorted({kind_of(n) for n in costs})
+    kinds = sorted({kind_of(n) for n in prof.tensors})
     solved: dict[tuple[tuple[str, str], ...], Solved] = {}
 
     def choose(weights: Mapping[str, float]) -> Mapping[str, QType]:
-        found = solve_for(scaled_costs(costs, kind_of, weights))
+        found = solve_for(weights)
         solved.setdefault(choice_key(found.solution.choice), found)
         return found.solution.choice
 

@@ -82,23 +82,26 @@ def _from_json(text: str, spec: str) -> tuple[ModelInventory, str] | None:
     return ModelInventory(spec, data["arch"], tensors, data["metadata"]), data["fingerprint"]
 
 
+def _opened(model: GGUFModel) -> DescribedGGUF:
+    described = DescribedGGUF(model.path, model.spec, model.inventory(), model.fingerprint())
+    described.__dict__["model"] = model  # already open: loading from it needs no second parse
+    return described
+
+
 def describe(path: Path, spec: str, cache: Path) -> DescribedGGUF:
     """The model at `path` described from the cache, or opened once and remembered. A memo that cannot be read
     (torn, from another version) is rebuilt, never trusted."""
     try:
         memo = cache / "described" / f"{_key(path)}.json"
     except OSError:  # missing or unreadable: the reader names the problem in one line
-        model = GGUFModel(path, spec=spec)
-        return DescribedGGUF(path, spec, model.inventory(), model.fingerprint())
+        return _opened(GGUFModel(path, spec=spec))
     try:
         found = _from_json(memo.read_text(), spec)
     except (OSError, ValueError, KeyError, TypeError):
         found = None
     if found is not None:
         return DescribedGGUF(path, spec, *found)
-    model = GGUFModel(path, spec=spec)
-    described = DescribedGGUF(path, spec, model.inventory(), model.fingerprint())
-    described.__dict__["model"] = model  # already open: loading from it needs no second parse
+    described = _opened(GGUFModel(path, spec=spec))
     try:
         text = _to_json(described.inventory_, described.fingerprint_)
     except TypeError:  # metadata JSON cannot hold: describe again next time
