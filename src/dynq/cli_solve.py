@@ -13,6 +13,7 @@ from dynq.calib.text import read_texts
 from dynq.cli_shell import THREADS, ensure_source, ensure_texts, err, progress_bar, run_context, say
 from dynq.cli_text import data
 from dynq.core.sizes import GIB
+from dynq.eval import probe
 from dynq.gguf_io.writer import check_output_folder
 from dynq.recipe.solved_recipe import recipe_yaml
 
@@ -24,10 +25,10 @@ def profile_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="profile file to write (JSON)")],
     imatrix: Annotated[str | None, typer.Option(help="importance matrix of the model (GGUF or .dat)")] = None,
     text: Annotated[list[Path] | None, typer.Option(help="calibration text file(s); default: the built-in set")] = None,
-    ctx: Annotated[int, typer.Option(help="tokens per probe chunk")] = 512,
-    chunks: Annotated[int, typer.Option(help="chunks each probe is judged on")] = 2,
-    rows: Annotated[int, typer.Option(help="rows sampled per tensor for the encode errors")] = 256,
-    group_blocks: Annotated[int, typer.Option(help="consecutive blocks probed together per tensor kind")] = 4,
+    ctx: Annotated[int, typer.Option(help="tokens per probe chunk")] = probe.N_CTX,
+    chunks: Annotated[int, typer.Option(help="chunks each probe is judged on")] = probe.CHUNKS,
+    rows: Annotated[int, typer.Option(help="rows sampled per tensor for the encode errors")] = probe.ROWS,
+    group_blocks: Annotated[int, typer.Option(help="blocks probed together per tensor kind")] = probe.GROUP_BLOCKS,
     probe_type: Annotated[str, typer.Option(help="the type a probe puts its tensors at")] = "Q2_K",
     threads: Annotated[int, typer.Option(help="threads")] = THREADS,
 ) -> None:
