@@ -68,7 +68,12 @@ def fetch(name: str, *, ctx: RunContext | None = None) -> Path:
         fetch_texts(ctx.cache_dir)
         return ctx.cache_dir / "texts"
     if not name.startswith(zoo.PREFIX):
-        raise DynqError(f"cannot fetch '{name}'; fetch zoo:NAME (one of {', '.join(zoo.MODELS)}) or {TEXTS}")
+        raise DynqError(f"cannot fetch '{name}'; fetch zoo:NAME (one of {', '.join(zoo.names())}) or {TEXTS}")
+    model = zoo.zoo_model(name)
+    if isinstance(model, zoo.DerivedModel):
+        from dynq.moe.zoo_build import build_derived
+
+        return build_derived(model, ctx)
     return zoo.fetch(name, ctx.cache_dir, ctx.progress)
 
 

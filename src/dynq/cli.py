@@ -319,7 +319,7 @@ def presets() -> None:
         table.add_row(data(name), data(load_recipe(name).description))
     out.print(table)
     say("shape inventories: " + ", ".join(shapes.PREFIX + n for n in shapes.inventory_names()))
-    say("zoo models: " + ", ".join(zoo.PREFIX + n for n in zoo.MODELS))
+    say("zoo models: " + ", ".join(zoo.PREFIX + n for n in zoo.names()))
 
 
 @app.command()

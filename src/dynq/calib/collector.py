@@ -52,7 +52,7 @@ GgmlTensor._fields_ = [
 ]
 
 
-def _view(t: GgmlTensor, dtype: type[np.generic]) -> npt.NDArray[Any]:
+def tensor_view(t: GgmlTensor, dtype: type[np.generic]) -> npt.NDArray[Any]:
     """The tensor's host data as a strided numpy array in numpy order [ne3, ne2, ne1, ne0]."""
     if not t.data:
         raise DynqError(f"activation {t.name.decode()} has no host data")
@@ -73,21 +73,28 @@ class _Stat:
     counts: npt.NDArray[np.int64]  # [n_mat]
 
 
+class OpNames:
+    """ggml's name of an op code (MUL_MAT, MUL_MAT_ID, ...), asked of the bundled library once per code."""
+
+    def __init__(self) -> None:
+        lib = ggml_library()
+        lib.ggml_op_name.restype = ctypes.c_char_p
+        lib.ggml_op_name.argtypes = [ctypes.c_int]
+        self._names: dict[int, str] = {}
+        self._lib = lib
+
+    def __call__(self, op: int) -> str:
+        if op not in self._names:
+            self._names[op] = (self._lib.ggml_op_name(op) or b"").decode()
+        return self._names[op]
+
+
 class ActivationStats:
     """The accumulator the eval callback feeds: Σx² per column and token counts, per weight (and expert)."""
 
     def __init__(self) -> None:
         self.stats: dict[str, _Stat] = {}
-        lib = ggml_library()
-        lib.ggml_op_name.restype = ctypes.c_char_p
-        lib.ggml_op_name.argtypes = [ctypes.c_int]
-        self._op_names: dict[int, str] = {}
-        self._lib = lib
-
-    def _op(self, op: int) -> str:
-        if op not in self._op_names:
-            self._op_names[op] = (self._lib.ggml_op_name(op) or b"").decode()
-        return self._op_names[op]
+        self._op = OpNames()
 
     def wants(self, t: GgmlTensor) -> bool:
         op = self._op(t.op)
@@ -112,11 +119,11 @@ class ActivationStats:
         if any(int(n) == 0 for n in src1.ne):
             return
         name = src0.name.decode()
-        x = _view(src1, np.float32)  # [ne3, ne2, ne1, ne0]; squares summed in float32 per call, float64 across calls
+        x = tensor_view(src1, np.float32)  # [ne3, ne2, ne1, ne0]; squares summed per call in float32, across in float64
         ne0 = x.shape[-1]
         if self._op(t.op) == "MUL_MAT_ID":
             n_as = int(src0.ne[2])
-            ids = _view(t.src[2].contents, np.int32)[0, 0]  # [n_tokens, n_ids]
+            ids = tensor_view(t.src[2].contents, np.int32)[0, 0]  # [n_tokens, n_ids]
             s = self._stat(name, n_as, ne0)
             acts = x[0]  # [n_tokens, ne11, ne0]
             for slot in range(ids.shape[1]):

@@ -84,7 +84,9 @@ class LlamaRuntime:
         eval_callback: EvalCallback | None = None,
         all_experts: bool = False,
         logits: bool = False,
+        experts_used: int | None = None,
     ) -> None:
+        """`all_experts` routes every token through every expert; `experts_used` sets how many instead (MoE only)."""
         L = self._L = llama()
         self._keep: list[Any] = [_quiet_llama()]
         L.llama_backend_init()
@@ -92,8 +94,8 @@ class LlamaRuntime:
         if not path.is_file():
             raise DynqError(f"{path}: no such model file")
         mparams = L.llama_model_default_params()
-        if all_experts:
-            self._keep.append(self._override_expert_count(path, mparams))
+        if all_experts or experts_used is not None:
+            self._keep.append(self._override_expert_count(path, mparams, None if all_experts else experts_used))
         self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise DynqError(f"{path}: llama.cpp could not load this model")
@@ -121,18 +123,20 @@ class LlamaRuntime:
         self.want_logits = logits
 
     @staticmethod
-    def _override_expert_count(path: Path, mparams: Any) -> Any:
+    def _override_expert_count(path: Path, mparams: Any, count: int | None) -> Any:
         from dynq.gguf_io.reader import GGUFModel
 
         L = llama()
         model = GGUFModel(path)
         n_expert = model.field(f"{model.arch}.expert_count")
         if not n_expert:
-            raise DynqError(f"{path}: not a Mixture-of-Experts model; --all-experts does not apply")
+            raise DynqError(f"{path}: not a Mixture-of-Experts model; --all-experts and expert counts do not apply")
         overrides = (L.llama_model_kv_override * 2)()
         overrides[0].key = f"{model.arch}.expert_used_count".encode()
         overrides[0].tag = L.LLAMA_KV_OVERRIDE_TYPE_INT
-        overrides[0].value.val_i64 = int(n_expert)
+        if count is not None and not 1 <= count <= int(n_expert):
+            raise DynqError(f"{path}: {count} experts per token asked, the model has {n_expert}")
+        overrides[0].value.val_i64 = int(n_expert) if count is None else count
         mparams.kv_overrides = overrides
         return overrides
 

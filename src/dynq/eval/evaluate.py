@@ -19,7 +19,7 @@ from dynq.calib.runtime import LlamaRuntime, token_chunks
 from dynq.core.context import RunContext, context
 from dynq.errors import DynqError
 from dynq.eval.metrics import Scores
-from dynq.eval.reference import CompactReference
+from dynq.eval.reference import CompactReference, log_softmax
 from dynq.gguf_io.reader import GGUFModel
 
 log = logging.getLogger(__name__)
@@ -129,3 +129,18 @@ def evaluate(
             scores.add(reference, rows, logits[scored_positions(n_ctx)])
             ctx.report("eval", i + 1, len(chunks), "chunks")
     return EvalResult(**scores.summary(), chunks=len(chunks), n_ctx=n_ctx, text=provenance)
+
+
+def perplexity(path: Path, text: str, n_ctx: int, chunks: int, threads: int, experts_used: int | None = None) -> float:
+    """llama-perplexity's number (second half of each chunk scored) on the first `chunks` chunks of `text`;
+    `experts_used` overrides a Mixture-of-Experts model's experts per token."""
+    nll, count = 0.0, 0
+    with LlamaRuntime(path, n_ctx, threads, logits=True, experts_used=experts_used) as rt:
+        for chunk in token_chunks(rt.tokenize(text), n_ctx, chunks, "the text"):
+            logits = rt.evaluate_chunk(chunk)
+            assert logits is not None
+            logp = log_softmax(logits[scored_positions(n_ctx)])
+            nxt = np.asarray(chunk[n_ctx // 2 + 1 :])
+            nll -= float(logp[np.arange(nxt.size), nxt].sum())
+            count += nxt.size
+    return float(np.exp(nll / count))

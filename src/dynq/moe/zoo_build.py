@@ -1,0 +1,27 @@
+"""`dynq fetch zoo:NAME` for the zoo models dynq builds: fetch the base model and the texts, then re-lay it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dynq.calib.text import calibration_text, fetch_texts
+from dynq.core.context import RunContext
+from dynq.moe.build import build_moe
+from dynq.sources import zoo
+
+
+def build_derived(model: zoo.DerivedModel, ctx: RunContext) -> Path:
+    """The cached model, built first if needed; what the build measured goes beside it (`report_path`)."""
+    path = model.path(ctx.cache_dir)
+    if path.exists():
+        return path
+    base = zoo.fetch(zoo.PREFIX + model.base, ctx.cache_dir, ctx.progress)
+    fetch_texts(ctx.cache_dir)
+    report = build_moe(base, path, calibration_text(ctx.cache_dir), ctx=ctx)
+    target = model.report_path(ctx.cache_dir)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    tmp.replace(target)
+    return path
