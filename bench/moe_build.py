@@ -81,7 +81,7 @@ def report(reports: Mapping[str, Mapping[str, Any]]) -> str:
     lines += [
         "",
         "Router recall of the oracle's choice (the experts with the largest outputs), held-out calibration chunks, "
-        "co-activation layout:",
+        f"co-activation layout (a random choice recalls k/{s['n_expert']} on average):",
         "",
         "| block | shared share of the FFN output | " + " | ".join(f"top-{k}" for k in rk) + " |",
         "|---:|---:|" + "---:|" * len(rk),
