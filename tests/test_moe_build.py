@@ -1,9 +1,10 @@
 """A two-block slice of the real qwen2.5-coder-1.5b re-laid as qwen2moe: exact split, the dense function with every
-expert active, the same bytes twice, and the MoE paths (per-expert imatrix) on real weights."""
+expert active, the same bytes twice, and the MoE paths (per-expert imatrix, expert offload) on real weights."""
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import dynq
 from dynq.calib.collector import collect_imatrix
 from dynq.calib.runtime import LlamaRuntime
 from dynq.calib.text import calibration_text
+from dynq.deploy.memory import byte_model
 from dynq.eval.reference import log_softmax
 from dynq.gguf_io.reader import GGUFModel
 from dynq.moe.build import MoeReport, MoeSettings, build_moe
@@ -109,3 +111,18 @@ def test_per_expert_importance_on_real_routing(moe: tuple[Path, MoeReport]) -> N
         assert (every.entries[name].counts == 2 * 128).all()
     shared = routed.entries["blk.0.ffn_up_shexp.weight"].counts
     assert shared.sum() == 2 * 128
+
+
+def test_expert_offload_bytes_on_real_weights(moe: tuple[Path, MoeReport]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from offload_check import load_and_report
+
+    path = moe[0]
+    bm = byte_model(GGUFModel(path).inventory())
+    got = load_and_report(path, 512, 256)
+    assert bm.file_bytes / (1 << 20) == pytest.approx(got.model, rel=0.001)
+    assert bm.kv_total(512, "f16", 256) / (1 << 20) == pytest.approx(got.kv, rel=0.001)
+    # too little VRAM for the experts of both blocks: the plan keeps routed experts on the CPU, and only them
+    plan = dynq.offload(path, dynq.Hardware(vram=int(0.5 * (1 << 30)) + (bm.file_bytes * 3) // 4)).best
+    assert plan.fits_vram and plan.experts_on_cpu > 0
+    assert all("exps" in pattern for pattern in plan.override_tensors)
