@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,46 @@ class ActivationStats:
         return Imatrix(entries, list(datasets), chunk_count, chunk_size)
 
 
+def run_watching(
+    model_path: str | Path,
+    text: str,
+    n_ctx: int,
+    n_chunks: int | None,
+    wants: Callable[[GgmlTensor], bool],
+    seen: Callable[[GgmlTensor], None],
+    step: str,
+    ctx: RunContext,
+    *,
+    all_experts: bool = False,
+) -> int:
+    """Run the model over `text` chunk by chunk; every graph node `wants` asks for is handed to `seen` once
+    computed (progress as `step`, in chunks). Returns the number of chunks run."""
+    from dynq.calib.runtime import LlamaRuntime, token_chunks
+
+    failures: list[BaseException] = []
+
+    def on_eval(t_ptr: int, ask: bool, _user: int) -> bool:
+        # an exception cannot cross the C boundary: keep it, stop the graph, and raise it after llama_decode
+        try:
+            t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
+            if ask:
+                return wants(t)
+            seen(t)
+            return True
+        except BaseException as e:
+            failures.append(e)
+            return False
+
+    with LlamaRuntime(model_path, n_ctx, ctx.threads, eval_callback=on_eval, all_experts=all_experts) as rt:
+        chunks = token_chunks(rt.tokenize(text), n_ctx, n_chunks, "the calibration text")
+        for i, chunk in enumerate(chunks):
+            rt.evaluate_chunk(chunk)
+            if failures:
+                raise failures[0]
+            ctx.report(step, i + 1, len(chunks), "chunks")
+    return len(chunks)
+
+
 def collect_imatrix(
     model_path: str | Path,
     text: str,
@@ -164,29 +204,8 @@ def collect_imatrix(
     `expert_count` for the run), so that no expert is left without statistics. It changes the forward pass: later
     layers see activations of a denser mixture than the trained one.
     """
-    from dynq.calib.runtime import LlamaRuntime, token_chunks
-
     ctx = context(ctx)
     stats = ActivationStats()
-    failures: list[BaseException] = []
-
-    def on_eval(t_ptr: int, ask: bool, _user: int) -> bool:
-        # an exception cannot cross the C boundary: keep it, stop the graph, and raise it after llama_decode
-        try:
-            t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
-            if ask:
-                return stats.wants(t)
-            stats.collect(t)
-            return True
-        except BaseException as e:
-            failures.append(e)
-            return False
-
-    with LlamaRuntime(model_path, n_ctx, ctx.threads, eval_callback=on_eval, all_experts=all_experts) as rt:
-        chunks = token_chunks(rt.tokenize(text), n_ctx, n_chunks, "the calibration text")
-        for i, chunk in enumerate(chunks):
-            rt.evaluate_chunk(chunk)
-            if failures:
-                raise failures[0]
-            ctx.report("imatrix", i + 1, len(chunks), "chunks")
-    return stats.to_imatrix(datasets, len(chunks), n_ctx)
+    chunks = run_watching(model_path, text, n_ctx, n_chunks, stats.wants, stats.collect, "imatrix", ctx,
+                          all_experts=all_experts)  # fmt: skip
+    return stats.to_imatrix(datasets, chunks, n_ctx)

@@ -6,15 +6,13 @@ the scheduler's eval callback hands it over as the graph runs, chunk by chunk as
 
 from __future__ import annotations
 
-import ctypes
 import re
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from dynq.calib.collector import GgmlTensor, OpNames, tensor_view
-from dynq.calib.runtime import LlamaRuntime, token_chunks
+from dynq.calib.collector import GgmlTensor, OpNames, run_watching, tensor_view
 from dynq.core.context import RunContext, context
 
 _FFN_UP = re.compile(rb"blk\.(\d+)\.ffn_up\.weight")
@@ -27,29 +25,15 @@ def ffn_inputs(
     ctx = context(ctx)
     op_name = OpNames()
     parts: dict[int, list[npt.NDArray[np.float32]]] = {}
-    failures: list[BaseException] = []
 
-    def on_eval(t_ptr: int, ask: bool, _user: int) -> bool:
-        try:  # an exception cannot cross the C boundary: keep it and stop the graph
-            t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
-            if op_name(t.op) != "MUL_MAT":
-                return not ask
-            m = _FFN_UP.fullmatch(t.src[0].contents.name)
-            if ask:
-                return m is not None
-            if m is not None:
-                x = tensor_view(t.src[1].contents, np.float32)
-                parts.setdefault(int(m.group(1)), []).append(np.array(x.reshape(-1, x.shape[-1])))
-            return True
-        except BaseException as e:
-            failures.append(e)
-            return False
+    def block_of(t: GgmlTensor) -> int | None:
+        m = _FFN_UP.fullmatch(t.src[0].contents.name) if op_name(t.op) == "MUL_MAT" else None
+        return int(m.group(1)) if m else None
 
-    with LlamaRuntime(model_path, n_ctx, ctx.threads, eval_callback=on_eval) as rt:
-        cut = token_chunks(rt.tokenize(text), n_ctx, chunks, "the calibration text")
-        for i, chunk in enumerate(cut):
-            rt.evaluate_chunk(chunk)
-            if failures:
-                raise failures[0]
-            ctx.report("activations", i + 1, len(cut), "chunks")
+    def keep(t: GgmlTensor) -> None:
+        if (block := block_of(t)) is not None:
+            x = tensor_view(t.src[1].contents, np.float32)
+            parts.setdefault(block, []).append(np.array(x.reshape(-1, x.shape[-1])))
+
+    run_watching(model_path, text, n_ctx, chunks, lambda t: block_of(t) is not None, keep, "activations", ctx)
     return {block: np.concatenate(xs) for block, xs in sorted(parts.items())}
