@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEELS)/.built
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PIP) install --quiet -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[dev]'
+	# llama.cpp's converter from the same source package, and its gguf-py as the one installed `gguf`
+	$(PY) -m dynq.sources.converter
 	touch $(STAMP)
 
 setup: $(STAMP)

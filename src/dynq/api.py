@@ -47,6 +47,7 @@ from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.recipe.solve import Solution
 from dynq.recipe.solved_recipe import solve_plan
 from dynq.sources import zoo
+from dynq.sources.checkpoint import HFCheckpoint
 from dynq.sources.open import SourceLike, gguf_path, open_described
 from dynq.sources.open import open_source as _open_source
 from dynq.version import __version__
@@ -350,9 +351,22 @@ def _weights_file(source: SourceLike, ctx: RunContext) -> Path:
     """The GGUF file llama.cpp's runtime loads for `source`."""
     if isinstance(source, GGUFModel):
         return source.path
+    if isinstance(source, HFCheckpoint) or (not isinstance(source, TensorSource) and Path(source).is_dir()):
+        return _f16_conversion(source, ctx)
     if isinstance(source, TensorSource):
         raise DynqError(f"{source.spec}: llama.cpp runs GGUF files; quantize this source first")
     return gguf_path(source, ctx.cache_dir)
+
+
+def _f16_conversion(source: HFCheckpoint | str | os.PathLike[str], ctx: RunContext) -> Path:
+    """A checkpoint's F16 GGUF for what runs the model (imatrix, profile, evaluation), written once into the cache
+    under its content fingerprint."""
+    checkpoint = source if isinstance(source, HFCheckpoint) else HFCheckpoint(Path(source), ctx.cache_dir)
+    path = ctx.cache_dir / "checkpoints" / f"{checkpoint.directory.name}-{checkpoint.fingerprint()[:24]}-f16.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        quantize(resolve(as_recipe("f16"), checkpoint.inventory()), path, ctx=ctx, source=checkpoint)
+    return path
 
 
 __all__ = [

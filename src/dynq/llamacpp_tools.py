@@ -18,11 +18,11 @@ import tempfile
 from pathlib import Path
 
 from dynq.errors import DynqError
-from dynq.pypi import download
+from dynq.pypi import LLAMA_CPP_PYTHON, download
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.3.36"
+VERSION = LLAMA_CPP_PYTHON
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 # Native code, but without AMX: some virtual machines advertise AMX and fault on its instructions.
 _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() == "x86_64" else ""

@@ -7,15 +7,17 @@ float32, encoded and written before the next one is touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, LazyChunkedTensor
 from gguf import quantize as gguf_quantize
 
 from dynq.core.context import RunContext, context
@@ -83,8 +85,12 @@ def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, im
     return backend.encode(p.qtype, values.reshape(-1, p.info.row_length), importance)
 
 
-def encode_tensor(p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
-    """Load and encode one planned tensor; a 3-D expert tensor one expert at a time, each with its own importance."""
+def encoded_parts(
+    p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None
+) -> list[Callable[[], U8Array]]:
+    """One planned tensor's encoders in file order: the whole tensor, or one per expert of a 3-D expert tensor, each
+    with its own importance. Each loads its part only when called, so a writer that takes the parts one by one
+    holds one expert at a time, however many experts the tensor has."""
     importance = tensor_importance(p, imatrix)
     n_mat = p.info.shape[2] if len(p.info.shape) == 3 else 1
     if importance is not None and importance.shape[0] not in (1, n_mat):
@@ -93,10 +99,19 @@ def encode_tensor(p: PlannedTensor, source: TensorSource, backend: KernelBackend
     def row(i: int) -> F32Array | None:
         return None if importance is None else importance[min(i, importance.shape[0] - 1)]
 
-    if n_mat == 1:
+    def whole() -> U8Array:
         return encode_matrix(p, source.load(p.info.name), backend, row(0)).reshape(-1)
-    parts = [encode_matrix(p, source.load_expert(p.info.name, e), backend, row(e)).reshape(-1) for e in range(n_mat)]
-    return np.concatenate(parts)
+
+    def expert(e: int) -> U8Array:
+        return encode_matrix(p, source.load_expert(p.info.name, e), backend, row(e)).reshape(-1)
+
+    return [whole] if n_mat == 1 else [functools.partial(expert, e) for e in range(n_mat)]
+
+
+def encode_tensor(p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
+    """Load and encode one planned tensor into one array."""
+    parts = encoded_parts(p, source, backend, imatrix)
+    return parts[0]() if len(parts) == 1 else np.concatenate([part() for part in parts])
 
 
 def check_imatrix(plan: QuantPlan, imatrix: Imatrix | None, origin: str) -> None:
@@ -186,14 +201,16 @@ def quantize(
                     device, len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
     planned = {p.info.name: p for p in plan.tensors}
 
-    def encoded(t: OutputTensor) -> U8Array:
+    def encoded(t: OutputTensor) -> U8Array | LazyChunkedTensor:
         p = planned[t.info.name]
+        if cache is None:
+            parts = encoded_parts(p, src, kernels, imx)
+            return parts[0]() if len(parts) == 1 else LazyChunkedTensor(parts, (p.nbytes,), np.uint8)
         importance = tensor_importance(p, imx)
-        if cache is not None and (hit := cache.get(p.info.name, p.qtype.name, importance, p.nbytes)) is not None:
+        if (hit := cache.get(p.info.name, p.qtype.name, importance, p.nbytes)) is not None:
             return np.frombuffer(hit, dtype=np.uint8)
         data = encode_tensor(p, src, kernels, imx)
-        if cache is not None:
-            cache.put(p.info.name, p.qtype.name, importance, data.tobytes())
+        cache.put(p.info.name, p.qtype.name, importance, data.tobytes())
         return data
 
     done = 0

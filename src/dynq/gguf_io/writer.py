@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter, LazyChunkedTensor
 
 from dynq.core.source import MetadataField
 from dynq.core.tensors import TensorInfo
@@ -90,8 +90,12 @@ class StreamingWriter:
         assert self.writer.path is not None
         self.paths = self.writer.format_shard_names(self.writer.path)
 
-    def write(self, data: npt.NDArray[np.uint8]) -> None:
-        self.writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    def write(self, data: npt.NDArray[np.uint8] | LazyChunkedTensor) -> None:
+        """One tensor's bytes: an array, or gguf-py's chunked tensor, written one chunk at a time."""
+        if isinstance(data, LazyChunkedTensor):
+            self.writer.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes and tofile
+        else:
+            self.writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
 
     def finish(self) -> list[Path]:
         """Flush, sync and rename every shard to its final name; returns the final paths."""
@@ -139,7 +143,7 @@ def write_gguf(
     output: Path,
     arch: str,
     tensors: Sequence[OutputTensor],
-    data: Callable[[OutputTensor], U8Array],
+    data: Callable[[OutputTensor], U8Array | LazyChunkedTensor],
     *,
     metadata: Callable[[GGUFWriter], None],
     split_max_size: int = 0,

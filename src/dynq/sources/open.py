@@ -1,4 +1,5 @@
-"""Opening a source: `zoo:NAME` (from the cache), `shapes:NAME` or a GGUF path (any shard of a split).
+"""Opening a source: `zoo:NAME` (from the cache), `shapes:NAME`, a Hugging Face checkpoint directory or a GGUF
+path (any shard of a split).
 
 Nothing here touches the network: a zoo model that is not cached yet is an error naming `dynq fetch`.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 from dynq.core.source import TensorSource
 from dynq.gguf_io.reader import GGUFModel
 from dynq.sources import shapes, zoo
+from dynq.sources.checkpoint import HFCheckpoint
 from dynq.sources.described import describe
 
 # What the public API takes for a model: an opened source, a spec string or a path.
@@ -30,6 +32,8 @@ def open_source(spec: SourceLike, cache: Path) -> TensorSource:
     text = str(spec)
     if text.startswith(shapes.PREFIX):
         return shapes.open_shapes(text)
+    if Path(text).is_dir():
+        return HFCheckpoint(Path(text), cache, spec=text)
     return GGUFModel(gguf_path(text, cache), spec=text)
 
 
@@ -41,6 +45,6 @@ def open_gguf(spec: str | os.PathLike[str], cache: Path) -> GGUFModel:
 def open_described(spec: SourceLike, cache: Path) -> TensorSource:
     """Like `open_source`, with a GGUF file's description from the cache (see sources/described.py): for what
     plans and sizes, which needs no weights."""
-    if isinstance(spec, TensorSource) or str(spec).startswith(shapes.PREFIX):
+    if isinstance(spec, TensorSource) or str(spec).startswith(shapes.PREFIX) or Path(str(spec)).is_dir():
         return open_source(spec, cache)
     return describe(gguf_path(spec, cache), str(spec), cache)

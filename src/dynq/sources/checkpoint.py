@@ -1,0 +1,233 @@
+"""A Hugging Face checkpoint directory as a source: the model llama.cpp's converter would write from it.
+
+The converter (sources/converter.py) runs in its lazy mode: it maps names, writes the hyperparameters, tokenizer
+and chat template, dequantizes FP8 block-scaled weights and stacks experts, but every tensor stays a graph of
+operations over memory-mapped safetensors until something evaluates it. So the inventory and the plan come from
+the checkpoint's headers alone, and each tensor is computed only when the quantizer loads it, then dropped.
+
+The source is the converter's F16 conversion (`--outtype f16`): names, order, types and values are those of the
+GGUF the converter would write, so a plan or a quant of the directory equals one of that GGUF. One expert of a
+stacked expert tensor is computed from that expert's weights alone (`load_expert`), so memory stays at one expert
+matrix however many experts a block has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from dynq.core.qtypes import qtype
+from dynq.core.source import F32Array, MetadataField
+from dynq.core.tensors import ModelInventory, TensorInfo
+from dynq.errors import DynqError
+from dynq.sources.converter import load_conversion
+
+log = logging.getLogger(__name__)
+
+# Operations a stacked expert tensor passes through after `torch.stack` that act on every expert alike (dtype
+# conversions), so one expert's slice of the result is the operation applied to that expert alone.
+_PER_ELEMENT_METHODS = frozenset({"to", "float", "half", "bfloat16", "contiguous", "astype", "numpy"})
+_WINDOW, _WINDOWS = 1 << 16, 64  # fingerprint: 64 windows of 64 KiB per shard
+_PER_ELEMENT_FUNCS = ("LazyNumpyTensor.astype.<locals>.<lambda>", "LazyTorchTensor.numpy.<locals>.<lambda>")
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir()
+
+
+def _evaluate(t: Any) -> Any:
+    """A lazy tensor's value, computed without keeping it (or anything under it) in the graph: gguf-py's own
+    `to_eager` caches every node, which would keep each tensor alive for as long as the writer holds its graph."""
+    if not isinstance(t, gguf.LazyBase):
+        return t
+    if t._data is not None:
+        return t._data
+    assert t._func is not None
+    args = gguf.LazyBase._recurse_apply(t._args, _evaluate)
+    return t._func(*args, **t._kwargs)
+
+
+def _method_name(func: Callable[..., Any]) -> str | None:
+    """The method a lazy `tensor.method(...)` call wraps (gguf-py's `__getattr__` closes over its name)."""
+    if func.__code__.co_freevars == ("name",) and func.__closure__:
+        name = func.__closure__[0].cell_contents
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _per_element(t: gguf.LazyBase) -> bool:
+    func = t._func
+    if func is None or not t._args or not isinstance(t._args[0], gguf.LazyBase):
+        return False
+    if tuple(t._meta.shape) != tuple(t._args[0]._meta.shape):
+        return False
+    return getattr(func, "__qualname__", "") in _PER_ELEMENT_FUNCS or _method_name(func) in _PER_ELEMENT_METHODS
+
+
+def _is_stack(t: gguf.LazyBase) -> bool:
+    dim = t._kwargs.get("dim", t._args[1] if len(t._args) > 1 else 0)
+    return t._func is torch.stack and dim == 0 and isinstance(t._args[0], list | tuple)
+
+
+def _expert_value(t: Any, expert: int) -> Any | None:
+    """Expert `expert`'s slice of a stacked tensor, computed from that expert's inputs only; None when the graph is
+    not a stack followed by per-element operations (then the caller computes the whole tensor)."""
+    if not isinstance(t, gguf.LazyBase):
+        return None
+    if t._data is not None:
+        return t._data[expert]
+    if _is_stack(t):
+        return _evaluate(t._args[0][expert])
+    if _per_element(t):
+        inner = _expert_value(t._args[0], expert)
+        if inner is None:
+            return None
+        assert t._func is not None
+        rest = gguf.LazyBase._recurse_apply(t._args[1:], _evaluate)
+        return t._func(inner, *rest, **t._kwargs)
+    return None
+
+
+def _as_f32(values: Any, dtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> F32Array:
+    array = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    if array.dtype == np.uint8:
+        array = gguf.quants.dequantize(array, dtype)
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+
+
+def _check_safetensors(path: Path) -> None:
+    """A shard whose header promises more bytes than the file holds was cut short (an interrupted download)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DynqError(f"{path}: not a safetensors file (shorter than its header); download it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise DynqError(f"{path}: the safetensors header is cut short; download the file again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise DynqError(f"{path}: the safetensors header is not valid JSON; download the file again") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise DynqError(
+            f"{path}: truncated: the header describes {8 + n + end} bytes, the file has {size}; download it again"
+        )
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint directory, read through llama.cpp's converter (see the module docstring)."""
+
+    def __init__(self, directory: Path, cache: Path, spec: str | None = None) -> None:
+        self.directory = directory
+        self._spec = spec or str(directory)
+        if not (directory / "config.json").is_file():
+            raise DynqError(f"{directory}: no config.json; a Hugging Face checkpoint directory holds one")
+        for shard in sorted(directory.glob("*.safetensors")):
+            _check_safetensors(shard)
+        conversion = load_conversion(cache)
+        try:
+            hparams = conversion.ModelBase.load_hparams(directory, False)
+            arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
+        except (ValueError, KeyError, OSError) as e:
+            raise DynqError(f"{directory}/config.json: {e}") from e
+        try:
+            model_class = conversion.get_model_class(arch, mmproj=False)
+        except NotImplementedError:
+            raise DynqError(
+                f"{directory}: llama.cpp's converter does not know the architecture {arch}; "
+                "see `convert_hf_to_gguf.py --print-supported-models`"
+            ) from None
+        self.hf_arch = arch
+        with tempfile.TemporaryDirectory(prefix="dynq-convert-") as tmp, torch.inference_mode():
+            try:
+                model = model_class(directory, gguf.LlamaFileType.MOSTLY_F16, Path(tmp) / "model.gguf")
+                model.prepare_tensors()
+                model.prepare_metadata(vocab_only=False)
+            except (ValueError, KeyError, AssertionError, FileNotFoundError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DynqError(f"{directory}: llama.cpp's converter stopped: {first}") from e
+        writer = model.gguf_writer
+        self.model_arch = gguf.MODEL_ARCH_NAMES[model.model_arch]
+        self._kv: dict[str, Any] = dict(writer.kv_data[0])
+        self._tensors: dict[str, Any] = dict(writer.tensors[0])
+        self._whole: tuple[str, Any] | None = None
+        self._infos = {
+            name: TensorInfo(name, tuple(int(d) for d in reversed(ti.shape)), qtype(ti.dtype.name))
+            for name, ti in self._tensors.items()
+        }
+
+    @property
+    def spec(self) -> str:
+        return self._spec
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {k: v.value for k, v in self._kv.items()}
+
+    def inventory(self) -> ModelInventory:
+        return ModelInventory(self.spec, self.model_arch, tuple(self._infos.values()), self.metadata)
+
+    def metadata_fields(self) -> list[MetadataField]:
+        return [MetadataField(k, v.value, v.type, v.sub_type) for k, v in self._kv.items()]
+
+    def _tensor(self, name: str) -> Any:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise DynqError(f"{self.directory}: no tensor named {name}") from None
+
+    def load(self, name: str) -> F32Array:
+        ti = self._tensor(name)
+        with torch.inference_mode():
+            return _as_f32(_evaluate(ti.tensor), ti.dtype, tuple(reversed(self._infos[name].shape)))
+
+    def load_expert(self, name: str, expert: int) -> F32Array:
+        ti, info = self._tensor(name), self._infos[name]
+        if len(info.shape) != 3 or not 0 <= expert < info.shape[2]:
+            raise DynqError(f"{self.directory}: tensor {name} {info.shape} has no expert {expert}")
+        rows = (info.shape[1], info.shape[0])
+        with torch.inference_mode():
+            value = _expert_value(ti.tensor, expert)
+            if value is None:
+                # Not a stack of experts (e.g. attention split per head): computed whole once, kept until released.
+                if self._whole is None or self._whole[0] != name:
+                    log.debug("%s: %s is not a stack of experts; computing it whole", self.spec, name)
+                    self._whole = (name, _evaluate(ti.tensor))
+                value = self._whole[1][expert]
+            return _as_f32(value, ti.dtype, rows)
+
+    def release(self, name: str) -> None:
+        """Loads keep nothing but a whole 3-D tensor that is not a stack of experts; drop it."""
+        if self._whole is not None and self._whole[0] == name:
+            self._whole = None
+
+    def fingerprint(self) -> str:
+        """sha256 of the JSON files (config, index, tokenizer), every shard's header and evenly spaced windows of its
+        data: the headers carry each tensor's name, type, shape and byte range, the windows catch changed weights."""
+        digest = hashlib.sha256()
+        for path in sorted(self.directory.glob("*.json")) + sorted(self.directory.glob("*.safetensors")):
+            digest.update(path.name.encode())
+            if path.suffix != ".safetensors":
+                digest.update(path.read_bytes())
+                continue
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                digest.update(f.read(n))
+                step = max(_WINDOW, size // _WINDOWS)
+                for start in range(0, size, step):
+                    f.seek(start)
+                    digest.update(f.read(_WINDOW))
+        return digest.hexdigest()

@@ -1,0 +1,96 @@
+"""A Hugging Face checkpoint directory as a source: what dynq writes from it equals what llama.cpp's converter
+writes, tensor for tensor and key for key, and quantizing the directory equals quantizing that conversion."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+import dynq
+from dynq.core.tensors import TensorClass
+from dynq.paths import cache_dir
+from dynq.sources.checkpoint import HFCheckpoint
+from dynq.sources.converter import convert
+from hf_checkpoints import tiny_deepseek_v3_fp8, tiny_qwen2, tiny_qwen2_moe
+from runs import TWO_THREADS, quantize_to
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+MAKERS: dict[str, Callable[[Path], Path]] = {
+    "qwen2": tiny_qwen2,
+    "qwen2moe": tiny_qwen2_moe,
+    "deepseek-v3-fp8": tiny_deepseek_v3_fp8,
+}
+# Keys only dynq writes: its own provenance (recipe, version).
+OWN_PREFIXES = ("dynq.",)
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny checkpoint and llama.cpp's own F16 conversion of it."""
+    folder = tmp_path_factory.mktemp(request.param)
+    directory = MAKERS[request.param](folder / "hf")
+    converted = folder / "llama.cpp-f16.gguf"
+    convert(directory, converted, cache_dir())
+    return directory, converted
+
+
+def _fields(path: Path) -> dict[str, object]:
+    reader = GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _tensors(path: Path) -> list[tuple[str, tuple[int, ...], int, bytes]]:
+    return [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), t.data.tobytes())
+            for t in GGUFReader(path).tensors]  # fmt: skip
+
+
+def test_f16_equals_the_converters_output(checkpoint: tuple[Path, Path], tmp_path: Path) -> None:
+    directory, converted = checkpoint
+    ours = tmp_path / "a.gguf"
+    quantize_to(directory, "f16", ours)
+    assert _tensors(ours) == _tensors(converted)
+    mine, theirs = _fields(ours), _fields(converted)
+    assert {k: v for k, v in mine.items() if not k.startswith(OWN_PREFIXES)} == theirs
+
+
+def test_the_plan_comes_from_headers_alone(checkpoint: tuple[Path, Path]) -> None:
+    directory, converted = checkpoint
+    planned = dynq.plan(str(directory), "dyn-iq2_xxs")
+    reference = dynq.plan(str(converted), "dyn-iq2_xxs")
+    assert [(p.info.name, p.info.shape, p.qtype.name) for p in planned.tensors] == [
+        (p.info.name, p.info.shape, p.qtype.name) for p in reference.tensors
+    ]
+
+
+def test_a_quant_equals_quantizing_the_conversion(checkpoint: tuple[Path, Path], tmp_path: Path) -> None:
+    directory, converted = checkpoint
+    imatrix = dynq.save_imatrix(dynq.collect_imatrix(converted, chunks=1, n_ctx=128, ctx=TWO_THREADS),
+                                tmp_path / "imatrix.gguf")  # fmt: skip
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    quantize_to(directory, "dyn-iq2_xxs", ours, imatrix=imatrix)
+    quantize_to(converted, "dyn-iq2_xxs", theirs, imatrix=imatrix)
+    assert _tensors(ours) == _tensors(theirs)
+
+
+def test_one_expert_is_computed_from_that_experts_weights(
+    checkpoint: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    directory, _ = checkpoint
+    caplog.set_level(logging.DEBUG, logger="dynq.sources.checkpoint")
+    source = HFCheckpoint(directory, cache_dir())
+    stacked = [t for t in source.inventory().tensors if len(t.shape) == 3]
+    experts = [t for t in stacked if t.tensor_class is TensorClass.ROUTED_EXPERTS]
+    assert bool(experts) == ("moe" in directory.parent.name or "deepseek" in directory.parent.name)
+    for t in stacked:
+        whole = source.load(t.name)
+        for e in (0, t.shape[2] - 1):
+            np.testing.assert_array_equal(source.load_expert(t.name, e), whole[e])
+        source.release(t.name)
+    computed_whole = {r.args[1] for r in caplog.records if "not a stack of experts" in r.getMessage()}
+    assert computed_whole.isdisjoint(t.name for t in experts)
