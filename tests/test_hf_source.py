@@ -3,7 +3,12 @@ writes, tensor for tensor and key for key, and quantizing the directory equals q
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,3 +99,66 @@ def test_one_expert_is_computed_from_that_experts_weights(
         source.release(t.name)
     computed_whole = {r.args[1] for r in caplog.records if "not a stack of experts" in r.getMessage()}
     assert computed_whole.isdisjoint(t.name for t in experts)
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_qwen2(tmp_path_factory.mktemp("sharded") / "hf", shards=2)
+
+
+def _broken(original: Path, tmp_path: Path, damage: Callable[[Path], None]) -> Path:
+    copy = tmp_path / "broken"
+    shutil.copytree(original, copy)
+    damage(copy)
+    return copy
+
+
+def _drop_config(d: Path) -> None:
+    (d / "config.json").unlink()
+
+
+def _unknown_architecture(d: Path) -> None:
+    config = json.loads((d / "config.json").read_text())
+    config["architectures"] = ["Frobnicator9000ForCausalLM"]
+    (d / "config.json").write_text(json.dumps(config))
+
+
+def _drop_a_shard(d: Path) -> None:
+    sorted(d.glob("model-*.safetensors"))[-1].unlink()
+
+
+def _truncate_a_shard(d: Path) -> None:
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size - 1000)
+
+
+def _contradict_the_config(d: Path) -> None:
+    config = json.loads((d / "config.json").read_text())
+    config["num_attention_heads"] *= 2
+    config["head_dim"] = config["hidden_size"] // config["num_attention_heads"] * 2
+    (d / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (_drop_config, "no config.json"),
+        (_unknown_architecture, "does not know the architecture Frobnicator9000ForCausalLM"),
+        (_drop_a_shard, "is missing"),
+        (_truncate_a_shard, "truncated"),
+        (_contradict_the_config, "does not belong|do not belong"),
+    ],
+)
+def test_a_broken_checkpoint_is_one_line_and_no_output(
+    two_shards: Path, tmp_path: Path, damage: Callable[[Path], None], says: str
+) -> None:
+    broken = _broken(two_shards, tmp_path, damage)
+    out = tmp_path / "out.gguf"
+    done = subprocess.run([sys.executable, "-m", "dynq.cli", "quantize", str(broken), "-r", "f16", "-o", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(says, lines[0]), done.stderr
+    assert str(broken) in lines[0]
+    assert list(tmp_path.glob("out*")) == [] and not list(tmp_path.glob(".out*"))

@@ -21,7 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"sources", "calib", "encode_cache", "llamacpp_tools"}),  # opening, fetching, running
     frozenset({"quantize", "inspect"}),
     frozenset({"eval", "deploy"}),
-    frozenset({"moe"}),  # models built from models, judged with eval
+    frozenset({"moe", "card"}),  # models built from models, judged with eval; model cards from files and benches
     frozenset({"api"}),
     frozenset({"__init__", "cli_text"}),  # the package's exports; the CLI's one output path for data
     frozenset({"cli_shell", "cli_render"}),

@@ -1,5 +1,6 @@
 """The public Python API, re-exported by the `dynq` package. The CLI only parses options, asks for what must be
-fetched or built, and draws. `quantize` (quantize.py) and `offload` (deploy/offload.py) are exported as they are.
+fetched or built, and draws. `quantize` (quantize.py), `offload` (deploy/offload.py) and `card` (deploy/card.py) are
+exported as they are.
 
 Every call takes keyword-only options and an optional `RunContext` (threads, device, cache folder, progress
 callback, logger); none of them touches the network or a compiler except `fetch` and `build_tools`, which exist
@@ -22,6 +23,7 @@ from dynq.calib.collector import collect_imatrix as _collect
 from dynq.calib.profile import kind_of
 from dynq.calib.profile_file import Profile, ProfileSettings, text_ref
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
+from dynq.card import ModelCard, card
 from dynq.core.context import Progress, RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
@@ -376,6 +378,7 @@ __all__ = [
     "FileSummary",
     "Hardware",
     "Imatrix",
+    "ModelCard",
     "OffloadPlan",
     "Profile",
     "Progress",
@@ -393,6 +396,7 @@ __all__ = [
     "__version__",
     "build_tools",
     "calibration",
+    "card",
     "collect_imatrix",
     "coverage",
     "evaluate",

@@ -1,5 +1,5 @@
-"""The deployment commands: `run` (complete or chat on llama.cpp), `merge` and `split` (llama.cpp shards) and
-`export-ollama` (one GGUF plus a Modelfile)."""
+"""The deployment commands: `run` (complete or chat on llama.cpp), `merge` and `split` (llama.cpp shards),
+`export-ollama` (one GGUF plus a Modelfile) and `card` (a Hugging Face model card for a GGUF)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from dynq.card import DEFAULT_VRAM, card
 from dynq.cli_shell import THREADS, ensure_source, err, progress_bar, run_context, say
 from dynq.cli_text import clean, data, line
 from dynq.deploy.ollama import Message, export_ollama
@@ -156,9 +157,37 @@ def export_ollama_command(
     say("import it with: ollama create ", data(result.gguf.stem), " -f ", data(result.modelfile))
 
 
+def card_command(
+    model: Annotated[str, typer.Argument(help="GGUF file (any shard of a split model) or zoo:NAME")],
+    bench: Annotated[
+        Path | None, typer.Option(help="dynq bench JSON (bench/results/NAME.json): its rows, this recipe's marked")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="card file (default: README.md beside the GGUF)")
+    ] = None,
+    vram: Annotated[
+        list[str] | None,
+        typer.Option(help=f"GPU memory to plan llama.cpp offload for (repeat; default {', '.join(DEFAULT_VRAM)})"),
+    ] = None,
+    ctx: Annotated[int, typer.Option(help="context length (tokens) the run commands plan for")] = 4096,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing card")] = False,
+) -> None:
+    """Write a Hugging Face model card (README.md) from what the GGUF records: source model, recipe, bits per weight
+    per tensor class, imatrix provenance, measured quality, llama.cpp and Ollama instructions."""
+    if ctx < 1:
+        raise DynqError("--ctx must be positive")
+    written = card(_model_file(model), output=output, bench=bench, vram=vram or DEFAULT_VRAM, ctx_len=ctx,
+                   overwrite=force, ctx=run_context())  # fmt: skip
+    for note in written.notes:  # notes quote the file's metadata and llama.cpp's errors
+        err.print(line("left out: ", data(note), style="yellow"), soft_wrap=True)
+    recipe = data(written.recipe) if written.recipe else "unknown (not written by dynq)"
+    say("wrote ", data(written.path), " (recipe ", recipe, f", {written.path.stat().st_size:,} bytes)")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the dynq app."""
     app.command()(run)
     app.command(name="merge")(merge_command)
     app.command(name="split")(split_command)
     app.command(name="export-ollama")(export_ollama_command)
+    app.command(name="card")(card_command)

@@ -25,6 +25,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+import transformers
 
 from dynq.core.qtypes import qtype
 from dynq.core.source import F32Array, MetadataField
@@ -105,8 +106,9 @@ def _as_f32(values: Any, dtype: gguf.GGMLQuantizationType, shape: tuple[int, ...
     return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
 
 
-def _check_safetensors(path: Path) -> None:
-    """A shard whose header promises more bytes than the file holds was cut short (an interrupted download)."""
+def _read_header(path: Path) -> dict[str, Any]:
+    """A shard's safetensors header, after checking the file holds every byte it promises (a download cut short
+    shows here, not as a crash halfway through a quantization)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -116,7 +118,7 @@ def _check_safetensors(path: Path) -> None:
         if n > size - 8:
             raise DynqError(f"{path}: the safetensors header is cut short; download the file again")
         try:
-            header = json.loads(f.read(n))
+            header: dict[str, Any] = json.loads(f.read(n))
         except ValueError:
             raise DynqError(f"{path}: the safetensors header is not valid JSON; download the file again") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
@@ -124,6 +126,48 @@ def _check_safetensors(path: Path) -> None:
         raise DynqError(
             f"{path}: truncated: the header describes {8 + n + end} bytes, the file has {size}; download it again"
         )
+    return header
+
+
+def _expected_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape as transformers builds the model from config.json (on the meta device: no memory);
+    empty when transformers does not know the architecture."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    except (ValueError, KeyError, ImportError, OSError) as e:
+        log.debug("%s: shapes not checked against config.json (%s)", directory, e)
+        return {}
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def _shards(directory: Path) -> list[Path]:
+    """The safetensors files of the checkpoint; each one its index names must be there."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            named = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            raise DynqError(f"{index}: not a safetensors index (no weight_map); download it again") from None
+        for name in named:
+            if not (directory / name).is_file():
+                raise DynqError(f"{directory / name}: this shard, named in {index.name}, is missing; download it")
+    return sorted(directory.glob("*.safetensors"))
+
+
+def _check_shapes(directory: Path, shards: list[Path]) -> None:
+    """A tensor whose shape disagrees with config.json (a wrong or mixed-up file) would convert into a model no
+    runtime loads; name it before any work."""
+    expected = _expected_shapes(directory)
+    for shard in shards:
+        for name, entry in _read_header(shard).items():
+            want = expected.get(name)
+            if want is not None and tuple(entry["shape"]) != want:
+                raise DynqError(
+                    f"{shard}: tensor {name} has shape {tuple(entry['shape'])} but config.json makes it {want}; "
+                    "the weights do not belong to this config"
+                )
 
 
 class HFCheckpoint:
@@ -134,8 +178,7 @@ class HFCheckpoint:
         self._spec = spec or str(directory)
         if not (directory / "config.json").is_file():
             raise DynqError(f"{directory}: no config.json; a Hugging Face checkpoint directory holds one")
-        for shard in sorted(directory.glob("*.safetensors")):
-            _check_safetensors(shard)
+        _check_shapes(directory, _shards(directory))
         conversion = load_conversion(cache)
         try:
             hparams = conversion.ModelBase.load_hparams(directory, False)
