@@ -18,6 +18,7 @@ from gguf import GGUFReader
 
 import dynq
 from dynq.core.tensors import TensorClass
+from dynq.eval.loops import generate
 from dynq.paths import cache_dir
 from dynq.sources.checkpoint import HFCheckpoint
 from dynq.sources.converter import convert
@@ -162,3 +163,24 @@ def test_a_broken_checkpoint_is_one_line_and_no_output(
     assert len(lines) == 1 and re.search(says, lines[0]), done.stderr
     assert str(broken) in lines[0]
     assert list(tmp_path.glob("out*")) == [] and not list(tmp_path.glob(".out*"))
+
+
+def test_an_fp8_checkpoint_quantizes_to_1_bit_and_runs(tmp_path: Path) -> None:
+    directory = tiny_deepseek_v3_fp8(tmp_path / "hf")
+    imatrix = dynq.save_imatrix(dynq.collect_imatrix(str(directory), chunks=1, n_ctx=128, ctx=TWO_THREADS),
+                                tmp_path / "imatrix.gguf")  # fmt: skip
+    out = tmp_path / "iq1_s.gguf"
+    result = quantize_to(directory, "dyn-iq1_s", out, imatrix=imatrix)
+    # R1's own rules: early down projections at IQ2_XXS; 64-wide rows fall back to IQ4_NL
+    routed = {p.qtype.name for p in result.plan.tensors if p.info.tensor_class is TensorClass.ROUTED_EXPERTS}
+    assert routed == {"IQ2_XXS", "IQ4_NL"}
+    completions = generate(out, n_tokens=8, threads=2)
+    assert completions and all(c.n_tokens > 0 for c in completions)
+
+
+def test_offload_plans_a_checkpoint_without_reading_weights(checkpoint: tuple[Path, Path]) -> None:
+    directory, converted = checkpoint
+    budget = dynq.Hardware(vram=48 * 2**20)
+    ours = dynq.offload(str(directory), budget, recipe="dyn-iq1_s")
+    theirs = dynq.offload(str(converted), budget, recipe="dyn-iq1_s")
+    assert ours.best == theirs.best and ours.command == theirs.command
