@@ -184,3 +184,14 @@ def test_offload_plans_a_checkpoint_without_reading_weights(checkpoint: tuple[Pa
     ours = dynq.offload(str(directory), budget, recipe="dyn-iq1_s")
     theirs = dynq.offload(str(converted), budget, recipe="dyn-iq1_s")
     assert ours.best == theirs.best and ours.command == theirs.command
+
+
+def test_a_checkpoint_is_profiled_and_solved_as_its_conversion(tmp_path: Path) -> None:
+    directory = tiny_qwen2(tmp_path / "hf")
+    settings = {"n_ctx": 64, "chunks": 1, "rows": 32, "group_blocks": 2}
+    made = dynq.profile(str(directory), ctx=TWO_THREADS, **settings)  # type: ignore[arg-type]
+    converted = dynq.f16_conversion(str(directory), ctx=TWO_THREADS)
+    assert made.model.fingerprint == dynq.open_source(converted).fingerprint()
+    ours = dynq.solve(str(directory), made, "30MiB", has_imatrix=False, ctx=TWO_THREADS).plan
+    theirs = dynq.solve(str(converted), made, "30MiB", has_imatrix=False, ctx=TWO_THREADS).plan
+    assert [(p.info.name, p.qtype.name) for p in ours.tensors] == [(p.info.name, p.qtype.name) for p in theirs.tensors]

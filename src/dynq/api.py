@@ -210,7 +210,8 @@ def _solver(
     """The solve for one model, size and set of constraints, as a function of per-kind weights on the profile's
     costs (a kind left out weighs 1)."""
     opened = open_described(source, ctx.cache_dir)  # no weights are read: the description is enough
-    prof.check_model(opened)
+    # A checkpoint was profiled as the F16 GGUF it converts to (what llama.cpp runs): check against that one.
+    prof.check_model(f16_conversion(opened, ctx=ctx) if isinstance(opened, HFCheckpoint) else opened)
     inventory = opened.inventory()
     target_bytes = target if isinstance(target, int) else parse_target(target, inventory.n_parameters)
     start = resolve(as_recipe("uniform-q8_0"), inventory)  # any plan: the solver keeps its keep-list, types all
@@ -354,15 +355,17 @@ def _weights_file(source: SourceLike, ctx: RunContext) -> Path:
     if isinstance(source, GGUFModel):
         return source.path
     if isinstance(source, HFCheckpoint) or (not isinstance(source, TensorSource) and Path(source).is_dir()):
-        return _f16_conversion(source, ctx)
+        return f16_conversion(source, ctx=ctx)
     if isinstance(source, TensorSource):
         raise DynqError(f"{source.spec}: llama.cpp runs GGUF files; quantize this source first")
     return gguf_path(source, ctx.cache_dir)
 
 
-def _f16_conversion(source: HFCheckpoint | str | os.PathLike[str], ctx: RunContext) -> Path:
-    """A checkpoint's F16 GGUF for what runs the model (imatrix, profile, evaluation), written once into the cache
-    under its content fingerprint."""
+def f16_conversion(source: HFCheckpoint | str | os.PathLike[str], *, ctx: RunContext | None = None) -> Path:
+    """A Hugging Face checkpoint's F16 GGUF (llama.cpp's conversion of it, byte for byte in its tensors), for what
+    runs the model (imatrix, profile, evaluation); written once into the cache under the checkpoint's content
+    fingerprint."""
+    ctx = context(ctx)
     checkpoint = source if isinstance(source, HFCheckpoint) else HFCheckpoint(Path(source), ctx.cache_dir)
     path = ctx.cache_dir / "checkpoints" / f"{checkpoint.directory.name}-{checkpoint.fingerprint()[:24]}-f16.gguf"
     if not path.exists():
@@ -401,6 +404,7 @@ __all__ = [
     "coverage",
     "evaluate",
     "evaluation",
+    "f16_conversion",
     "fetch",
     "inspect",
     "offload",

@@ -207,6 +207,8 @@ def _front_matter(model: GGUFModel, imatrix: bool) -> str:
 def _source_section(model: GGUFModel, s: FileSummary) -> list[str]:
     rows = [["name", _md(model.field("general.name") or model_stem(model.path))]]
     rows += [[label, _md(v)] for key, label in _SOURCE_KEYS if (v := model.field(f"general.{key}")) is not None]
+    if (quantized_from := model.field("dynq.source")) is not None:
+        rows.append(["quantized from", _code(quantized_from, cell=True)])
     rows.append(["architecture", _code(s.arch, cell=True)])
     rows.append(["parameters", f"{s.n_parameters / 1e9:.3f} B ({s.n_parameters:,})"])
     rows += [[label, _md(v)] for key, label in _ARCH_KEYS if (v := model.field(f"{s.arch}.{key}")) is not None]

@@ -150,6 +150,10 @@ def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | No
     writer.add_file_type((plan.dominant_type or plan.tensors[0].qtype).file_type)
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_string("dynq.version", __version__)
+    # What it was made from, by name only (a checkpoint folder, a file, zoo:NAME): local paths stay private.
+    writer.add_string(
+        "dynq.source", Path(plan.source).name if not plan.source.startswith(("zoo:", "shapes:")) else plan.source
+    )
     writer.add_string("dynq.recipe.name", plan.recipe.name)
     writer.add_string("dynq.recipe", json.dumps(plan.recipe.to_dict(), separators=(",", ":")))
     if imatrix is not None:
