@@ -15,7 +15,7 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo fuzz clean
 
 $(LLAMA_WHEELS)/.built:
 	mkdir -p $(LLAMA_WHEELS)
@@ -28,13 +28,18 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEELS)/.built
 	$(PIP) install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PIP) install --quiet -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[dev]'
 	# llama.cpp's converter from the same source package, and its gguf-py as the one installed `gguf`
-	$(PY) -m dynq.sources.converter
+	$(PY) -c 'from dynq.sources.converter import main; main()'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q
+
+# The long fuzz (tests/fuzzing.py): every kind of input dynq reads from strangers, mutated where its structure is.
+fuzz: setup
+	$(PY) tests/fuzzing.py --cases 100000 --kinds gguf,imatrix-gguf,imatrix-dat,recipe --seed 1
+	$(PY) tests/fuzzing.py --cases 2000 --kinds checkpoint --seed 1
 
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts bench

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -505,7 +506,7 @@ def test_cli_export_ollama(tiny_llama: Path, hostile_dir: Path) -> None:
     assert gguf.exists() and modelfile.exists()
     # these lines wrap at the console's width (160 columns when piped): compared without whitespace
     assert squash(f"wrote {clean(gguf)} and {clean(modelfile)} (template: ") in squash(result.stdout)
-    assert squash(f"ollama create {clean(gguf.stem)} -f {clean(modelfile)}") in squash(result.stdout)
+    assert squash(clean(shlex.join(["ollama", "create", gguf.stem, "-f", str(modelfile)]))) in squash(result.stdout)
 
 
 def test_cli_run_a_real_model(tiny_llama: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
 from dynq.eval.probe import profile as _profile
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
+from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
 from dynq.llamacpp_tools import build_tools as _build_tools
@@ -116,12 +118,17 @@ def collect_imatrix(
     chunks: int | None = None,
     all_experts: bool = False,
     ctx: RunContext | None = None,
+    output: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> Imatrix:
-    """An importance matrix of `source` (a GGUF llama.cpp runs) on `text` (default: the built-in calibration)."""
+    """An importance matrix of `source` (a GGUF llama.cpp runs) on `text` (default: the built-in calibration).
+    With `output` (where `save_imatrix` will write it), completed chunks are kept beside it while collecting, and
+    `resume` continues an interrupted collection after them (same bytes as an uninterrupted one)."""
     ctx = context(ctx)
     calib = text if text is not None else calibration(ctx=ctx)
     return _collect(_weights_file(source, ctx), calib.text, [calib.provenance], n_ctx=n_ctx, n_chunks=chunks,
-                    all_experts=all_experts, ctx=ctx)  # fmt: skip
+                    all_experts=all_experts, ctx=ctx, output=Path(output) if output is not None else None,
+                    resume=resume)  # fmt: skip
 
 
 def evaluate(
@@ -143,9 +150,10 @@ def evaluate(
 
 def save_imatrix(imatrix: Imatrix, path: str | os.PathLike[str]) -> Path:
     """Write `imatrix` in llama.cpp's GGUF format, or the legacy format for a `.dat` name; `read_imatrix` reads
-    either."""
+    either. Removes the chunks `collect_imatrix(output=path)` kept for it."""
     out = Path(path)
     (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(imatrix, out)
+    shutil.rmtree(partial_dir(out), ignore_errors=True)  # the chunks a collection kept for it are done with
     return out
 
 
@@ -155,15 +163,17 @@ def profile(
     imatrix: Imatrix | str | os.PathLike[str] | None = None,
     text: Text | None = None,
     ctx: RunContext | None = None,
+    resume: bool = False,
     **settings: Unpack[ProfileSettings],
 ) -> Profile:
     """How much each tensor of a float reference hurts the output at each candidate type, measured on calibration
     text (default: the built-in calibration text, never the evaluation text); cached and reused across budgets.
-    `settings`: types, rows, group_blocks, probe_type, n_ctx, chunks (defaults: dynq.eval.probe.profile's)."""
+    `settings`: types, rows, group_blocks, probe_type, n_ctx, chunks (defaults: dynq.eval.probe.profile's).
+    `resume` continues an interrupted profile of the same inputs from what it had measured."""
     ctx = context(ctx)
     imx = imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
     calib = text if text is not None else calibration(ctx=ctx)
-    return _profile(_weights_file(source, ctx), imx, calib, ctx=ctx, **settings)
+    return _profile(_weights_file(source, ctx), imx, calib, ctx=ctx, resume=resume, **settings)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -133,9 +135,16 @@ def quantize(
     reuse_encoded: Annotated[
         bool, typer.Option(help="cache encoded tensors on disk and reuse them across recipes of this model")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue an interrupted run of the same inputs from its last verified tensor")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
 ) -> None:
     """Quantize a model with a recipe, or for a size (--target: profile, cached, then solve), streaming one tensor at
     a time into GGUF."""
+    check_output_folder(output)
+    if output.exists() and not force:
+        raise DynqError(f"{output}: already exists; remove it or pass --force")
     if (recipe is None) == (target is None):
         raise DynqError("give either --recipe or --target")
     max_size = parse_size(split_max_size) if split_max_size else 0
@@ -143,7 +152,8 @@ def quantize(
         if profile is None:
             ensure_texts()
             with progress_bar("profiling") as on_step:
-                made = api.profile(ensure_source(source), imatrix=imatrix, ctx=run_context(threads, progress=on_step))
+                made = api.profile(ensure_source(source), imatrix=imatrix, ctx=run_context(threads, progress=on_step),
+                                   resume=resume)  # fmt: skip
         quant_plan = api.solve(ensure_source(source), made if profile is None else profile, target,
                                has_imatrix=imatrix is not None, ctx=run_context()).plan  # fmt: skip
     else:
@@ -151,7 +161,8 @@ def quantize(
         quant_plan = api.plan(ensure_source(source), recipe)
     with progress_bar("quantizing") as on_step:
         result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
-                              backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded)  # fmt: skip
+                              backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded, resume=resume,
+                              overwrite=force)  # fmt: skip
     p = result.plan
     say("wrote ", data(", ".join(str(f) for f in result.files)),
         f": {p.total_bytes / 2**30:.3f} GiB, {p.bpw:.3f} bpw, {len(p.tensors)} tensors in {result.seconds:.1f} s "
@@ -167,6 +178,7 @@ def imatrix(
     chunks: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
     threads: Annotated[int, typer.Option(help="llama.cpp threads")] = THREADS,
     all_experts: Annotated[bool, typer.Option(help="route every token through every expert (MoE)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted collection after its kept chunks")] = False,
 ) -> None:
     """Collect an importance matrix on llama.cpp's runtime (the format llama-quantize reads)."""
     check_output_folder(output)
@@ -175,7 +187,8 @@ def imatrix(
     calib = read_texts(text) if text else api.calibration()
     with progress_bar("imatrix") as on_step:
         imx = api.collect_imatrix(ensure_source(source), text=calib, n_ctx=ctx, chunks=chunks,
-                                  all_experts=all_experts, ctx=run_context(threads, progress=on_step))  # fmt: skip
+                                  all_experts=all_experts, ctx=run_context(threads, progress=on_step), output=output,
+                                  resume=resume)  # fmt: skip
     api.save_imatrix(imx, output)
     draw_imatrix_coverage(out, imx, full=False)
     say("wrote ", data(output), f": {len(imx.entries)} tensors, {imx.chunk_count} chunks of {ctx} tokens (",
@@ -352,8 +365,14 @@ cli_solve.register(app)
 cli_deploy.register(app)
 
 
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    # A `kill` ends the run as Ctrl-C does: outputs are closed, an interrupted quantize is kept for --resume.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     setup_logging()
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except DynqError as e:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -154,7 +155,7 @@ def export_ollama_command(
         err.print(line(data("template differs:", "yellow"), " ", data(problem)), soft_wrap=True)
     template = data(m.family or "none")
     say("wrote ", data(result.gguf), " and ", data(result.modelfile), " (template: ", template, ")")
-    say("import it with: ollama create ", data(result.gguf.stem), " -f ", data(result.modelfile))
+    say("import it with: ", data(shlex.join(["ollama", "create", result.gguf.stem, "-f", str(result.modelfile)])))
 
 
 def card_command(

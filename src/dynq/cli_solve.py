@@ -31,6 +31,7 @@ def profile_command(
     group_blocks: Annotated[int, typer.Option(help="blocks probed together per tensor kind")] = probe.GROUP_BLOCKS,
     probe_type: Annotated[str, typer.Option(help="the type a probe puts its tensors at")] = "Q2_K",
     threads: Annotated[int, typer.Option(help="threads")] = THREADS,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted profile from what it had measured")] = False,
 ) -> None:
     """Measure how much each tensor hurts the output at each candidate type, on calibration text only: encode
     errors on sampled rows, scaled per tensor group by the KL divergence a probe of that group really causes.
@@ -42,7 +43,7 @@ def profile_command(
     with progress_bar("profiling") as on_step:
         result = api.profile(ensure_source(source), imatrix=imatrix, text=calib, rows=rows, group_blocks=group_blocks,
                              probe_type=probe_type, n_ctx=ctx, chunks=chunks,
-                             ctx=run_context(threads, progress=on_step))  # fmt: skip
+                             ctx=run_context(threads, progress=on_step), resume=resume)  # fmt: skip
     result.save(output)
     seconds = result.seconds
     say("wrote ", data(output), f": {len(result.tensors)} tensors, {len(result.probes)} probes "

@@ -8,6 +8,7 @@ float32, encoded and written before the next one is touched.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import resource
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, LazyChunkedTensor
+from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter
 from gguf import quantize as gguf_quantize
 
 from dynq.core.context import RunContext, context
@@ -28,7 +29,7 @@ from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.gguf_io.imatrix import read_imatrix
 from dynq.gguf_io.reader import GGUFModel
-from dynq.gguf_io.writer import OutputTensor, copy_metadata, write_gguf
+from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write_gguf
 from dynq.kernels import F32Array, KernelBackend, U8Array, choose_backend, get_backend
 from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan
@@ -80,9 +81,16 @@ def tensor_importance(p: PlannedTensor, imatrix: Imatrix | None) -> F32Array | N
 
 def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, importance: F32Array | None) -> U8Array:
     """Encode one matrix (or 1-D tensor) of `p` at its planned type; `importance` is one row of the imatrix."""
+    if not np.isfinite(values).all():
+        # llama.cpp's encoders turn NaN into arbitrary values or abort; a copy would carry it into the output
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise DynqError(f"{p.info.name}: {bad} weights are NaN or Inf in the source; the model file is damaged")
     if p.qtype.is_float:
         return _encode_float(p.qtype, values)
-    return backend.encode(p.qtype, values.reshape(-1, p.info.row_length), importance)
+    try:
+        return backend.encode(p.qtype, values.reshape(-1, p.info.row_length), importance)
+    except DynqError as e:
+        raise DynqError(f"{p.info.name}: {e}") from None
 
 
 def encoded_parts(
@@ -146,10 +154,14 @@ def check_plan_matches(plan: QuantPlan, source: TensorSource) -> None:
             )
 
 
-def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | None, imatrix_file: str | None) -> None:
+def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | None, imatrix_file: str | None,
+                      encoder: str) -> None:  # fmt: skip
     writer.add_file_type((plan.dominant_type or plan.tensors[0].qtype).file_type)
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_string("dynq.version", __version__)
+    # Which encoders wrote the bytes: the same inputs give the same bytes with the same encoders on the CPU, at any
+    # thread count; on a GPU, floating-point order can change a rounding (docs/reliability.md).
+    writer.add_string("dynq.encoder", encoder)
     # What it was made from, by name only (a checkpoint folder, a file, zoo:NAME): local paths stay private.
     writer.add_string(
         "dynq.source", Path(plan.source).name if not plan.source.startswith(("zoo:", "shapes:")) else plan.source
@@ -168,6 +180,19 @@ def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | No
         writer.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
 
+def _inputs_key(src: TensorSource, imatrix: Imatrix | None, backend: str, device: str) -> str:
+    """Everything the output bytes depend on beyond its header (which holds the plan, types and metadata): the
+    source's content, the importance data and the encoders. A resume is allowed only when this is unchanged."""
+    h = hashlib.sha256(json.dumps([__version__, src.fingerprint(), backend, device]).encode())
+    if imatrix is not None:
+        for name in sorted(imatrix.entries):
+            entry = imatrix.entries[name]
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(entry.sums, dtype=np.float32).tobytes())
+            h.update(np.ascontiguousarray(entry.counts, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def _rewritten(key: str) -> bool:
     return key in _REWRITTEN or key.startswith(_REWRITTEN_PREFIXES)
 
@@ -182,12 +207,16 @@ def quantize(
     split_max_size: int = 0,
     reuse_encoded: bool = False,
     source: TensorSource | None = None,
+    resume: bool = False,
+    overwrite: bool = True,
 ) -> QuantizeResult:
     """Write `plan` into `output` (plus shards if `split_max_size`), reading weights from the plan's source.
 
     `source` is reopened from `plan.source` unless given. `backend` is `ggml` (llama.cpp's encoders) or `torch`
     (dynq's; default when the context's device is a GPU). `reuse_encoded` keeps every encoded tensor in a disk
-    cache keyed by the source's content, so several recipes of one model cost little more than one."""
+    cache keyed by the source's content, so several recipes of one model cost little more than one. `resume`
+    continues a run of the same inputs that was interrupted (its verified tensors are kept, the result is the same
+    bytes); without it, such a leftover is an error. `overwrite=False` refuses an existing output."""
     started = time.perf_counter()
     ctx = context(ctx)
     out = Path(output)
@@ -197,6 +226,8 @@ def quantize(
     check_plan_matches(plan, src)
     imx = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else read_imatrix(imatrix)
     imatrix_file = Path(imatrix).name if imatrix is not None and not isinstance(imatrix, Imatrix) else None
+    if imx is not None:
+        imx.check("imatrix")
     check_imatrix(plan, imx, str(imatrix) if imatrix_file is not None else "imatrix")
     backend, device = choose_backend(backend, ctx.device)
     kernels = get_backend(backend, ctx.threads, device)
@@ -205,11 +236,11 @@ def quantize(
                     device, len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
     planned = {p.info.name: p for p in plan.tensors}
 
-    def encoded(t: OutputTensor) -> U8Array | LazyChunkedTensor:
+    def encoded(t: OutputTensor) -> U8Array | ChunkedBytes:
         p = planned[t.info.name]
         if cache is None:
             parts = encoded_parts(p, src, kernels, imx)
-            return parts[0]() if len(parts) == 1 else LazyChunkedTensor(parts, (p.nbytes,), np.uint8)
+            return parts[0]() if len(parts) == 1 else ChunkedBytes(parts, p.nbytes)
         importance = tensor_importance(p, imx)
         if (hit := cache.get(p.info.name, p.qtype.name, importance, p.nbytes)) is not None:
             return np.frombuffer(hit, dtype=np.uint8)
@@ -227,9 +258,10 @@ def quantize(
 
     def metadata(writer: GGUFWriter) -> None:
         copy_metadata(src.metadata_fields(), writer, drop=_rewritten)
-        _add_own_metadata(writer, plan, imx, imatrix_file)
+        _add_own_metadata(writer, plan, imx, imatrix_file, f"{backend}:{device}")
 
     tensors = [OutputTensor(p.info, p.nbytes, p.qtype.ggml) for p in plan.tensors]
+    inputs = _inputs_key(src, imx, backend, device)
     files = write_gguf(out, plan.arch, tensors, encoded, metadata=metadata, split_max_size=split_max_size,
-                       written=written)  # fmt: skip
+                       written=written, inputs=inputs, resume=resume, overwrite=overwrite)  # fmt: skip
     return QuantizeResult(plan, files, time.perf_counter() - started, peak_rss_bytes())

@@ -9,7 +9,11 @@ activations per input column, per expert for 3-D expert tensors, and counts the 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import logging
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,8 @@ import numpy.typing as npt
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError
+from dynq.gguf_io.partial import PartialOutput
+from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import ggml_library
 
 log = logging.getLogger(__name__)
@@ -159,9 +165,12 @@ def run_watching(
     ctx: RunContext,
     *,
     all_experts: bool = False,
+    start: int = 0,
+    after_chunk: Callable[[int], None] | None = None,
 ) -> int:
-    """Run the model over `text` chunk by chunk; every graph node `wants` asks for is handed to `seen` once
-    computed (progress as `step`, in chunks). Returns the number of chunks run."""
+    """Run the model over `text` chunk by chunk from chunk `start` on; every graph node `wants` asks for is handed to
+    `seen` once computed, and `after_chunk(chunks done)` follows each chunk (progress as `step`, in chunks). Returns
+    the number of chunks of the text."""
     from dynq.calib.runtime import LlamaRuntime, token_chunks
 
     failures: list[BaseException] = []
@@ -181,11 +190,61 @@ def run_watching(
     with LlamaRuntime(model_path, n_ctx, ctx.threads, eval_callback=on_eval, all_experts=all_experts) as rt:
         chunks = token_chunks(rt.tokenize(text), n_ctx, n_chunks, "the calibration text")
         for i, chunk in enumerate(chunks):
+            if i < start:
+                continue
             rt.evaluate_chunk(chunk)
             if failures:
                 raise failures[0]
             ctx.report(step, i + 1, len(chunks), "chunks")
+            if after_chunk is not None:
+                after_chunk(i + 1)
     return len(chunks)
+
+
+class ChunkProgress:
+    """The sums of the chunks done so far, kept in an output's partial folder (gguf_io/partial.py) so that an
+    interrupted collection goes on after them and ends with the same bytes. Saved after a chunk when the time since
+    the last save is at least ten times what that save took: every chunk for a small model, about once a minute
+    for one whose sums take seconds to write."""
+
+    def __init__(self, partial: PartialOutput, key: str) -> None:
+        self.path = partial.dir / "imatrix-progress.npz"
+        self.key = key
+        self._saved_at = time.monotonic()
+        self._save_seconds = 0.0
+
+    def load(self, stats: ActivationStats) -> int:
+        """Chunks done by the interrupted run (their sums into `stats`), or 0."""
+        try:
+            with np.load(self.path) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta["key"] != self.key:
+                    raise DynqError(f"{self.path}: kept by a run on other inputs; delete its folder to start over")
+                for i, name in enumerate(meta["names"]):
+                    stats.stats[name] = _Stat(data[f"sums{i}"], data[f"counts{i}"])
+                return int(meta["chunks"])
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, OSError) as e:
+            raise DynqError(f"{self.path}: unreadable ({e}); delete its folder to start over") from None
+
+    def maybe_save(self, stats: ActivationStats, chunks: int) -> None:
+        if time.monotonic() - self._saved_at < 10 * self._save_seconds:
+            return
+        started = time.monotonic()
+        names = sorted(stats.stats)
+        arrays: dict[str, npt.NDArray[Any]] = {"meta": np.array(json.dumps({"key": self.key, "chunks": chunks,
+                                                                            "names": names}))}  # fmt: skip
+        for i, n in enumerate(names):
+            arrays[f"sums{i}"], arrays[f"counts{i}"] = stats.stats[n].sums, stats.stats[n].counts
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, allow_pickle=False, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+        self._saved_at = time.monotonic()
+        self._save_seconds = self._saved_at - started
 
 
 def collect_imatrix(
@@ -197,15 +256,40 @@ def collect_imatrix(
     n_chunks: int | None = None,
     all_experts: bool = False,
     ctx: RunContext | None = None,
+    output: Path | None = None,
+    resume: bool = False,
 ) -> Imatrix:
     """Run the model over `text` and return its importance matrix (progress in chunks).
 
     `all_experts` routes every token through every expert (llama.cpp's `expert_used_count` raised to
     `expert_count` for the run), so that no expert is left without statistics. It changes the forward pass: later
     layers see activations of a denser mixture than the trained one.
+
+    With `output` (the file the imatrix will be saved to), completed chunks are kept in its partial folder while the
+    collection runs; `resume` continues an interrupted collection of the same inputs after them, and without it such
+    a leftover is an error. Saving the imatrix to `output` (gguf_io/imatrix.py) removes the folder.
     """
     ctx = context(ctx)
     stats = ActivationStats()
-    chunks = run_watching(model_path, text, n_ctx, n_chunks, stats.wants, stats.collect, "imatrix", ctx,
-                          all_experts=all_experts)  # fmt: skip
-    return stats.to_imatrix(datasets, chunks, n_ctx)
+    if output is None:
+        chunks = run_watching(model_path, text, n_ctx, n_chunks, stats.wants, stats.collect, "imatrix", ctx,
+                              all_experts=all_experts)  # fmt: skip
+        return stats.to_imatrix(datasets, chunks, n_ctx)
+    partial = PartialOutput(output)
+    partial.lock()
+    try:
+        key = json.dumps([GGUFModel(model_path).fingerprint(), hashlib.sha256(text.encode()).hexdigest(), n_ctx,
+                          n_chunks, all_experts, list(datasets)])  # fmt: skip
+        progress = ChunkProgress(partial, hashlib.sha256(key.encode()).hexdigest())
+        if progress.path.exists() and not resume:
+            raise DynqError(f"{output}: an interrupted collection left its chunks in {partial.dir}; add --resume to "
+                            "continue it, or delete that folder to start over")  # fmt: skip
+        start = progress.load(stats) if resume else 0
+        if start:
+            log.info("%s: resuming after %d chunks", output, start)
+        chunks = run_watching(model_path, text, n_ctx, n_chunks, stats.wants, stats.collect, "imatrix", ctx,
+                              all_experts=all_experts, start=start,
+                              after_chunk=lambda done: progress.maybe_save(stats, done))  # fmt: skip
+        return stats.to_imatrix(datasets, chunks, n_ctx)
+    finally:
+        partial.unlock()

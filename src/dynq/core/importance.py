@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from dynq.errors import DynqError
+
 F32Array = npt.NDArray[np.float32]
 
 
@@ -37,10 +39,20 @@ class ImatrixEntry:
         return ImatrixEntry(sums, counts.astype(np.float32))
 
     def importance(self) -> F32Array:
-        """Per-column mean of x², [n_mat, row_length]; ones for a matrix without data (as llama-quantize does)."""
+        """Per-column mean of x², [n_mat, row_length]; ones for a matrix without data (as llama-quantize does), and
+        for one whose sums are all zero (an all-zero weighting would make the encoders write zeros)."""
         counts = self.counts[:, None]
+        has_data = (counts > 0) & np.any(self.sums > 0, axis=1, keepdims=True)
         safe = np.where(counts > 0, counts, 1.0).astype(np.float32)
-        return np.where(counts > 0, self.sums / safe, np.float32(1.0)).astype(np.float32)
+        return np.where(has_data, self.sums / safe, np.float32(1.0)).astype(np.float32)
+
+    def problem(self) -> str | None:
+        """What makes this entry unusable (NaN, Inf or negative values), or None."""
+        if not (np.isfinite(self.sums).all() and np.isfinite(self.counts).all()):
+            return "holds NaN or Inf"
+        if (self.sums < 0).any() or (self.counts < 0).any():
+            return "holds negative sums or counts"
+        return None
 
 
 @dataclass
@@ -49,3 +61,9 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+
+    def check(self, origin: str) -> None:
+        """Stop on an entry no quantizer can use, naming it (llama.cpp aborts inside ggml or writes zeros)."""
+        for name, entry in self.entries.items():
+            if (problem := entry.problem()) is not None:
+                raise DynqError(f"{origin}: imatrix entry {name} {problem}; the imatrix is damaged, collect it again")

@@ -21,6 +21,7 @@ from jinja2 import TemplateError
 
 from dynq.calib.runtime import _quiet_llama, llama
 from dynq.core.context import RunContext
+from dynq.core.visible import has_control
 from dynq.deploy.shards import merge, model_stem
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
@@ -261,7 +262,9 @@ def modelfile(model: GGUFModel, vocab: Vocab, gguf_name: str, temperature: float
             lines.append("SYSTEM " + _quoted(system))
         stops = [*family.stop, *stops]
     lines += [f"PARAMETER temperature {temperature:g}", f"PARAMETER min_p {min_p:g}"]
-    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops) if s and '"' not in s]
+    # a stop text is the model's data: one that a Modelfile line cannot hold as it is (a quote, a line break, any
+    # control character) is left out rather than let it end the line and start a directive of its own
+    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops) if s and '"' not in s and not has_control(s)]
     return Modelfile("\n".join(lines) + "\n", family.name if family else None, system, problems)
 
 
@@ -298,6 +301,12 @@ def _copy_file(source: Path, target: Path, link: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def ollama_name(stem: str) -> str:
+    """The model's name as Ollama takes it and a Modelfile's `FROM ./NAME.gguf` can hold: letters, digits, `.`, `_`
+    and `-` (a file name from a stranger may hold line breaks that would add Modelfile directives)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "model"
+
+
 def export_ollama(source: str | Path, out_dir: str | Path, *, temperature: float = 0.6, min_p: float = 0.05,
                   link: bool = False, overwrite: bool = False,
                   ctx: RunContext | None = None) -> OllamaExport:  # fmt: skip
@@ -306,7 +315,7 @@ def export_ollama(source: str | Path, out_dir: str | Path, *, temperature: float
     model = GGUFModel(source)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    gguf = folder / (model_stem(model.path) + ".gguf")
+    gguf = folder / (ollama_name(model_stem(model.path)) + ".gguf")
     target_modelfile = folder / "Modelfile"
     for target in (gguf, target_modelfile):
         if target.exists() and not overwrite:

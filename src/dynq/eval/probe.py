@@ -12,6 +12,8 @@ Calibration text only: the evaluation text stays unseen, so judging the solver's
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -46,8 +48,11 @@ from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.eval.evaluate import evaluate, reference_predictions
+from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
+
+log = logging.getLogger(__name__)
 
 # The default settings. `--ctx 256 --chunks 1 --group-blocks 7 --rows 128` profiles the 1.5B model in 2.8x one
 # quantize's time instead of 6-8x; its solved mixes measured as well but for one loop in 14 at Q2_K size (README).
@@ -84,9 +89,12 @@ def profile(
     n_ctx: int = N_CTX,
     chunks: int = CHUNKS,
     ctx: RunContext | None = None,
+    resume: bool = False,
 ) -> Profile:
     """The sensitivity profile of the float reference at `source_path` on calibration `text`, from the cache under
-    ctx.cache_dir/profiles when one was made with the same model, imatrix, text and settings."""
+    ctx.cache_dir/profiles when one was made with the same model, imatrix, text and settings. While it is measured,
+    each tensor's errors and each probe are kept beside the cache entry; `resume` continues an interrupted profile
+    of the same inputs from them, and without it such a leftover is an error."""
     ctx = context(ctx)
     path = Path(source_path)
     model = GGUFModel(path)
@@ -104,21 +112,20 @@ def profile(
     # the reference's predictions first: a text too short fails here, not after minutes of encoding
     reference_predictions(path, text.text, text.provenance, n_ctx, chunks, ctx)
 
-    started = time.perf_counter()
-    errors: dict[str, dict[str, float]] = {}
-    with ThreadPoolExecutor(max(1, ctx.threads)) as pool:
-        for i, info in enumerate(tensors):
-            ctx.report("profile-errors", i, len(tensors), "tensors", info.name)
-            errors[info.name] = tensor_errors(model, info, imatrix, method.types, rows, backend, method.probe_type,
-                                              method.seed, pool)  # fmt: skip
-    ctx.report("profile-errors", len(tensors), len(tensors), "tensors")
-    error_seconds = time.perf_counter() - started
-    ctx.logger.info("profile errors of %d tensors in %.1f s", len(tensors), error_seconds)
-
-    started = time.perf_counter()
-    probes = _run_probes(path, model, tensors, groups, imatrix, text, method, backend, ctx)
-    probe_seconds = time.perf_counter() - started
-    ctx.logger.info("profile probes of %d groups in %.1f s", len(probes), probe_seconds)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = PartialOutput(cached)
+    partial.lock()
+    try:
+        progress = ProfileProgress(partial.dir / "progress.json", cached.stem)
+        if progress.path.exists() and not resume:
+            raise DynqError(f"{path}: an interrupted profile with these inputs left its measurements in "
+                            f"{partial.dir}; add --resume to continue it, or delete that folder")  # fmt: skip
+        if resume:
+            progress.load()
+        errors, probes, error_seconds, probe_seconds = _measure(path, model, tensors, groups, imatrix, text, method,
+                                                                backend, progress, ctx)  # fmt: skip
+    finally:
+        partial.unlock()
 
     by_name = {t.name: t for t in tensors}
     sensitivity: dict[str, float] = {}
@@ -141,8 +148,75 @@ def profile(
         seconds={"errors": error_seconds, "probes": probe_seconds},
     )
     result.save(cached)
+    partial.remove()
     ctx.logger.info("profile of %s written to %s", path, cached)
     return result
+
+
+@dataclasses.dataclass
+class ProfileProgress:
+    """What a profile has measured so far (errors per tensor, probes), kept as JSON written to a temporary name and
+    renamed after each tensor and each probe."""
+
+    path: Path
+    key: str
+    errors: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    probes: list[Probe] = dataclasses.field(default_factory=list)
+
+    def load(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            if data["key"] != self.key:
+                raise DynqError(f"{self.path}: kept by a profile of other inputs; delete its folder to start over")
+            self.errors = {n: {t: float(e) for t, e in per.items()} for n, per in data["errors"].items()}
+            self.probes = [Probe(p["group"], tuple(p["tensors"]), float(p["kld"]), float(p["seconds"]))
+                           for p in data["probes"]]  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DynqError(f"{self.path}: unreadable ({e}); delete its folder to start over") from None
+        log.info("%s: resuming after %d tensors and %d probes", self.path, len(self.errors), len(self.probes))
+
+    def save(self) -> None:
+        probes = [{**dataclasses.asdict(p), "tensors": list(p.tensors)} for p in self.probes]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "errors": self.errors, "probes": probes}))
+        tmp.replace(self.path)
+
+
+def _measure(
+    path: Path,
+    model: GGUFModel,
+    tensors: Sequence[TensorInfo],
+    groups: dict[str, list[str]],
+    imatrix: Imatrix | None,
+    text: Text,
+    method: Method,
+    backend: GgmlBackend,
+    progress: ProfileProgress,
+    ctx: RunContext,
+) -> tuple[dict[str, dict[str, float]], list[Probe], float, float]:
+    """The errors of every tensor, then the probes, going on from what `progress` holds; returns both and the
+    seconds each took in this run."""
+    started = time.perf_counter()
+    errors = progress.errors
+    with ThreadPoolExecutor(max(1, ctx.threads)) as pool:
+        for i, info in enumerate(tensors):
+            if info.name in errors:
+                continue
+            ctx.report("profile-errors", i, len(tensors), "tensors", info.name)
+            errors[info.name] = tensor_errors(model, info, imatrix, method.types, method.rows, backend,
+                                              method.probe_type, method.seed, pool)  # fmt: skip
+            progress.save()
+    ctx.report("profile-errors", len(tensors), len(tensors), "tensors")
+    error_seconds = time.perf_counter() - started
+    ctx.logger.info("profile errors of %d tensors in %.1f s", len(tensors), error_seconds)
+
+    started = time.perf_counter()
+    probes = _run_probes(path, model, tensors, groups, imatrix, text, method, backend, ctx, progress)
+    probe_seconds = time.perf_counter() - started
+    ctx.logger.info("profile probes of %d groups in %.1f s", len(probes), probe_seconds)
+    return errors, probes, error_seconds, probe_seconds
 
 
 def _probe_name(info: TensorInfo, method: Method) -> str:
@@ -166,8 +240,10 @@ def _run_probes(
     method: Method,
     backend: GgmlBackend,
     ctx: RunContext,
+    progress: ProfileProgress,
 ) -> list[Probe]:
-    """One probe per group: the group degraded in the work file, its mean KLD against the reference, restored."""
+    """One probe per group: the group degraded in the work file, its mean KLD against the reference, restored;
+    groups `progress` holds are not probed again."""
     by_name = {t.name: t for t in tensors}
     todo = []
     for g, names in groups.items():
@@ -176,9 +252,12 @@ def _run_probes(
             todo.append((g, typed))
     # the probes' evaluations report as probes, not as evaluations of their own
     quiet = dataclasses.replace(ctx, progress=None)
-    probes = []
+    probes = progress.probes
+    done = {p.group for p in probes}
     with ProbeFile(model, ctx.cache_dir / "profiles") as work:
         for i, (g, typed) in enumerate(todo):
+            if g in done:
+                continue
             ctx.report("profile-probes", i, len(todo), "probes", g)
             started = time.perf_counter()
             work.apply(typed, imatrix, backend)
@@ -186,6 +265,7 @@ def _run_probes(
                               n_chunks=method.chunks, ctx=quiet)  # fmt: skip
             work.restore()
             probes.append(Probe(g, tuple(t.name for t, _ in typed), scores.kld_mean, time.perf_counter() - started))
+            progress.save()
             ctx.logger.info("probe %s: KLD %.5f in %.1f s", g, scores.kld_mean, probes[-1].seconds)
         ctx.report("profile-probes", len(todo), len(todo), "probes")
     return probes

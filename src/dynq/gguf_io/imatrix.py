@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from dynq.core.importance import F32Array, Imatrix, ImatrixEntry
 from dynq.errors import DynqError
@@ -23,13 +23,15 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
         raise DynqError(f"{path}: no such imatrix file")
     with path.open("rb") as f:
         magic = f.read(4)
-    return _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+    imatrix = _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+    imatrix.check(str(path))
+    return imatrix
 
 
 def _read_gguf(path: Path) -> Imatrix:
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError) as e:
+    except (ValueError, IndexError, OverflowError, MemoryError) as e:
         raise DynqError(f"{path}: truncated or corrupt imatrix ({e}); make it again") from None
     if field_value(reader, "general.type") != "imatrix":
         raise DynqError(f"{path}: a GGUF file but not an imatrix (general.type is not 'imatrix')")
@@ -42,6 +44,9 @@ def _read_gguf(path: Path) -> Imatrix:
         counts_t = tensors.get(base + ".counts")
         if counts_t is None:
             raise DynqError(f"{path}: entry {base} has sums but no counts; the imatrix is corrupt")
+        for part in (t, counts_t):
+            if part.tensor_type != GGMLQuantizationType.F32 or part.n_elements == 0 or int(part.shape[0]) == 0:
+                raise DynqError(f"{path}: entry {part.name} is not a non-empty F32 tensor; the imatrix is corrupt")
         sums = np.array(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))
         counts = np.array(counts_t.data, dtype=np.float32).reshape(-1)
         if counts.size != sums.shape[0]:
@@ -51,9 +56,16 @@ def _read_gguf(path: Path) -> Imatrix:
     return Imatrix(
         entries,
         [str(d) for d in (datasets if isinstance(datasets, list) else [datasets])],
-        int(field_value(reader, "imatrix.chunk_count") or 0),
-        int(field_value(reader, "imatrix.chunk_size") or 0),
+        _count(path, reader, "imatrix.chunk_count"),
+        _count(path, reader, "imatrix.chunk_size"),
     )
+
+
+def _count(path: Path, reader: GGUFReader, key: str) -> int:
+    value = field_value(reader, key) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DynqError(f"{path}: {key} is {str(value)[:40]!r}, not a count; the imatrix is corrupt")
+    return value
 
 
 class _DatReader:
@@ -72,7 +84,7 @@ class _DatReader:
 
     def floats(self, n: int) -> F32Array:
         end = self.pos + 4 * n
-        if end > len(self.data):
+        if n <= 0 or end > len(self.data):
             raise DynqError(f"{self.path}: truncated or not an imatrix (.dat ends at byte {len(self.data)})")
         out = np.frombuffer(self.data, dtype="<f4", count=n, offset=self.pos).astype(np.float32)
         self.pos = end
@@ -100,7 +112,11 @@ def _read_dat(path: Path) -> Imatrix:
     datasets = []
     if r.pos + 4 <= len(r.data):
         (n,) = r.take("<i")
+        if not 0 <= n <= len(r.data) - r.pos:
+            raise DynqError(f"{path}: not a valid .dat imatrix (dataset name length {n})")
         datasets.append(r.data[r.pos : r.pos + n].decode("utf-8", errors="replace"))
+    if chunk_count < 0:
+        raise DynqError(f"{path}: not a valid .dat imatrix (chunk count {chunk_count})")
     return Imatrix(entries, datasets, chunk_count)
 
 

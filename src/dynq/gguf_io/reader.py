@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor, dequantize
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor, dequantize
 
 from dynq.core.qtypes import qtype
 from dynq.core.source import MetadataField
@@ -55,6 +55,8 @@ def _open_reader(path: Path) -> GGUFReader:
         raise DynqError(f"{path}: no such file")
     if path.is_dir():
         raise DynqError(f"{path}: is a directory, expected a .gguf file")
+    if not path.is_file():
+        raise DynqError(f"{path}: not a regular file (a pipe or a device?); pass a .gguf file")
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -65,7 +67,9 @@ def _open_reader(path: Path) -> GGUFReader:
         raise DynqError(f"{path}: truncated or corrupt GGUF ({e}); download or convert it again") from e
     size = path.stat().st_size
     for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
+        # the offset as declared, in Python's integers: gguf-py adds it in uint64, where a huge one wraps around
+        declared = int(t.field.parts[-1][0]) + int(reader.data_offset)
+        if declared > size or t.data_offset + t.n_bytes > size:
             raise DynqError(
                 f"{path}: truncated GGUF: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
                 f"but the file has {size}; download or convert it again"
@@ -73,11 +77,18 @@ def _open_reader(path: Path) -> GGUFReader:
     return reader
 
 
+def _contents(reader: GGUFReader, key: str, f: ReaderField) -> Any:
+    try:
+        return f.contents()
+    except UnicodeDecodeError:
+        raise DynqError(f"{reader.data.filename}: metadata {key} is not UTF-8 text; the file is damaged") from None
+
+
 def field_value(reader: GGUFReader, key: str) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return None
-    value = f.contents()
+    value = _contents(reader, key, f)
     if f.types and f.types[0] == GGUFValueType.BOOL and not isinstance(value, list):
         return bool(value)
     return value
@@ -105,6 +116,9 @@ class GGUFModel:
                 if t.name in self._tensors:
                     raise DynqError(f"{self.shards[i]}: tensor {t.name} appears twice; the model is corrupt")
                 shape = tuple(int(d) for d in t.shape)
+                if not shape or 0 in shape:
+                    raise DynqError(f"{self.shards[i]}: tensor {t.name} has the empty shape {shape}; the model is "
+                                    "corrupt")  # fmt: skip
                 self._tensors[t.name] = GGUFTensor(TensorInfo(t.name, shape, qtype(int(t.tensor_type))), i, t)
 
     def _check_split(self) -> None:
@@ -155,7 +169,7 @@ class GGUFModel:
                 continue
             vtype = GGUFValueType(f.types[0])
             sub_type = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
-            fields.append(MetadataField(key, f.contents(), vtype, sub_type))
+            fields.append(MetadataField(key, _contents(self.readers[0], key, f), vtype, sub_type))
         return fields
 
     def ggml_type(self, name: str) -> GGMLQuantizationType:
@@ -168,7 +182,7 @@ class GGUFModel:
     def load(self, name: str) -> npt.NDArray[np.float32]:
         """One tensor as float32, numpy shape (reversed GGUF shape: rows last-to-first, row length last)."""
         t = self._get(name)
-        values = dequantize(t.raw.data, t.raw.tensor_type)
+        values = self._dequantize(t, t.raw.data)
         return np.asarray(values, dtype=np.float32).reshape(tuple(reversed(t.info.shape)))
 
     def load_expert(self, name: str, expert: int) -> npt.NDArray[np.float32]:
@@ -176,8 +190,15 @@ class GGUFModel:
         t = self._get(name)
         if len(t.info.shape) != 3 or not 0 <= expert < t.info.shape[2]:
             raise DynqError(f"{self.path}: tensor {name} {t.info.shape} has no expert {expert}")
-        values = dequantize(t.raw.data[expert], t.raw.tensor_type)
+        values = self._dequantize(t, t.raw.data[expert])
         return np.asarray(values, dtype=np.float32).reshape(t.info.shape[1], t.info.shape[0])
+
+    def _dequantize(self, t: GGUFTensor, data: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        try:
+            return dequantize(data, t.raw.tensor_type)
+        except NotImplementedError:
+            raise DynqError(f"{self.shards[t.shard]}: tensor {t.info.name} is stored as {t.info.dtype.name}, which "
+                            "dynq cannot decode; convert the model from its original weights") from None  # fmt: skip
 
     @cached_property
     def _fingerprint(self) -> str:

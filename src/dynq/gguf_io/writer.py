@@ -2,13 +2,15 @@
 `write_gguf` is the one loop every writer of dynq (quantize, split, merge) goes through, and `copy_metadata` the
 one way metadata is carried from a source into an output, with the layout its `general.alignment` asks for.
 
-The files are written into a temporary folder beside the output and renamed into place only when every byte is on
-disk, so an interrupted or failed run never leaves a file that looks complete. Splitting into llama.cpp shards
+The files grow in a partial folder beside the output (`.NAME.dynq-partial`, see `partial.py`) and are renamed into
+place only when every byte is on disk, so an interrupted or failed run never leaves a file that looks complete, and an
+interrupted one can be resumed. Splitting into llama.cpp shards
 (`NAME-00001-of-0000N.gguf` with the `split.*` keys) is gguf-py's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -16,14 +18,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
-from gguf import GGMLQuantizationType, GGUFWriter, LazyChunkedTensor
+from gguf import GGMLQuantizationType, GGUFWriter
 
 from dynq.core.source import MetadataField
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
+from dynq.gguf_io.partial import PartialOutput, RunHeader, WrittenTensor, file_sha256, verified_prefix
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +65,91 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-class StreamingWriter:
-    """Declare every tensor, then `write` them in the same order; `finish` renames the files into place."""
+@dataclass(frozen=True)
+class ChunkedBytes:
+    """One tensor's bytes made and written piece by piece (one expert at a time), so the whole never sits in
+    memory."""
 
-    def __init__(self, output: Path, arch: str, split_max_size: int = 0) -> None:
+    parts: Sequence[Callable[[], U8Array]]
+    nbytes: int
+
+
+def _parts(data: U8Array | ChunkedBytes) -> Iterator[U8Array]:
+    if isinstance(data, ChunkedBytes):
+        yield from (make() for make in data.parts)
+    else:
+        yield data
+
+
+class _Recorded:
+    """A tensor's bytes as gguf-py's writer takes them (it asks `nbytes` and calls `tofile`), hashed while written and
+    with the offset they start at, for the journal."""
+
+    def __init__(self, data: U8Array | ChunkedBytes) -> None:
+        self.data = data
+        self.nbytes = data.nbytes
+        self.start = -1
+        self.sha256 = ""
+
+    def tofile(self, f: BinaryIO) -> None:
+        self.start = f.tell()
+        h = hashlib.sha256()
+        written = 0
+        for made in _parts(self.data):
+            part = np.ascontiguousarray(made).view(np.uint8).reshape(-1)
+            h.update(part.data)
+            part.tofile(f)
+            written += part.nbytes
+        if written != self.nbytes:
+            raise DynqError(f"a chunked tensor wrote {written} bytes, {self.nbytes} declared")
+        self.sha256 = h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A tensor a resumed run keeps: gguf-py's writer steps over its bytes, which are already in the file."""
+
+    nbytes: int
+    start: int
+
+    def tofile(self, f: BinaryIO) -> None:
+        if f.tell() != self.start:
+            raise DynqError(f"resuming: a kept tensor starts at {f.tell()}, the journal says {self.start}")
+        f.seek(self.nbytes, os.SEEK_CUR)
+
+
+class StreamingWriter:
+    """Declare every tensor, then `begin`, then `write` (or `keep`) them in the same order; `finish` renames the files
+    into place. The files grow in the output's partial folder with a journal (see `partial.py`); with `resume`, the
+    verified tensors of an interrupted run of the same `inputs` are kept, and `resumed` says how many."""
+
+    def __init__(self, output: Path, arch: str, split_max_size: int = 0, *, inputs: str = "", resume: bool = False,
+                 overwrite: bool = True) -> None:  # fmt: skip
         check_output_folder(output)
         if output.suffix != ".gguf":
             raise DynqError(f"{output}: the output name must end in .gguf")
+        if not overwrite and output.exists():
+            raise DynqError(f"{output}: already exists; remove it or pass --force")
         self.output = output
-        self.tmp_dir = output.parent / f".{output.name}.dynq-{os.getpid()}.tmp"
-        self.tmp_dir.mkdir(exist_ok=True)
-        self.writer = GGUFWriter(self.tmp_dir / output.name, arch, split_max_size=split_max_size)
+        self.inputs = inputs
+        self.partial = PartialOutput(output)
+        self.partial.lock()
+        self.previous_header, self.previous = self.partial.read_journal()
+        leftover = self.partial.shard_files()
+        if (leftover or self.previous) and not resume:
+            self.partial.unlock()
+            raise DynqError(
+                f"{output}: an interrupted run left {len(self.previous)} written tensors in {self.partial.dir}; "
+                "add --resume to continue it, or delete that folder to start over"
+            )
+        self.scratch = self.partial.dir / "header"
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch.mkdir()
+        self.writer = GGUFWriter(self.scratch / output.name, arch, split_max_size=split_max_size)
         self.names: list[str] = []
         self.paths: list[Path] = []
+        self.resumed = 0
+        self._next = 0
 
     def declare(self, info: TensorInfo, nbytes: int, ggml_type: GGMLQuantizationType) -> None:
         # A uint8 byte shape; gguf-py converts it back to the element shape from the type.
@@ -83,19 +159,73 @@ class StreamingWriter:
         self.names.append(info.name)
 
     def begin(self) -> None:
-        """Write headers, metadata and tensor infos of every shard."""
+        """Write headers, metadata and tensor infos of every shard (into the scratch folder), then put each shard in
+        place: the fresh one, or with `resume` the previous one cut back to its last verified tensor."""
         self.writer.write_header_to_file()
         self.writer.write_kv_data_to_file()
         self.writer.write_ti_data_to_file()
-        assert self.writer.path is not None
-        self.paths = self.writer.format_shard_names(self.writer.path)
+        assert self.writer.path is not None and self.writer.fout is not None
+        scratch_paths = self.writer.format_shard_names(self.writer.path)
+        self.paths = [self.partial.dir / p.name for p in scratch_paths]
+        header_ends = [f.tell() for f in self.writer.fout]
+        hashes = []
+        for path, end in zip(scratch_paths, header_ends, strict=True):
+            with path.open("rb") as f:
+                hashes.append(file_sha256(f, 0, end))
+        header = RunHeader(self.inputs, len(self.names), tuple(hashes))
+        kept: list[WrittenTensor] = []
+        if self.previous_header is not None:
+            if self.previous_header != header:
+                raise DynqError(
+                    f"{self.output}: the interrupted run in {self.partial.dir} was made from other inputs or another "
+                    "plan; delete that folder to start over"
+                )
+            kept = verified_prefix(self.previous, self.paths)
+            for shard, path in enumerate(self.paths):
+                if any(t.shard == shard for t in kept):
+                    with path.open("rb") as f:
+                        if file_sha256(f, 0, header_ends[shard]) != hashes[shard]:
+                            kept = [t for t in kept if t.shard < shard]
+                            break
+        for shard, (fresh, path, end) in enumerate(zip(scratch_paths, self.paths, header_ends, strict=True)):
+            ends = [t.end for t in kept if t.shard == shard]
+            if not ends:
+                fresh.replace(path)  # the open file follows the rename
+                continue
+            self.writer.fout[shard].close()
+            previous = path.open("r+b")
+            previous.truncate(max(ends))
+            previous.seek(end)
+            self.writer.fout[shard] = previous  # type: ignore[call-overload]  # r+b: read and write
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.partial.start_journal(header, kept)
+        self.kept = kept
+        self.resumed = len(kept)
+        if kept:
+            log.info("%s: resuming after %d verified tensors", self.output, len(kept))
 
-    def write(self, data: npt.NDArray[np.uint8] | LazyChunkedTensor) -> None:
-        """One tensor's bytes: an array, or gguf-py's chunked tensor, written one chunk at a time."""
-        if isinstance(data, LazyChunkedTensor):
-            self.writer.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes and tofile
-        else:
-            self.writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    def _shard_of_next(self) -> int:
+        # gguf-py writes each tensor into the first shard that still has tensors declared
+        return next(i for i, declared in enumerate(self.writer.tensors) if declared)
+
+    def keep(self) -> None:
+        """Step over the next tensor: a resumed run's verified bytes are already there."""
+        t = self.kept[self._next]
+        self.writer.write_tensor_data(_Kept(t.end - t.start, t.start))  # type: ignore[arg-type]  # duck-typed
+        self._next += 1
+
+    def write(self, data: U8Array | ChunkedBytes) -> None:
+        """The next tensor's bytes: an array, or chunks written one at a time; synced, then journaled."""
+        shard = self._shard_of_next()
+        recorded = _Recorded(data)
+        self.writer.write_tensor_data(recorded)  # type: ignore[arg-type]  # duck-typed: nbytes and tofile
+        assert self.writer.fout is not None
+        fout = self.writer.fout[shard]
+        fout.flush()
+        os.fsync(fout.fileno())
+        self.partial.record(WrittenTensor(self._next, self.names[self._next], shard, recorded.start,
+                                          recorded.start + recorded.nbytes, recorded.sha256))  # fmt: skip
+        self._next += 1
 
     def finish(self) -> list[Path]:
         """Flush, sync and rename every shard to its final name; returns the final paths."""
@@ -107,26 +237,45 @@ class StreamingWriter:
             target = self.output.parent / path.name
             path.replace(target)
             final.append(target)
-        self.tmp_dir.rmdir()
+        self.partial.remove()
         return final
 
-    def abort(self) -> None:
+    def abort(self, keep: bool) -> int:
+        """Close the files; keep the partial folder for `--resume` if asked and any tensor is in it, else remove
+        it. Returns how many tensors were kept."""
         try:
             self.writer.close()
         finally:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            if keep and self._next > 0:
+                self.partial.unlock()
+                shutil.rmtree(self.scratch, ignore_errors=True)
+            else:
+                self.partial.remove()
+        return self._next if keep else 0
 
 
 @contextmanager
-def streaming_writer(output: Path, arch: str, split_max_size: int = 0) -> Iterator[StreamingWriter]:
-    writer = StreamingWriter(output, arch, split_max_size)
+def streaming_writer(output: Path, arch: str, split_max_size: int = 0, *, inputs: str = "", resume: bool = False,
+                     overwrite: bool = True) -> Iterator[StreamingWriter]:  # fmt: skip
+    """The writer, with the partial folder kept when the run was interrupted (a signal, Ctrl-C) or the disk failed,
+    so that `--resume` continues it, and removed on any other failure."""
+    try:
+        writer = StreamingWriter(output, arch, split_max_size, inputs=inputs, resume=resume, overwrite=overwrite)
+    except OSError as e:
+        raise DynqError(f"{output}: cannot write there ({e.strerror or e})") from e
     try:
         yield writer
     except OSError as e:
-        writer.abort()
-        raise DynqError(f"{output}: writing failed ({e.strerror or e}); nothing was left under that name") from e
+        kept = writer.abort(keep=True)
+        where = f"; the {kept} tensors written are kept in {writer.partial.dir} for --resume" if kept else ""
+        raise DynqError(f"{output}: writing failed ({e.strerror or e}); nothing was left under that name{where}") from e
+    except (KeyboardInterrupt, SystemExit):
+        if kept := writer.abort(keep=True):
+            log.warning("%s: interrupted; %d tensors are kept in %s, rerun with --resume to continue", output, kept,
+                        writer.partial.dir)  # fmt: skip
+        raise
     except BaseException:
-        writer.abort()
+        writer.abort(keep=False)
         raise
 
 
@@ -143,20 +292,30 @@ def write_gguf(
     output: Path,
     arch: str,
     tensors: Sequence[OutputTensor],
-    data: Callable[[OutputTensor], U8Array | LazyChunkedTensor],
+    data: Callable[[OutputTensor], U8Array | ChunkedBytes],
     *,
     metadata: Callable[[GGUFWriter], None],
     split_max_size: int = 0,
     written: Callable[[int, OutputTensor], None] | None = None,
+    inputs: str = "",
+    resume: bool = False,
+    overwrite: bool = True,
 ) -> list[Path]:
     """Write `output` (or its shards): `metadata` adds the key/values, every tensor is declared, then each one's
-    bytes come from `data` in order and `written(index, tensor)` follows each write. Returns the final paths."""
-    with streaming_writer(output, arch, split_max_size) as writer:
+    bytes come from `data` in order and `written(index, tensor)` follows each write. With `resume`, the tensors an
+    interrupted run of the same `inputs` (a key of everything the bytes depend on) left verified are kept and not
+    asked of `data`. Returns the final paths."""
+    with streaming_writer(output, arch, split_max_size, inputs=inputs, resume=resume, overwrite=overwrite) as writer:
         metadata(writer.writer)
         for t in tensors:
             writer.declare(t.info, t.nbytes, t.ggml_type)
         writer.begin()
         for i, t in enumerate(tensors):
+            if i < writer.resumed:
+                writer.keep()
+                if written is not None:
+                    written(i, t)
+                continue
             chunk = data(t)
             if chunk.nbytes != t.nbytes:
                 raise DynqError(f"{t.info.name}: {chunk.nbytes} bytes to write, {t.nbytes} declared")

@@ -38,11 +38,29 @@ def uniform_recipe(t: QType) -> Recipe:
     )
 
 
+# A recipe is a page of rules; anything much larger is not one.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a recipe never needs them, and a chain of aliases expands to a structure
+    exponentially larger than the file."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("anchors and aliases (*name) are not allowed in a recipe")
+        return super().compose_node(parent, index)
+
+
 def load_yaml_recipe(path: Path) -> Recipe:
     try:
-        data = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_RECIPE_BYTES or not path.is_file():
+            raise DynqError(f"{path}: not a recipe (a regular file of at most {MAX_RECIPE_BYTES >> 20} MiB)")
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_RecipeLoader)  # a SafeLoader
     except OSError as e:
         raise DynqError(f"{path}: cannot read recipe ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DynqError(f"{path}: not a text file in UTF-8 (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         raise DynqError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return recipe_from_dict(data, str(path))

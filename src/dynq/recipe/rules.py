@@ -33,6 +33,8 @@ DEFAULT_KEEP = (
 RECIPE_VERSION = 1
 _RECIPE_KEYS = {"version", "name", "description", "keep", "default_keep", "default", "rules"}
 _RULE_KEYS = {"match", "type", "blocks", "when", "optional", "note"}
+# No model has this many blocks; a larger number in a recipe is a typo or an attempt to make a huge set.
+MAX_BLOCK = 1 << 16
 _ITEM = re.compile(r"^\s*(?:(?P<a>\d+)\s*(?:-\s*(?P<b>\d+))?|(?P<rel>first|last)\s*:\s*(?P<k>\d+))\s*$")
 
 
@@ -60,6 +62,8 @@ class BlockSpec:
             m = _ITEM.match(item)
             if m is None:
                 raise DynqError(f"{where}: bad block range '{item.strip()}' in '{text}'; use e.g. 0-2,58-60 or first:3")
+            if max(int(n) for n in m.group("a", "b", "k") if n is not None) > MAX_BLOCK:
+                raise DynqError(f"{where}: block number too large in '{item.strip()}' (at most {MAX_BLOCK})")
             if m.group("rel"):
                 k = int(m.group("k"))
                 if k < 1:
@@ -158,6 +162,16 @@ def _compile_all(patterns: Iterable[str], where: str) -> tuple[re.Pattern[str], 
     return tuple(_compile(p, where) for p in patterns)
 
 
+def _names(keys: Iterable[object]) -> str:
+    return ", ".join(sorted(str(k) for k in keys))
+
+
+def _text(value: object, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DynqError(f"{where}: must be text")
+    return str(value)
+
+
 def _type(value: object, where: str) -> QType:
     if not isinstance(value, str):
         raise DynqError(f"{where}: 'type' must be a type name such as IQ1_S or Q4_K")
@@ -176,14 +190,16 @@ def _rule(index: int, raw: object, where: str) -> Rule:
         raise DynqError(f"{at}: each rule must be a mapping with 'match' and 'type'")
     unknown = set(raw) - _RULE_KEYS
     if unknown:
-        raise DynqError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_RULE_KEYS))}")
+        raise DynqError(f"{at}: unknown key(s) {_names(unknown)}; allowed: {_names(_RULE_KEYS)}")
     for key in ("match", "type"):
         if key not in raw:
             raise DynqError(f"{at}: missing '{key}'")
     when = raw.get("when")
-    if when is not None and when not in {w.value for w in When}:
-        raise DynqError(f"{at}: 'when' must be 'moe' or 'dense', not '{when}'")
+    if when is not None and (not isinstance(when, str) or when not in {w.value for w in When}):
+        raise DynqError(f"{at}: 'when' must be 'moe' or 'dense', not {when!r:.40}")
     blocks = raw.get("blocks")
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, str | int)):
+        raise DynqError(f"{at}: 'blocks' must be a string such as '0-2,58-60' or a block number")
     optional = raw.get("optional", False)
     if not isinstance(optional, bool):
         raise DynqError(f"{at}: 'optional' must be true or false")
@@ -194,7 +210,7 @@ def _rule(index: int, raw: object, where: str) -> Rule:
         blocks=BlockSpec.parse(str(blocks), at) if blocks is not None else None,
         when=When(when) if when is not None else None,
         optional=optional,
-        note=str(raw.get("note", "")),
+        note=_text(raw.get("note", ""), f"{at}, note"),
     )
 
 
@@ -204,9 +220,7 @@ def recipe_from_dict(data: object, where: str) -> Recipe:
         raise DynqError(f"{where}: a recipe is a mapping with 'name' and 'rules'")
     unknown = set(data) - _RECIPE_KEYS
     if unknown:
-        raise DynqError(
-            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_RECIPE_KEYS))}"
-        )
+        raise DynqError(f"{where}: unknown key(s) {_names(unknown)}; allowed: {_names(_RECIPE_KEYS)}")
     rules_raw = data.get("rules", [])
     if not isinstance(rules_raw, list):
         raise DynqError(f"{where}: 'rules' must be a list")
@@ -223,8 +237,8 @@ def recipe_from_dict(data: object, where: str) -> Recipe:
     if not isinstance(default_keep, bool):
         raise DynqError(f"{where}: 'default_keep' must be true or false")
     return Recipe(
-        name=str(data.get("name", where)),
-        description=str(data.get("description", "")).strip(),
+        name=_text(data.get("name", where), f"{where}, name"),
+        description=_text(data.get("description", ""), f"{where}, description").strip(),
         rules=tuple(_rule(i + 1, r, where) for i, r in enumerate(rules_raw)),
         keep=_compile_all((*(DEFAULT_KEEP if default_keep else ()), *keep_raw), f"{where}, keep"),
         default=_type(default, f"{where}, default") if default is not None else None,

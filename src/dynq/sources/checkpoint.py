@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import struct
 import tempfile
 from collections.abc import Callable
@@ -106,6 +107,31 @@ def _as_f32(values: Any, dtype: gguf.GGMLQuantizationType, shape: tuple[int, ...
     return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
 
 
+# Bytes per element of each safetensors dtype.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with one tensor's header entry (dtype, shape, data_offsets and their agreement), or None."""
+    if not isinstance(entry, dict):
+        return "is not a mapping"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        return f"has the unknown dtype {str(dtype)[:20]!r}"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return "has no valid shape"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        return "has no valid data_offsets"
+    if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        return f"holds {offsets[1] - offsets[0]} bytes for a {dtype} shape {shape}"
+    return None
+
+
 def _read_header(path: Path) -> dict[str, Any]:
     """A shard's safetensors header, after checking the file holds every byte it promises (a download cut short
     shows here, not as a crash halfway through a quantization)."""
@@ -121,7 +147,14 @@ def _read_header(path: Path) -> dict[str, Any]:
             header: dict[str, Any] = json.loads(f.read(n))
         except ValueError:
             raise DynqError(f"{path}: the safetensors header is not valid JSON; download the file again") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise DynqError(f"{path}: the safetensors header is not a JSON object; download the file again")
+    end = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            if (problem := _entry_problem(entry)) is not None:
+                raise DynqError(f"{path}: tensor {name} {problem} in the safetensors header; download the file again")
+            end = max(end, entry["data_offsets"][1])
     if 8 + n + end > size:
         raise DynqError(
             f"{path}: truncated: the header describes {8 + n + end} bytes, the file has {size}; download it again"
@@ -139,6 +172,8 @@ def _expected_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     except (ValueError, KeyError, ImportError, OSError) as e:
         log.debug("%s: shapes not checked against config.json (%s)", directory, e)
         return {}
+    except Exception as e:  # transformers' own checks of the values (a string for a size, a list for a name ...)
+        raise DynqError(f"{directory}/config.json: transformers cannot read it ({_first_line(e)})") from e
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 
@@ -170,6 +205,20 @@ def _check_shapes(directory: Path, shards: list[Path]) -> None:
                 )
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _check_config(path: Path) -> None:
+    try:
+        config = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:
+        raise DynqError(f"{path}: not valid JSON ({_first_line(e)}); download it again") from None
+    if not isinstance(config, dict):
+        raise DynqError(f"{path}: not a JSON object; download it again")
+
+
 class HFCheckpoint:
     """A Hugging Face checkpoint directory, read through llama.cpp's converter (see the module docstring)."""
 
@@ -178,13 +227,16 @@ class HFCheckpoint:
         self._spec = spec or str(directory)
         if not (directory / "config.json").is_file():
             raise DynqError(f"{directory}: no config.json; a Hugging Face checkpoint directory holds one")
+        _check_config(directory / "config.json")
         _check_shapes(directory, _shards(directory))
         conversion = load_conversion(cache)
         try:
             hparams = conversion.ModelBase.load_hparams(directory, False)
             arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
-        except (ValueError, KeyError, OSError) as e:
-            raise DynqError(f"{directory}/config.json: {e}") from e
+        except Exception as e:  # as above: the converter's reading of config.json
+            raise DynqError(f"{directory}/config.json: {_first_line(e)}") from e
+        if not isinstance(arch, str):
+            raise DynqError(f"{directory}/config.json: 'architectures' names no architecture")
         try:
             model_class = conversion.get_model_class(arch, mmproj=False)
         except NotImplementedError:
@@ -198,9 +250,8 @@ class HFCheckpoint:
                 model = model_class(directory, gguf.LlamaFileType.MOSTLY_F16, Path(tmp) / "model.gguf")
                 model.prepare_tensors()
                 model.prepare_metadata(vocab_only=False)
-            except (ValueError, KeyError, AssertionError, FileNotFoundError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DynqError(f"{directory}: llama.cpp's converter stopped: {first}") from e
+            except Exception as e:  # the converter checks a checkpoint with whatever exception comes first
+                raise DynqError(f"{directory}: llama.cpp's converter stopped: {_first_line(e)}") from e
         writer = model.gguf_writer
         self.model_arch = gguf.MODEL_ARCH_NAMES[model.model_arch]
         self._kv: dict[str, Any] = dict(writer.kv_data[0])

@@ -1,0 +1,164 @@
+"""An output being written, kept so that an interrupted run can go on: the folder `.NAME.dynq-partial` beside the
+output holds the shards as far as they were written, a journal of the tensors whose bytes are on disk, and a lock.
+
+The journal is written after the data it describes has been synced, one JSON line per tensor (shard, byte range,
+SHA-256), so it never claims bytes the disk does not hold; a line cut short by a crash is ignored. The first line
+records what the run was made from (the inputs' key and each shard's header hash): a resume is only allowed for the
+same run. The lock (`flock`, released by the kernel when the process dies) makes a second writer of the same output
+refuse instead of racing the first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from dynq.errors import DynqError
+
+JOURNAL_VERSION = 1
+_READ_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class WrittenTensor:
+    """One tensor whose bytes are on disk: in shard `shard`, bytes [start, end), with this SHA-256."""
+
+    index: int
+    name: str
+    shard: int
+    start: int
+    end: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RunHeader:
+    """What identifies a run: the caller's key for its inputs, the tensor count and each shard's header hash."""
+
+    inputs: str
+    tensors: int
+    shard_headers: tuple[str, ...]
+
+
+def partial_dir(output: Path) -> Path:
+    return output.parent / f".{output.name}.dynq-partial"
+
+
+def file_sha256(f: IO[bytes], start: int, end: int) -> str:
+    h = hashlib.sha256()
+    f.seek(start)
+    left = end - start
+    while left > 0:
+        block = f.read(min(left, _READ_CHUNK))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest() if left == 0 else ""
+
+
+class PartialOutput:
+    """The partial folder of one output, locked for as long as this object holds it."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.dir = partial_dir(output)
+        self.journal_path = self.dir / "journal.jsonl"
+        self._lock: IO[bytes] | None = None
+        self._journal: IO[str] | None = None
+
+    def lock(self) -> None:
+        self.dir.mkdir(exist_ok=True)
+        handle = (self.dir / "lock").open("ab")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise DynqError(
+                f"{self.output}: another dynq run is writing this output (it holds {self.dir}); "
+                "wait for it to finish or stop it"
+            ) from None
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def shard_files(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("*.gguf") if p.is_file())
+
+    def read_journal(self) -> tuple[RunHeader | None, list[WrittenTensor]]:
+        """The run header and the tensors the journal records, in order; a torn or foreign line ends the list."""
+        if not self.journal_path.is_file():
+            return None, []
+        header: RunHeader | None = None
+        written: list[WrittenTensor] = []
+        with self.journal_path.open("rb") as f:
+            for raw in f:
+                try:
+                    entry: dict[str, Any] = json.loads(raw)
+                    if header is None:
+                        if entry.get("version") != JOURNAL_VERSION:
+                            return None, []
+                        header = RunHeader(str(entry["inputs"]), int(entry["tensors"]), tuple(entry["shard_headers"]))
+                        continue
+                    t = WrittenTensor(**entry)
+                except (ValueError, KeyError, TypeError):
+                    break
+                if t.index != len(written):
+                    break
+                written.append(t)
+        return header, written
+
+    def start_journal(self, header: RunHeader, kept: list[WrittenTensor]) -> None:
+        """A new journal for this run that keeps `kept` (the verified prefix of a previous one)."""
+        tmp = self.journal_path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            f.write(json.dumps({"version": JOURNAL_VERSION, "inputs": header.inputs, "tensors": header.tensors,
+                                "shard_headers": list(header.shard_headers)}) + "\n")  # fmt: skip
+            for t in kept:
+                f.write(json.dumps(t.__dict__) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.journal_path)
+        self._journal = self.journal_path.open("a")
+
+    def record(self, tensor: WrittenTensor) -> None:
+        """Called after the tensor's bytes were synced."""
+        assert self._journal is not None
+        self._journal.write(json.dumps(tensor.__dict__) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def remove(self) -> None:
+        self.unlock()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def verified_prefix(written: list[WrittenTensor], shard_paths: list[Path]) -> list[WrittenTensor]:
+    """The journaled tensors whose bytes still hash as recorded, up to the first that does not."""
+    handles: dict[int, IO[bytes]] = {}
+    kept: list[WrittenTensor] = []
+    try:
+        for t in written:
+            if t.shard >= len(shard_paths) or not shard_paths[t.shard].is_file():
+                break
+            if t.shard not in handles:
+                handles[t.shard] = shard_paths[t.shard].open("rb")
+            if file_sha256(handles[t.shard], t.start, t.end) != t.sha256:
+                break
+            kept.append(t)
+    finally:
+        for h in handles.values():
+            h.close()
+    return kept

@@ -1,0 +1,242 @@
+"""An interrupted quantize goes on with --resume and gives the bytes of an uninterrupted run; a leftover is never
+silently reused or overwritten; two runs writing one output refuse each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dynq.gguf_io.partial import PartialOutput, partial_dir
+from dynq.sources.synthetic import write_synthetic
+
+RECIPE = "uniform-q4_k"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic("deepseek2", tmp_path_factory.mktemp("resume") / "tiny-deepseek2.gguf")
+
+
+@pytest.fixture(scope="module")
+def reference(model: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    out = tmp_path_factory.mktemp("reference") / "whole.gguf"
+    done = run(model, out)
+    assert done.returncode == 0, done.stderr
+    return out.read_bytes()
+
+
+def command(model: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dynq.cli", "--verbose", "quantize", str(model), "-r", RECIPE, "-o", str(out),
+            "--threads", "1", *extra]  # fmt: skip
+
+
+def run(model: Path, out: Path, *extra: str, limit_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
+    def limit() -> None:
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(command(model, out, *extra), capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)  # fmt: skip
+
+
+def journaled(out: Path) -> int:
+    journal = partial_dir(out) / "journal.jsonl"
+    return max(0, len(journal.read_bytes().splitlines()) - 1) if journal.exists() else 0
+
+
+def start_and_kill(model: Path, out: Path, after_tensors: int, sig: int, resume: bool) -> int:
+    """Start a quantize and send `sig` once the journal holds `after_tensors` more tensors; returns its exit code."""
+    before = journaled(out)
+    proc = subprocess.Popen(command(model, out, *(["--resume"] if resume else [])), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and journaled(out) < before + after_tensors and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+def test_sigkill_at_random_points_then_resume_gives_identical_bytes(model: Path, reference: bytes,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "out.gguf"
+    rng = random.Random(15)
+    kills = 0
+    for attempt in range(5):
+        code = start_and_kill(model, out, rng.randint(1, 12), signal.SIGKILL, resume=attempt > 0)
+        if code == -signal.SIGKILL:
+            kills += 1
+            assert not out.exists()
+    assert kills >= 3, "the runs finished before they could be killed: make the model bigger"
+    assert journaled(out) > 0
+    done = run(model, out, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == reference
+    assert not partial_dir(out).exists()
+
+
+def test_sigterm_keeps_the_partial_for_resume(model: Path, reference: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    code = start_and_kill(model, out, 3, signal.SIGTERM, resume=False)
+    assert code != 0 and not out.exists()
+    assert journaled(out) >= 3
+    done = run(model, out, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == reference
+
+
+def test_a_leftover_is_reported_not_reused(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    start_and_kill(model, out, 2, signal.SIGKILL, resume=False)
+    done = run(model, out)
+    assert done.returncode == 1
+    assert "--resume" in done.stderr and "Traceback" not in done.stderr
+    assert journaled(out) >= 2 and not out.exists()
+
+
+def test_resume_from_other_inputs_is_refused(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    start_and_kill(model, out, 2, signal.SIGKILL, resume=False)
+    other = write_synthetic("llama", tmp_path / "other.gguf")
+    done = subprocess.run([sys.executable, "-m", "dynq.cli", "quantize", str(other), "-r", RECIPE, "-o", str(out),
+                           "--resume"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "other inputs" in done.stderr, done.stderr
+    assert not out.exists()
+
+
+def test_damaged_partial_is_redone_from_the_damage(model: Path, reference: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    start_and_kill(model, out, 8, signal.SIGKILL, resume=False)
+    lines = (partial_dir(out) / "journal.jsonl").read_text().splitlines()
+    fourth = json.loads(lines[4])
+    shard = partial_dir(out) / out.name
+    with shard.open("r+b") as f:  # flip one byte of the fourth tensor
+        f.seek(fourth["start"])
+        byte = f.read(1)
+        f.seek(fourth["start"])
+        f.write(bytes([byte[0] ^ 0xFF]))
+    done = run(model, out, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "resuming after 3 verified tensors" in done.stderr
+    assert out.read_bytes() == reference
+
+
+def test_a_full_disk_keeps_the_partial_for_resume(model: Path, reference: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    done = run(model, out, limit_bytes=len(reference) // 2)
+    assert done.returncode == 1 and "writing failed" in done.stderr and "--resume" in done.stderr, done.stderr
+    assert not out.exists() and journaled(out) > 0
+    done = run(model, out, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == reference
+
+
+def test_two_writers_of_one_output_refuse_each_other(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    holder = PartialOutput(out)
+    holder.lock()  # another run writing this output
+    try:
+        done = run(model, out)
+    finally:
+        holder.unlock()
+    assert done.returncode == 1 and "another dynq run is writing" in done.stderr, done.stderr
+    assert not out.exists()
+    done = run(model, out)
+    assert done.returncode == 0, done.stderr
+
+
+def test_existing_output_needs_force(model: Path, reference: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"an earlier result")
+    done = run(model, out)
+    assert done.returncode == 1 and "--force" in done.stderr
+    assert out.read_bytes() == b"an earlier result"
+    done = run(model, out, "--force")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == reference
+    assert os.listdir(tmp_path) == ["out.gguf"]
+
+
+# --- imatrix and profile: the same on their own units (chunks, tensors and probes) ------------------------------
+
+CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 40)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("dense")
+    (folder / "calib.txt").write_text(CALIB)
+    return write_synthetic("llama", folder / "tiny-llama.gguf"), folder / "calib.txt"
+
+
+def killed_then_resumed(args: list[str], kept: Callable[[], bool], env: dict[str, str], minimum_seconds: float) -> str:
+    """Run `dynq ARGS`, SIGKILL it once it `kept` progress and ran `minimum_seconds`, check that a rerun without
+    --resume refuses, then resume; returns the resumed run's stderr."""
+    base = [sys.executable, "-m", "dynq.cli", "--verbose", *args]
+    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    started, deadline = time.monotonic(), time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if kept() and time.monotonic() - started > minimum_seconds:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: give it more work"
+    again = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr, again.stderr
+    resumed = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    return resumed.stderr
+
+
+def test_an_interrupted_imatrix_resumes_to_the_same_bytes(dense: tuple[Path, Path], tmp_path: Path) -> None:
+    model, text = dense
+    env = os.environ | {"DYNQ_CACHE_DIR": str(tmp_path / "cache")}
+    common = ["imatrix", str(model), "--text", str(text), "--ctx", "32", "--threads", "1"]
+    whole = subprocess.run([sys.executable, "-m", "dynq.cli", *common, "-o", str(tmp_path / "whole.gguf")],
+                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out.gguf"
+    progress = partial_dir(out) / "imatrix-progress.npz"
+    stderr = killed_then_resumed([*common, "-o", str(out)], progress.exists, env, 0.5)
+    assert "resuming after" in stderr
+    assert out.read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    assert not partial_dir(out).exists()
+
+
+def without_timings(path: Path) -> dict[str, object]:
+    data = json.loads(path.read_text())
+    data.pop("seconds")
+    for p in data["probes"]:
+        p.pop("seconds")
+    return data
+
+
+def test_an_interrupted_profile_resumes_to_the_same_measurements(dense: tuple[Path, Path], tmp_path: Path) -> None:
+    model, text = dense
+    common = ["profile", str(model), "--text", str(text), "--ctx", "32", "--chunks", "2", "--rows", "64",
+              "--group-blocks", "1", "--threads", "1"]  # fmt: skip
+    whole_env = os.environ | {"DYNQ_CACHE_DIR": str(tmp_path / "cache-whole")}
+    whole = subprocess.run([sys.executable, "-m", "dynq.cli", *common, "-o", str(tmp_path / "whole.json")],
+                           capture_output=True, text=True, timeout=600, env=whole_env)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    env = os.environ | {"DYNQ_CACHE_DIR": str(tmp_path / "cache")}
+    profiles = tmp_path / "cache" / "profiles"  # the kept measurements: in a folder named after the profile's key
+
+    def kept() -> bool:
+        return bool(list(profiles.glob(".*.dynq-partial/progress.json")))
+
+    stderr = killed_then_resumed([*common, "-o", str(tmp_path / "out.json")], kept, env, 1.0)
+    assert "resuming after" in stderr
+    assert without_timings(tmp_path / "out.json") == without_timings(tmp_path / "whole.json")
+    assert not list(profiles.glob(".*.dynq-partial"))
