@@ -104,7 +104,7 @@ def test_a_leftover_is_reported_not_reused(model: Path, tmp_path: Path) -> None:
     assert journaled(out) >= 2 and not out.exists()
 
 
-def test_resume_from_other_inputs_is_refused(model: Path, tmp_path: Path) -> None:
+def test_resume_from_other_inputs_is_refused(model: Path, reference: bytes, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
     start_and_kill(model, out, 2, signal.SIGKILL, resume=False)
     other = write_synthetic("llama", tmp_path / "other.gguf")
@@ -112,6 +112,11 @@ def test_resume_from_other_inputs_is_refused(model: Path, tmp_path: Path) -> Non
                            "--resume"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1 and "other inputs" in done.stderr, done.stderr
     assert not out.exists()
+    # the refused resume lost nothing: the right inputs still continue the kept tensors
+    assert journaled(out) >= 2
+    done = run(model, out, "--resume")
+    assert done.returncode == 0 and "resuming after" in done.stderr, done.stderr
+    assert out.read_bytes() == reference
 
 
 def test_damaged_partial_is_redone_from_the_damage(model: Path, reference: bytes, tmp_path: Path) -> None:

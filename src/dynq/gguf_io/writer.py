@@ -148,6 +148,7 @@ class StreamingWriter:
         self.writer = GGUFWriter(self.scratch / output.name, arch, split_max_size=split_max_size)
         self.names: list[str] = []
         self.paths: list[Path] = []
+        self.kept: list[WrittenTensor] = []
         self.resumed = 0
         self._next = 0
 
@@ -241,17 +242,17 @@ class StreamingWriter:
         return final
 
     def abort(self, keep: bool) -> int:
-        """Close the files; keep the partial folder for `--resume` if asked and any tensor is in it, else remove
-        it. Returns how many tensors were kept."""
+        """Close the files; keep the partial folder for `--resume` if asked and any tensor is in it, or if an earlier
+        run left it (a failed resume loses nothing), else remove it. Returns how many tensors are kept."""
         try:
             self.writer.close()
         finally:
-            if keep and self._next > 0:
+            if (keep and self._next > 0) or self.previous:
                 self.partial.unlock()
                 shutil.rmtree(self.scratch, ignore_errors=True)
             else:
                 self.partial.remove()
-        return self._next if keep else 0
+        return max(self._next, len(self.previous)) if keep or self.previous else 0
 
 
 @contextmanager
