@@ -33,7 +33,7 @@ from dynq.cli_text import clean, data, line
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.deploy.memory import GIB
 from dynq.deploy.offload import Hardware, offload
-from dynq.deploy.ollama import Modelfile, OllamaExport
+from dynq.deploy.ollama import Modelfile, OllamaExport, ollama_name
 from dynq.deploy.run import Generation, Offload
 from dynq.deploy.shards import ShardsWritten
 from dynq.eval.loops import Continuation
@@ -502,7 +502,8 @@ def test_cli_split_and_merge(hostile_dir: Path) -> None:
 def test_cli_export_ollama(tiny_llama: Path, hostile_dir: Path) -> None:
     folder = hostile_dir / "o[bold]\x1b[31m\u202e"
     result = cli(["export-ollama", str(tiny_llama), "-o", str(folder)])
-    gguf, modelfile = folder / tiny_llama.name, folder / "Modelfile"
+    # the model file is named for Ollama (letters, digits, . _ -): a name cannot reach the Modelfile as markup
+    gguf, modelfile = folder / f"{ollama_name(tiny_llama.stem)}.gguf", folder / "Modelfile"
     assert gguf.exists() and modelfile.exists()
     # these lines wrap at the console's width (160 columns when piped): compared without whitespace
     assert squash(f"wrote {clean(gguf)} and {clean(modelfile)} (template: ") in squash(result.stdout)
