@@ -181,6 +181,12 @@ def test_an_empty_dimension_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
     assert_one_line_error(cli("quantize", str(bad), "-r", "q8_0", "-o", str(out)), "empty shape")
 
 
+def test_a_model_without_tensors(tiny_gguf: Path, tmp_path: Path) -> None:
+    empty = patched(tiny_gguf, tmp_path / "empty.gguf", "tensor count", 0)
+    out = tmp_path / "out.gguf"
+    assert_one_line_error(cli("quantize", str(empty), "-r", "q8_0", "-o", str(out)), "no tensors to quantize")
+
+
 def test_a_pipe_is_not_a_model_and_does_not_hang(tmp_path: Path) -> None:
     fifo = tmp_path / "model.gguf"
     os.mkfifo(fifo)

@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dynq"
 
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"errors", "paths", "version"}),
-    frozenset({"core"}),  # tensor info, source dtypes, qtypes, sizes, importance data, run context, source protocol
+    frozenset({"core", "executors"}),  # tensor info, dtypes, qtypes, sizes, importance, run context, source protocol;
+    # where units of work run (this process, local processes, a Ray cluster)
     frozenset({"recipe", "kernels"}),  # choosing (pure functions of the inventory) and encoding
     frozenset({"gguf_io", "pypi"}),  # file formats; package downloads
     frozenset({"sources", "calib", "encode_cache", "llamacpp_tools"}),  # opening, fetching, running

@@ -34,6 +34,7 @@ from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
 from dynq.eval.probe import profile as _profile
+from dynq.executors import Executor, executor
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel
@@ -164,16 +165,18 @@ def profile(
     text: Text | None = None,
     ctx: RunContext | None = None,
     resume: bool = False,
+    executor: Executor | None = None,
     **settings: Unpack[ProfileSettings],
 ) -> Profile:
     """How much each tensor of a float reference hurts the output at each candidate type, measured on calibration
     text (default: the built-in calibration text, never the evaluation text); cached and reused across budgets.
     `settings`: types, rows, group_blocks, probe_type, n_ctx, chunks (defaults: dynq.eval.probe.profile's).
-    `resume` continues an interrupted profile of the same inputs from what it had measured."""
+    `resume` continues an interrupted profile of the same inputs from what it had measured. `executor`
+    (`dynq.executor(ray=...)`, local processes or a Ray cluster) measures the encode errors there."""
     ctx = context(ctx)
     imx = imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
     calib = text if text is not None else calibration(ctx=ctx)
-    return _profile(_weights_file(source, ctx), imx, calib, ctx=ctx, resume=resume, **settings)
+    return _profile(_weights_file(source, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor, **settings)
 
 
 @dataclass(frozen=True)
@@ -388,6 +391,7 @@ __all__ = [
     "TEXTS",
     "DynqError",
     "EvalResult",
+    "Executor",
     "FileSummary",
     "Hardware",
     "Imatrix",
@@ -414,6 +418,7 @@ __all__ = [
     "coverage",
     "evaluate",
     "evaluation",
+    "executor",
     "f16_conversion",
     "fetch",
     "inspect",

@@ -19,7 +19,18 @@ from rich.text import Text
 from dynq import api, cli_deploy, cli_offload, cli_solve
 from dynq.calib.text import read_texts
 from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
-from dynq.cli_shell import THREADS, ensure_source, ensure_texts, err, out, progress_bar, run_context, say, setup_logging
+from dynq.cli_shell import (
+    THREADS,
+    elsewhere,
+    ensure_source,
+    ensure_texts,
+    err,
+    out,
+    progress_bar,
+    run_context,
+    say,
+    setup_logging,
+)
 from dynq.cli_shell import fetch as fetch_with_bar
 from dynq.cli_text import clean, data
 from dynq.errors import DynqError
@@ -139,6 +150,10 @@ def quantize(
         bool, typer.Option(help="continue an interrupted run of the same inputs from its last verified tensor")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+    ray: Annotated[
+        str | None, typer.Option(help="encode on a Ray cluster: auto, or its HOST:PORT (every node sees the files)")
+    ] = None,
+    processes: Annotated[int, typer.Option(help="encode in this many local worker processes")] = 0,
 ) -> None:
     """Quantize a model with a recipe, or for a size (--target: profile, cached, then solve), streaming one tensor at
     a time into GGUF."""
@@ -148,21 +163,22 @@ def quantize(
     if (recipe is None) == (target is None):
         raise DynqError("give either --recipe or --target")
     max_size = parse_size(split_max_size) if split_max_size else 0
-    if target is not None:
-        if profile is None:
-            ensure_texts()
-            with progress_bar("profiling") as on_step:
-                made = api.profile(ensure_source(source), imatrix=imatrix, ctx=run_context(threads, progress=on_step),
-                                   resume=resume)  # fmt: skip
-        quant_plan = api.solve(ensure_source(source), made if profile is None else profile, target,
-                               has_imatrix=imatrix is not None, ctx=run_context()).plan  # fmt: skip
-    else:
-        assert recipe is not None
-        quant_plan = api.plan(ensure_source(source), recipe)
-    with progress_bar("quantizing") as on_step:
-        result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
-                              backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded, resume=resume,
-                              overwrite=force)  # fmt: skip
+    with elsewhere(ray, processes) as executor:
+        if target is not None:
+            if profile is None:
+                ensure_texts()
+                with progress_bar("profiling") as on_step:
+                    made = api.profile(ensure_source(source), imatrix=imatrix, resume=resume, executor=executor,
+                                       ctx=run_context(threads, progress=on_step))  # fmt: skip
+            quant_plan = api.solve(ensure_source(source), made if profile is None else profile, target,
+                                   has_imatrix=imatrix is not None, ctx=run_context()).plan  # fmt: skip
+        else:
+            assert recipe is not None
+            quant_plan = api.plan(ensure_source(source), recipe)
+        with progress_bar("quantizing") as on_step:
+            result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
+                                  backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded,
+                                  resume=resume, overwrite=force, executor=executor)  # fmt: skip
     p = result.plan
     say("wrote ", data(", ".join(str(f) for f in result.files)),
         f": {p.total_bytes / 2**30:.3f} GiB, {p.bpw:.3f} bpw, {len(p.tensors)} tensors in {result.seconds:.1f} s "

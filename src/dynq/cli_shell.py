@@ -81,6 +81,20 @@ def progress_bar(description: str) -> Iterator[ProgressFn]:
         yield on_step
 
 
+@contextmanager
+def elsewhere(ray: str | None, processes: int) -> Iterator[api.Executor | None]:
+    """The executor `--ray ADDRESS` or `--processes N` ask for (None: this process), closed afterwards."""
+    if not ray and processes <= 1:
+        yield None
+        return
+    chosen = api.executor(ray=ray, processes=processes)
+    err.print(Text.assemble("encoding on ", clean(chosen.name)), highlight=False)
+    try:
+        yield chosen
+    finally:
+        chosen.close()
+
+
 def run_context(threads: int = THREADS, device: str | None = None, progress: ProgressFn | None = None) -> RunContext:
     return RunContext(threads=threads, device=device, cache_dir=cache_dir(), progress=progress)
 

@@ -10,7 +10,7 @@ import typer
 
 from dynq import api
 from dynq.calib.text import read_texts
-from dynq.cli_shell import THREADS, ensure_source, ensure_texts, err, progress_bar, run_context, say
+from dynq.cli_shell import THREADS, elsewhere, ensure_source, ensure_texts, err, progress_bar, run_context, say
 from dynq.cli_text import data
 from dynq.core.sizes import GIB
 from dynq.eval import probe
@@ -32,6 +32,10 @@ def profile_command(
     probe_type: Annotated[str, typer.Option(help="the type a probe puts its tensors at")] = "Q2_K",
     threads: Annotated[int, typer.Option(help="threads")] = THREADS,
     resume: Annotated[bool, typer.Option(help="continue an interrupted profile from what it had measured")] = False,
+    ray: Annotated[
+        str | None, typer.Option(help="measure the encode errors on a Ray cluster: auto, or its HOST:PORT")
+    ] = None,
+    processes: Annotated[int, typer.Option(help="measure the encode errors in this many local processes")] = 0,
 ) -> None:
     """Measure how much each tensor hurts the output at each candidate type, on calibration text only: encode
     errors on sampled rows, scaled per tensor group by the KL divergence a probe of that group really causes.
@@ -40,10 +44,10 @@ def profile_command(
     if not text:
         ensure_texts()
     calib = read_texts(text) if text else api.calibration()
-    with progress_bar("profiling") as on_step:
+    with elsewhere(ray, processes) as executor, progress_bar("profiling") as on_step:
         result = api.profile(ensure_source(source), imatrix=imatrix, text=calib, rows=rows, group_blocks=group_blocks,
-                             probe_type=probe_type, n_ctx=ctx, chunks=chunks,
-                             ctx=run_context(threads, progress=on_step), resume=resume)  # fmt: skip
+                             probe_type=probe_type, n_ctx=ctx, chunks=chunks, resume=resume, executor=executor,
+                             ctx=run_context(threads, progress=on_step))  # fmt: skip
     result.save(output)
     seconds = result.seconds
     say("wrote ", data(output), f": {len(result.tensors)} tensors, {len(result.probes)} probes "

@@ -13,7 +13,7 @@ import json
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from dynq.core.qtypes import QType
 from dynq.core.source import TensorSource
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
+from dynq.executors import Executor
 from dynq.gguf_io.imatrix import read_imatrix
 from dynq.gguf_io.reader import GGUFModel
 from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write_gguf
@@ -114,6 +115,58 @@ def encoded_parts(
         return encode_matrix(p, source.load_expert(p.info.name, e), backend, row(e)).reshape(-1)
 
     return [whole] if n_mat == 1 else [functools.partial(expert, e) for e in range(n_mat)]
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """One tensor, or one expert of a 3-D one, as a worker encodes it: the worker reopens the source by its spec and
+    checks its fingerprint, so only this description travels and only the encoded bytes come back."""
+
+    source: str
+    fingerprint: str
+    cache_dir: str
+    planned: PlannedTensor
+    expert: int | None
+    importance: F32Array | None
+    backend: str
+    device: str
+
+
+@functools.lru_cache(maxsize=2)
+def _reopened(spec: str, fingerprint: str, cache_dir: str) -> TensorSource:
+    source = open_source(spec, Path(cache_dir))
+    if source.fingerprint() != fingerprint:
+        raise DynqError(f"{spec}: this worker's copy differs from the driver's; give every node the same files")
+    return source
+
+
+@functools.lru_cache(maxsize=4)
+def _task_kernels(backend: str, device: str) -> KernelBackend:
+    return get_backend(backend, 1, device)  # a task has one CPU
+
+
+def encode_task(task: EncodeTask) -> U8Array:
+    """A worker's side of an `EncodeTask`."""
+    source = _reopened(task.source, task.fingerprint, task.cache_dir)
+    name = task.planned.info.name
+    values = source.load(name) if task.expert is None else source.load_expert(name, task.expert)
+    encoded = encode_matrix(task.planned, values, _task_kernels(task.backend, task.device), task.importance)
+    if task.expert is None:
+        source.release(name)
+    return encoded.reshape(-1)
+
+
+def _tasks(p: PlannedTensor, source: TensorSource, imatrix: Imatrix | None, backend: str, device: str,
+           cache_dir: Path) -> list[EncodeTask]:  # fmt: skip
+    importance = tensor_importance(p, imatrix)
+    n_mat = p.info.shape[2] if len(p.info.shape) == 3 else 1
+    spec = str(Path(source.spec).resolve()) if Path(source.spec).exists() else source.spec
+
+    def task(e: int | None) -> EncodeTask:
+        row = None if importance is None else importance[min(e or 0, importance.shape[0] - 1)]
+        return EncodeTask(spec, source.fingerprint(), str(cache_dir), p, e, row, backend, device)
+
+    return [task(None)] if n_mat == 1 else [task(e) for e in range(n_mat)]
 
 
 def encode_tensor(p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
@@ -209,6 +262,7 @@ def quantize(
     source: TensorSource | None = None,
     resume: bool = False,
     overwrite: bool = True,
+    executor: Executor | None = None,
 ) -> QuantizeResult:
     """Write `plan` into `output` (plus shards if `split_max_size`), reading weights from the plan's source.
 
@@ -216,13 +270,17 @@ def quantize(
     (dynq's; default when the context's device is a GPU). `reuse_encoded` keeps every encoded tensor in a disk
     cache keyed by the source's content, so several recipes of one model cost little more than one. `resume`
     continues a run of the same inputs that was interrupted (its verified tensors are kept, the result is the same
-    bytes); without it, such a leftover is an error. `overwrite=False` refuses an existing output."""
+    bytes); without it, such a leftover is an error. `overwrite=False` refuses an existing output. `executor`
+    (dynq.executor: local processes or a Ray cluster) encodes the tensors, one expert per task, elsewhere; the
+    bytes are the same as here."""
     started = time.perf_counter()
     ctx = context(ctx)
     out = Path(output)
     src = source if source is not None else open_source(plan.source, ctx.cache_dir)
     if isinstance(src, GGUFModel) and any(out.resolve() == p.resolve() for p in src.shards):
         raise DynqError(f"{out}: the output would overwrite the source; choose another name")
+    if not plan.tensors:
+        raise DynqError(f"{plan.source}: no tensors to quantize (a vocabulary-only file?)")
     check_plan_matches(plan, src)
     imx = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else read_imatrix(imatrix)
     imatrix_file = Path(imatrix).name if imatrix is not None and not isinstance(imatrix, Imatrix) else None
@@ -236,8 +294,20 @@ def quantize(
                     device, len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
     planned = {p.info.name: p for p in plan.tensors}
 
+    if executor is not None and cache is not None:
+        raise DynqError("reusing encoded tensors works in one process; leave it out when encoding elsewhere")
+    remote: list[Iterator[U8Array]] = []  # the executor's results, started at the first tensor asked for
+
     def encoded(t: OutputTensor) -> U8Array | ChunkedBytes:
         p = planned[t.info.name]
+        if executor is not None:
+            if not remote:
+                first = plan.tensors.index(p)
+                tasks = (task for q in plan.tensors[first:] for task in _tasks(q, src, imx, backend, device,
+                                                                              ctx.cache_dir))  # fmt: skip
+                remote.append(executor.ordered(encode_task, tasks))
+            n_mat = p.info.shape[2] if len(p.info.shape) == 3 else 1
+            return next(remote[0]) if n_mat == 1 else ChunkedBytes([lambda: next(remote[0])] * n_mat, p.nbytes)
         if cache is None:
             parts = encoded_parts(p, src, kernels, imx)
             return parts[0]() if len(parts) == 1 else ChunkedBytes(parts, p.nbytes)

@@ -8,6 +8,7 @@ profile_file.py's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -29,6 +31,7 @@ from dynq.core.tensors import TensorClass, TensorInfo
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels import KernelBackend
+from dynq.kernels.ggml import GgmlBackend
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
 
@@ -186,6 +189,43 @@ def tensor_errors(
     errors[source.name] = 0.0
     # a type that overflows (F16 of a BF16 model with huge values) is no choice at all
     return {t: e for t, e in errors.items() if np.isfinite(e)}
+
+
+@dataclass(frozen=True)
+class ErrorsTask:
+    """One tensor's encode errors as a worker measures them: it reopens the reference by path and checks its
+    fingerprint; the imatrix travels as this tensor's entry only."""
+
+    path: str
+    fingerprint: str
+    info: TensorInfo
+    imatrix: Imatrix | None
+    types: tuple[str, ...]
+    rows: int
+    probe_type: str
+    seed: int
+
+    @staticmethod
+    def of(model: GGUFModel, info: TensorInfo, imatrix: Imatrix | None, types: Sequence[str], rows: int,
+           probe_type: str, seed: int) -> ErrorsTask:  # fmt: skip
+        entry = imatrix.entries.get(info.name) if imatrix is not None else None
+        own = Imatrix({info.name: entry}) if entry is not None else None
+        return ErrorsTask(str(model.path.resolve()), model.fingerprint(), info, own, tuple(types), rows, probe_type,
+                          seed)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def _reference(path: str, fingerprint: str) -> GGUFModel:
+    model = GGUFModel(path)
+    if model.fingerprint() != fingerprint:
+        raise DynqError(f"{path}: this worker's copy differs from the driver's; give every node the same files")
+    return model
+
+
+def errors_task(task: ErrorsTask) -> dict[str, float]:
+    """A worker's side of an `ErrorsTask` (llama.cpp's encoders, one thread: a task has one CPU)."""
+    return tensor_errors(_reference(task.path, task.fingerprint), task.info, task.imatrix, task.types, task.rows,
+                         GgmlBackend(1), task.probe_type, task.seed)  # fmt: skip
 
 
 def _relative(x: F32Array, y: F32Array, w: F32Array) -> float:

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from dynq.calib.profile import (
     DEFAULT_TYPES,
+    ErrorsTask,
     ProbeFile,
     check_float_reference,
+    errors_task,
     probe_groups,
     probe_qtype,
     profiled_tensors,
@@ -48,6 +50,7 @@ from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.eval.evaluate import evaluate, reference_predictions
+from dynq.executors import Executor
 from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
@@ -90,11 +93,13 @@ def profile(
     chunks: int = CHUNKS,
     ctx: RunContext | None = None,
     resume: bool = False,
+    executor: Executor | None = None,
 ) -> Profile:
     """The sensitivity profile of the float reference at `source_path` on calibration `text`, from the cache under
     ctx.cache_dir/profiles when one was made with the same model, imatrix, text and settings. While it is measured,
     each tensor's errors and each probe are kept beside the cache entry; `resume` continues an interrupted profile
-    of the same inputs from them, and without it such a leftover is an error."""
+    of the same inputs from them, and without it such a leftover is an error. With `executor` (local processes, a
+    Ray cluster) the encode errors are measured there, a task per tensor, with the same results."""
     ctx = context(ctx)
     path = Path(source_path)
     model = GGUFModel(path)
@@ -123,7 +128,7 @@ def profile(
         if resume:
             progress.load()
         errors, probes, error_seconds, probe_seconds = _measure(path, model, tensors, groups, imatrix, text, method,
-                                                                backend, progress, ctx)  # fmt: skip
+                                                                backend, progress, ctx, executor)  # fmt: skip
     finally:
         partial.unlock()
 
@@ -195,19 +200,27 @@ def _measure(
     backend: GgmlBackend,
     progress: ProfileProgress,
     ctx: RunContext,
+    executor: Executor | None,
 ) -> tuple[dict[str, dict[str, float]], list[Probe], float, float]:
-    """The errors of every tensor, then the probes, going on from what `progress` holds; returns both and the
-    seconds each took in this run."""
+    """The errors of every tensor (on `executor` when given, a task per tensor), then the probes, going on from what
+    `progress` holds; returns both and the seconds each took in this run."""
     started = time.perf_counter()
     errors = progress.errors
-    with ThreadPoolExecutor(max(1, ctx.threads)) as pool:
-        for i, info in enumerate(tensors):
-            if info.name in errors:
-                continue
-            ctx.report("profile-errors", i, len(tensors), "tensors", info.name)
-            errors[info.name] = tensor_errors(model, info, imatrix, method.types, method.rows, backend,
-                                              method.probe_type, method.seed, pool)  # fmt: skip
+    todo = [info for info in tensors if info.name not in errors]
+    if executor is not None:
+        tasks = (ErrorsTask.of(model, info, imatrix, method.types, method.rows, method.probe_type, method.seed)
+                 for info in todo)  # fmt: skip
+        for i, (info, found) in enumerate(zip(todo, executor.ordered(errors_task, tasks), strict=True)):
+            ctx.report("profile-errors", len(tensors) - len(todo) + i, len(tensors), "tensors", info.name)
+            errors[info.name] = found
             progress.save()
+    else:
+        with ThreadPoolExecutor(max(1, ctx.threads)) as pool:
+            for i, info in enumerate(todo):
+                ctx.report("profile-errors", len(tensors) - len(todo) + i, len(tensors), "tensors", info.name)
+                errors[info.name] = tensor_errors(model, info, imatrix, method.types, method.rows, backend,
+                                                  method.probe_type, method.seed, pool)  # fmt: skip
+                progress.save()
     ctx.report("profile-errors", len(tensors), len(tensors), "tensors")
     error_seconds = time.perf_counter() - started
     ctx.logger.info("profile errors of %d tensors in %.1f s", len(tensors), error_seconds)
