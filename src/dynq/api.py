@@ -172,7 +172,7 @@ def profile(
     text (default: the built-in calibration text, never the evaluation text); cached and reused across budgets.
     `settings`: types, rows, group_blocks, probe_type, n_ctx, chunks (defaults: dynq.eval.probe.profile's).
     `resume` continues an interrupted profile of the same inputs from what it had measured. `executor`
-    (`dynq.executor(ray=...)`, local processes or a Ray cluster) measures the encode errors there."""
+    (`dynq.executor(ray=...)`, local processes or a Ray cluster) measures the errors and the probes there."""
     ctx = context(ctx)
     imx = imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
     calib = text if text is not None else calibration(ctx=ctx)

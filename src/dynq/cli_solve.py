@@ -33,9 +33,9 @@ def profile_command(
     threads: Annotated[int, typer.Option(help="threads")] = THREADS,
     resume: Annotated[bool, typer.Option(help="continue an interrupted profile from what it had measured")] = False,
     ray: Annotated[
-        str | None, typer.Option(help="measure the encode errors on a Ray cluster: auto, or its HOST:PORT")
+        str | None, typer.Option(help="measure on a Ray cluster: auto, or its HOST:PORT (every node sees the files)")
     ] = None,
-    processes: Annotated[int, typer.Option(help="measure the encode errors in this many local processes")] = 0,
+    processes: Annotated[int, typer.Option(help="measure in this many local worker processes")] = 0,
 ) -> None:
     """Measure how much each tensor hurts the output at each candidate type, on calibration text only: encode
     errors on sampled rows, scaled per tensor group by the KL divergence a probe of that group really causes.

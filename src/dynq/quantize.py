@@ -324,7 +324,8 @@ def quantize(
         nonlocal done
         src.release(t.info.name)
         done += t.nbytes
-        ctx.report("quantize", done, plan.total_bytes, "bytes", f"{index + 1}/{len(plan.tensors)} {t.info.name}")
+        where = f" ({executor.name})" if executor is not None else ""
+        ctx.report("quantize", done, plan.total_bytes, "bytes", f"{index + 1}/{len(plan.tensors)} {t.info.name}{where}")
 
     def metadata(writer: GGUFWriter) -> None:
         copy_metadata(src.metadata_fields(), writer, drop=_rewritten)

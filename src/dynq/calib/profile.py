@@ -215,7 +215,7 @@ class ErrorsTask:
 
 
 @functools.lru_cache(maxsize=2)
-def _reference(path: str, fingerprint: str) -> GGUFModel:
+def reference_model(path: str, fingerprint: str) -> GGUFModel:
     model = GGUFModel(path)
     if model.fingerprint() != fingerprint:
         raise DynqError(f"{path}: this worker's copy differs from the driver's; give every node the same files")
@@ -224,7 +224,7 @@ def _reference(path: str, fingerprint: str) -> GGUFModel:
 
 def errors_task(task: ErrorsTask) -> dict[str, float]:
     """A worker's side of an `ErrorsTask` (llama.cpp's encoders, one thread: a task has one CPU)."""
-    return tensor_errors(_reference(task.path, task.fingerprint), task.info, task.imatrix, task.types, task.rows,
+    return tensor_errors(reference_model(task.path, task.fingerprint), task.info, task.imatrix, task.types, task.rows,
                          GgmlBackend(1), task.probe_type, task.seed)  # fmt: skip
 
 

@@ -12,6 +12,7 @@ Calibration text only: the evaluation text stays unseen, so judging the solver's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from dynq.calib.profile import (
     probe_groups,
     probe_qtype,
     profiled_tensors,
+    reference_model,
     tensor_errors,
 )
 from dynq.calib.profile_file import (
@@ -46,7 +48,7 @@ from dynq.calib.profile_file import (
 from dynq.calib.text import Text
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix
-from dynq.core.qtypes import qtype
+from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.eval.evaluate import evaluate, reference_predictions
@@ -99,7 +101,8 @@ def profile(
     ctx.cache_dir/profiles when one was made with the same model, imatrix, text and settings. While it is measured,
     each tensor's errors and each probe are kept beside the cache entry; `resume` continues an interrupted profile
     of the same inputs from them, and without it such a leftover is an error. With `executor` (local processes, a
-    Ray cluster) the encode errors are measured there, a task per tensor, with the same results."""
+    Ray cluster) the encode errors (a task per tensor) and the probes (a task per group) are measured there, with
+    the same results."""
     ctx = context(ctx)
     path = Path(source_path)
     model = GGUFModel(path)
@@ -226,7 +229,7 @@ def _measure(
     ctx.logger.info("profile errors of %d tensors in %.1f s", len(tensors), error_seconds)
 
     started = time.perf_counter()
-    probes = _run_probes(path, model, tensors, groups, imatrix, text, method, backend, ctx, progress)
+    probes = _run_probes(path, model, tensors, groups, imatrix, text, method, backend, ctx, progress, executor)
     probe_seconds = time.perf_counter() - started
     ctx.logger.info("profile probes of %d groups in %.1f s", len(probes), probe_seconds)
     return errors, probes, error_seconds, probe_seconds
@@ -254,9 +257,11 @@ def _run_probes(
     backend: GgmlBackend,
     ctx: RunContext,
     progress: ProfileProgress,
+    executor: Executor | None,
 ) -> list[Probe]:
     """One probe per group: the group degraded in the work file, its mean KLD against the reference, restored;
-    groups `progress` holds are not probed again."""
+    groups `progress` holds are not probed again. On `executor`, a task per group, each worker with a work file of
+    its own."""
     by_name = {t.name: t for t in tensors}
     todo = []
     for g, names in groups.items():
@@ -267,6 +272,17 @@ def _run_probes(
     quiet = dataclasses.replace(ctx, progress=None)
     probes = progress.probes
     done = {p.group for p in probes}
+    if executor is not None:
+        left = [(g, typed) for g, typed in todo if g not in done]
+        tasks = (ProbeTask(str(path.resolve()), model.fingerprint(), str(ctx.cache_dir), g, tuple(typed),
+                           _entries(imatrix, [t.name for t, _ in typed]), text, method.n_ctx, method.chunks,
+                           ctx.threads) for g, typed in left)  # fmt: skip
+        for i, probe in enumerate(executor.ordered(probe_task, tasks)):
+            ctx.report("profile-probes", len(todo) - len(left) + i, len(todo), "probes", probe.group)
+            probes.append(probe)
+            progress.save()
+        ctx.report("profile-probes", len(todo), len(todo), "probes")
+        return probes
     with ProbeFile(model, ctx.cache_dir / "profiles") as work:
         for i, (g, typed) in enumerate(todo):
             if g in done:
@@ -282,3 +298,47 @@ def _run_probes(
             ctx.logger.info("probe %s: KLD %.5f in %.1f s", g, scores.kld_mean, probes[-1].seconds)
         ctx.report("profile-probes", len(todo), len(todo), "probes")
     return probes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeTask:
+    """One probe as a worker runs it: the reference by path and fingerprint, the group and its probe types, the
+    importance of the group's tensors, the calibration text and the evaluation settings."""
+
+    path: str
+    fingerprint: str
+    cache_dir: str
+    group: str
+    typed: tuple[tuple[TensorInfo, QType], ...]
+    imatrix: Imatrix | None
+    text: Text
+    n_ctx: int
+    chunks: int
+    threads: int
+
+
+def _entries(imatrix: Imatrix | None, names: Sequence[str]) -> Imatrix | None:
+    if imatrix is None:
+        return None
+    return Imatrix({n: imatrix.entries[n] for n in names if n in imatrix.entries})
+
+
+@functools.lru_cache(maxsize=1)
+def _work_file(path: str, fingerprint: str, cache_dir: str) -> ProbeFile:
+    """This worker's copy of the reference to degrade and restore, kept for the worker's life (a copy a dead worker
+    left is removed by the next ProbeFile made in that folder)."""
+    return ProbeFile(reference_model(path, fingerprint), Path(cache_dir) / "profiles")
+
+
+def probe_task(task: ProbeTask) -> Probe:
+    """A worker's side of a `ProbeTask`."""
+    started = time.perf_counter()
+    work = _work_file(task.path, task.fingerprint, task.cache_dir)
+    work.apply(list(task.typed), task.imatrix, GgmlBackend(task.threads))
+    try:
+        ctx = RunContext(threads=task.threads, cache_dir=Path(task.cache_dir))
+        scores = evaluate(work.path, Path(task.path), task.text.text, task.text.provenance, n_ctx=task.n_ctx,
+                          n_chunks=task.chunks, ctx=ctx)  # fmt: skip
+    finally:
+        work.restore()
+    return Probe(task.group, tuple(t.name for t, _ in task.typed), scores.kld_mean, time.perf_counter() - started)
