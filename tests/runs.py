@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,3 +15,12 @@ def quantize_to(source: str | Path, recipe: str, output: Path, **options: Any) -
     """Plan `recipe` on `source` and quantize it into `output` on two threads (options go to dynq.quantize)."""
     options.setdefault("ctx", TWO_THREADS)
     return dynq.quantize(dynq.plan(str(source), recipe), output, **options)
+
+
+def measurements(profile_file: Path) -> dict[str, Any]:
+    """A saved profile without its timings: what two runs of the same profile must agree on."""
+    data: dict[str, Any] = json.loads(profile_file.read_text())
+    data.pop("seconds")
+    for p in data["probes"]:
+        p.pop("seconds")
+    return data

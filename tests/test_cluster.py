@@ -4,7 +4,6 @@ also when a worker process is killed mid-task; a task that fails by itself fails
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import dynq
 from dynq.errors import DynqError
 from dynq.executors import LocalProcesses, RayCluster
 from local_ray import free_port, local_cluster
+from runs import measurements
 from tiny_models import llama_tensors, write_gguf
 
 pytestmark = pytest.mark.model
@@ -95,14 +95,6 @@ def test_a_task_that_fails_by_itself_fails_the_run_once(cluster: str, tmp_path: 
     assert not (tmp_path / "out.gguf").exists()
 
 
-def without_timings(path: Path) -> dict[str, object]:
-    data = json.loads(path.read_text())
-    data.pop("seconds")
-    for p in data["probes"]:
-        p.pop("seconds")
-    return data
-
-
 def test_profile_on_the_cluster_equals_serial(cluster: str, reference: Path, tmp_path: Path) -> None:
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)))
@@ -116,7 +108,7 @@ def test_profile_on_the_cluster_equals_serial(cluster: str, reference: Path, tmp
         done = subprocess.run([sys.executable, "-m", "dynq.cli", *common, *extra, "-o", str(out)],
                               capture_output=True, text=True, timeout=1800, env=env)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        outputs[label] = without_timings(tmp_path / f"{label}.json")
+        outputs[label] = measurements(tmp_path / f"{label}.json")
     assert outputs["ray"] == outputs["serial"]
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from dynq.gguf_io.partial import PartialOutput, partial_dir
 from dynq.sources.synthetic import write_synthetic
+from runs import measurements
 
 RECIPE = "uniform-q4_k"
 
@@ -219,14 +220,6 @@ def test_an_interrupted_imatrix_resumes_to_the_same_bytes(dense: tuple[Path, Pat
     assert not partial_dir(out).exists()
 
 
-def without_timings(path: Path) -> dict[str, object]:
-    data = json.loads(path.read_text())
-    data.pop("seconds")
-    for p in data["probes"]:
-        p.pop("seconds")
-    return data
-
-
 def test_an_interrupted_profile_resumes_to_the_same_measurements(dense: tuple[Path, Path], tmp_path: Path) -> None:
     model, text = dense
     common = ["profile", str(model), "--text", str(text), "--ctx", "32", "--chunks", "2", "--rows", "64",
@@ -243,5 +236,5 @@ def test_an_interrupted_profile_resumes_to_the_same_measurements(dense: tuple[Pa
 
     stderr = killed_then_resumed([*common, "-o", str(tmp_path / "out.json")], kept, env, 1.0)
     assert "resuming after" in stderr
-    assert without_timings(tmp_path / "out.json") == without_timings(tmp_path / "whole.json")
+    assert measurements(tmp_path / "out.json") == measurements(tmp_path / "whole.json")
     assert not list(profiles.glob(".*.dynq-partial"))
