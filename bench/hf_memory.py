@@ -309,6 +309,10 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Keys that say where a file came from, so two files of the same bytes made from different sources differ there.
+PROVENANCE = {"dynq.source"}
+
+
 def compare(ours: Path, reference: Path) -> dict[str, Any]:
     """Byte-for-byte comparison; on a difference, which tensors' data and which metadata keys differ."""
     same = ours.stat().st_size == reference.stat().st_size and sha256(ours) == sha256(reference)
@@ -422,11 +426,15 @@ def report(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     checks = [r for r in rows if "check" in r]
     for r in checks:
         c = r["check"]
-        verdict = (
-            "identical, byte for byte"
-            if c["identical"]
-            else f"DIFFERENT: tensors {c.get('tensors_differing')}, metadata {c.get('metadata_differing')}"
-        )
+        if c["identical"]:
+            verdict = "identical, byte for byte"
+        elif not c.get("tensors_differing") and set(c.get("metadata_differing", [])) <= PROVENANCE:
+            # dynq.source names what each file was made from: the checkpoint folder, or the F16 file
+            differing = ", ".join(sorted(c["metadata_differing"]))
+            verdict = (f"every tensor identical, byte for byte; metadata identical but for {differing}, which "
+                       "names what each was made from")  # fmt: skip
+        else:
+            verdict = f"DIFFERENT: tensors {c.get('tensors_differing')}, metadata {c.get('metadata_differing')}"
         lines += ["", f"Check (N = {r['experts']}): dynq's one-pass Q8_0 against `dynq quantize -r q8_0` of the "
                   f"converter's own F16 conversion ({c['bytes']} bytes): {verdict}."]  # fmt: skip
     lines += [

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dynq
-from dynq.core.tensors import TensorClass
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -53,8 +52,8 @@ def encode_core_seconds(recipe: str) -> tuple[float, float, float]:
     for p in plan.tensors:
         if p.qtype.name in rates:
             seconds += p.info.n_elements / rates[p.qtype.name]
-    source_bytes = sum(t.info.n_elements for t in plan.tensors if t.info.tensor_class is not TensorClass.NORM)
-    return seconds, plan.total_bytes, float(source_bytes)  # FP8: a byte per weight
+    source_bytes = sum(t.info.n_elements for t in plan.tensors)  # FP8: about a byte per weight
+    return seconds, plan.total_bytes, float(source_bytes)
 
 
 def conversion_core_seconds_per_byte() -> float:
@@ -71,6 +70,8 @@ def _h(seconds: float) -> str:
 
 def main() -> None:
     c = Cluster()
+    r1 = dynq.plan("shapes:deepseek-r1", "f16").tensors
+    tasks = sum(p.info.shape[2] if len(p.info.shape) == 3 else 1 for p in r1)
     lines = [
         "# DeepSeek-R1 on a cluster, on paper",
         "",
@@ -85,9 +86,8 @@ def main() -> None:
         "",
         "## Quantize",
         "",
-        "A task is one tensor or one expert of a 3-D tensor (R1: 58 MoE blocks × 3 × 256 experts, about 44,500 "
-        "tasks); each reads its own weights from shared storage, so only encoded bytes cross the network to the "
-        "driver, which writes them in order.",
+        f"A task is one tensor or one expert of a 3-D tensor ({tasks:,} tasks for R1); each reads its own weights "
+        "from shared storage, so only encoded bytes cross the network to the driver, which writes them in order.",
         "",
         "| recipe | output | encode | FP8 conversion | 1 node | 8 nodes | 32 nodes | floor |",
         "|---|---|---|---|---|---|---|---|",
@@ -113,7 +113,7 @@ def main() -> None:
     lines += [
         "",
         "Floor: reading the checkpoint once from shared storage, or writing the output on the driver, whichever is "
-        "longer. On one node the encode is the cost; from 8 nodes on, storage and the driver's disk are.",
+        "longer: no number of nodes goes below it. At these sizes the encode still sets the time.",
         "",
         "## Profile",
         "",
@@ -130,10 +130,12 @@ def main() -> None:
     lines += [
         f"| errors and probes spread over the nodes (`dynq profile --ray`) | {' | '.join(_h(x) for x in spread)} |",
         "",
-        "`dynq profile --ray` runs a task per tensor for the errors and a task per probe group; each worker keeps "
-        "its own work copy of the reference (1.3 TB of local disk per node for R1), degrades the group in it, "
-        "evaluates and restores. A probe reads the whole reference once, so the probes, not the encodes, set the "
-        "time; keeping the reference resident (1.5 TB of RAM per node) would take them to the compute bound.",
+        "`dynq profile --ray` runs a task per tensor for the errors and a task per probe group; each worker process "
+        "keeps its own work copy of the reference, degrades the group in it, evaluates and restores. For R1 a copy "
+        "is 1.3 TB, so the table assumes one probe worker per node (start the nodes for a profile with "
+        "`ray start --num-cpus 1`; dynq does not limit it by itself yet). A probe reads the whole reference once, "
+        "so the probes, not the encodes, set the time; keeping the reference resident (1.5 TB of RAM per node) "
+        "would take them to the compute bound.",
     ]
     text = "\n".join(lines) + "\n"
     (ROOT / "docs" / "scale.md").write_text(text)
