@@ -94,6 +94,16 @@ def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, im
         raise DynqError(f"{p.info.name}: {e}") from None
 
 
+def n_matrices(p: PlannedTensor) -> int:
+    """Matrices a planned tensor holds: its experts for a 3-D expert tensor, else one."""
+    return p.info.shape[2] if len(p.info.shape) == 3 else 1
+
+
+def importance_row(importance: F32Array | None, matrix: int) -> F32Array | None:
+    """Matrix `matrix`'s row of a tensor's importance (one row serves every matrix when only one is given)."""
+    return None if importance is None else importance[min(matrix, importance.shape[0] - 1)]
+
+
 def encoded_parts(
     p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None
 ) -> list[Callable[[], U8Array]]:
@@ -101,18 +111,15 @@ def encoded_parts(
     with its own importance. Each loads its part only when called, so a writer that takes the parts one by one
     holds one expert at a time, however many experts the tensor has."""
     importance = tensor_importance(p, imatrix)
-    n_mat = p.info.shape[2] if len(p.info.shape) == 3 else 1
+    n_mat = n_matrices(p)
     if importance is not None and importance.shape[0] not in (1, n_mat):
         raise DynqError(f"imatrix entry {p.info.name} has {importance.shape[0]} matrices, tensor {n_mat}")
 
-    def row(i: int) -> F32Array | None:
-        return None if importance is None else importance[min(i, importance.shape[0] - 1)]
-
     def whole() -> U8Array:
-        return encode_matrix(p, source.load(p.info.name), backend, row(0)).reshape(-1)
+        return encode_matrix(p, source.load(p.info.name), backend, importance_row(importance, 0)).reshape(-1)
 
     def expert(e: int) -> U8Array:
-        return encode_matrix(p, source.load_expert(p.info.name, e), backend, row(e)).reshape(-1)
+        return encode_matrix(p, source.load_expert(p.info.name, e), backend, importance_row(importance, e)).reshape(-1)
 
     return [whole] if n_mat == 1 else [functools.partial(expert, e) for e in range(n_mat)]
 
@@ -159,14 +166,13 @@ def encode_task(task: EncodeTask) -> U8Array:
 def _tasks(p: PlannedTensor, source: TensorSource, imatrix: Imatrix | None, backend: str, device: str,
            cache_dir: Path) -> list[EncodeTask]:  # fmt: skip
     importance = tensor_importance(p, imatrix)
-    n_mat = p.info.shape[2] if len(p.info.shape) == 3 else 1
     spec = str(Path(source.spec).resolve()) if Path(source.spec).exists() else source.spec
 
     def task(e: int | None) -> EncodeTask:
-        row = None if importance is None else importance[min(e or 0, importance.shape[0] - 1)]
+        row = importance_row(importance, e or 0)
         return EncodeTask(spec, source.fingerprint(), str(cache_dir), p, e, row, backend, device)
 
-    return [task(None)] if n_mat == 1 else [task(e) for e in range(n_mat)]
+    return [task(None)] if n_matrices(p) == 1 else [task(e) for e in range(n_matrices(p))]
 
 
 def encode_tensor(p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
@@ -306,7 +312,7 @@ def quantize(
                 tasks = (task for q in plan.tensors[first:] for task in _tasks(q, src, imx, backend, device,
                                                                               ctx.cache_dir))  # fmt: skip
                 remote.append(executor.ordered(encode_task, tasks))
-            n_mat = p.info.shape[2] if len(p.info.shape) == 3 else 1
+            n_mat = n_matrices(p)
             return next(remote[0]) if n_mat == 1 else ChunkedBytes([lambda: next(remote[0])] * n_mat, p.nbytes)
         if cache is None:
             parts = encoded_parts(p, src, kernels, imx)
