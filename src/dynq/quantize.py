@@ -163,14 +163,13 @@ def encode_task(task: EncodeTask) -> U8Array:
     return encoded.reshape(-1)
 
 
-def _tasks(p: PlannedTensor, source: TensorSource, imatrix: Imatrix | None, backend: str, device: str,
+def _tasks(p: PlannedTensor, spec: str, fingerprint: str, imatrix: Imatrix | None, backend: str, device: str,
            cache_dir: Path) -> list[EncodeTask]:  # fmt: skip
     importance = tensor_importance(p, imatrix)
-    spec = str(Path(source.spec).resolve()) if Path(source.spec).exists() else source.spec
 
     def task(e: int | None) -> EncodeTask:
         row = importance_row(importance, e or 0)
-        return EncodeTask(spec, source.fingerprint(), str(cache_dir), p, e, row, backend, device)
+        return EncodeTask(spec, fingerprint, str(cache_dir), p, e, row, backend, device)
 
     return [task(None)] if n_matrices(p) == 1 else [task(e) for e in range(n_matrices(p))]
 
@@ -309,8 +308,11 @@ def quantize(
         if executor is not None:
             if not remote:
                 first = plan.tensors.index(p)
-                tasks = (task for q in plan.tensors[first:] for task in _tasks(q, src, imx, backend, device,
-                                                                              ctx.cache_dir))  # fmt: skip
+                # the source's spec and fingerprint once: a checkpoint's fingerprint reads every shard
+                spec = str(Path(src.spec).resolve()) if Path(src.spec).exists() else src.spec
+                fingerprint = src.fingerprint()
+                tasks = (task for q in plan.tensors[first:]
+                         for task in _tasks(q, spec, fingerprint, imx, backend, device, ctx.cache_dir))  # fmt: skip
                 remote.append(executor.ordered(encode_task, tasks))
             n_mat = n_matrices(p)
             return next(remote[0]) if n_mat == 1 else ChunkedBytes([lambda: next(remote[0])] * n_mat, p.nbytes)
