@@ -173,6 +173,18 @@ def test_dense_model_gets_no_expert_overrides() -> None:
     assert 0 < plan.best.n_gpu_layers < 33  # 16 GB of BF16 weights do not fit in 8 GiB
 
 
+@pytest.mark.parametrize("vram_gib", [24, 80, 141])
+def test_device_shares_add_up_to_the_model(vram_gib: int) -> None:
+    """What the planner puts on the GPU and what it leaves on the CPU are the file's tensors and the KV cache once
+    each (the R1 output is its own tensor, so nothing is loaded twice)."""
+    plan = r1_plan(vram_gib, 1)
+    best, bm, s = plan.best, plan.model, plan.settings
+    assert not bm.tied_output and best.experts_on_cpu > 0
+    assert sum(best.gpu_weights) + best.cpu_weights == bm.file_bytes
+    assert sum(best.gpu_kv) + best.cpu_kv == bm.kv_total(s.ctx, s.kv_type, s.n_ubatch)
+    assert best.gpu_bytes[0] > sum(best.gpu_weights) + sum(best.gpu_kv)  # plus compute and the CUDA reserve
+
+
 def test_placement_json_has_the_promised_keys() -> None:
     result = runner.invoke(app, ["offload", "shapes:deepseek-r1", "-r", "dyn-iq1_s", "--vram", "80GB", "--json"])
     assert result.exit_code == 0, result.output

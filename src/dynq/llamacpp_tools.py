@@ -1,6 +1,7 @@
 """llama.cpp's reference command-line tools (llama-quantize, llama-imatrix, llama-perplexity), built once from the
 llama-cpp-python source package this project pins and cached under the dynq cache. They are the yardstick dynq is
-measured against, run side by side in the same process environment.
+measured against, run side by side in the same process environment. A second tool set, built with llama.cpp's RPC
+backend, lets a local ggml-rpc-server stand in for a GPU where llama.cpp's own placement is what is checked.
 
 `build_tools` is the one place that downloads and compiles; `tool` only finds a built tool and, when there is
 none, says which command builds it.
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from dynq.errors import DynqError
@@ -23,24 +25,36 @@ from dynq.pypi import LLAMA_CPP_PYTHON, download
 log = logging.getLogger(__name__)
 
 VERSION = LLAMA_CPP_PYTHON
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 # Native code, but without AMX: some virtual machines advertise AMX and fault on its instructions.
 _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() == "x86_64" else ""
 
 
-def tools_dir(cache: Path) -> Path:
-    return cache / f"llama.cpp-{VERSION}" / "bin"
+@dataclass(frozen=True)
+class ToolSet:
+    """Some of llama.cpp's tools built with one set of CMake options, cached in their own folder."""
+
+    folder: str
+    tools: tuple[str, ...]
+    cmake_flags: tuple[str, ...] = ()
 
 
-def tools_built(cache: Path) -> bool:
-    return all((tools_dir(cache) / name).exists() for name in TOOLS)
+REFERENCE = ToolSet(f"llama.cpp-{VERSION}", ("llama-quantize", "llama-imatrix", "llama-perplexity"))
+RPC = ToolSet(f"llama.cpp-rpc-{VERSION}", ("ggml-rpc-server", "llama-perplexity"), ("-DGGML_RPC=ON",))
 
 
-def tool(name: str, cache: Path) -> Path:
+def tools_dir(cache: Path, tool_set: ToolSet = REFERENCE) -> Path:
+    return cache / tool_set.folder / "bin"
+
+
+def tools_built(cache: Path, tool_set: ToolSet = REFERENCE) -> bool:
+    return all((tools_dir(cache, tool_set) / name).exists() for name in tool_set.tools)
+
+
+def tool(name: str, cache: Path, tool_set: ToolSet = REFERENCE) -> Path:
     """The path of a built llama.cpp tool."""
-    if name not in TOOLS:
-        raise DynqError(f"unknown llama.cpp tool '{name}'; built: {', '.join(TOOLS)}")
-    path = tools_dir(cache) / name
+    if name not in tool_set.tools:
+        raise DynqError(f"unknown llama.cpp tool '{name}'; built: {', '.join(tool_set.tools)}")
+    path = tools_dir(cache, tool_set) / name
     if not path.exists():
         raise DynqError(f"llama.cpp's {name} is not built in {cache} yet; run `dynq build-tools` (about 4 minutes)")
     return path
@@ -53,13 +67,13 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise DynqError(f"building llama.cpp failed at '{' '.join(cmd[:3])}': {tail}")
 
 
-def build_tools(cache: Path) -> None:
+def build_tools(cache: Path, tool_set: ToolSet = REFERENCE) -> None:
     """Download the pinned sdist and build the tools into the cache (~4 min on 2 cores); skipped when built."""
-    if tools_built(cache):
+    if tools_built(cache, tool_set):
         return
     if shutil.which("cmake") is None:
         raise DynqError("building llama.cpp's tools needs cmake (apt-get install cmake, or pip install cmake)")
-    target = tools_dir(cache)
+    target = tools_dir(cache, tool_set)
     with tempfile.TemporaryDirectory(prefix="dynq-llama-") as tmp:
         work = Path(tmp)
         log.info("building llama.cpp %s tools in %s", VERSION, work)
@@ -67,13 +81,13 @@ def build_tools(cache: Path) -> None:
         with tarfile.open(archive) as tar:
             tar.extractall(work, filter="data")
         src = work / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
-        flags = [f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}"]
+        flags = [f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}", *tool_set.cmake_flags]
         _run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
               "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
               "-DGGML_NATIVE=ON", *flags], src)  # fmt: skip
-        _run(["cmake", "--build", "build", "--target", *TOOLS, "-j", str(os.cpu_count() or 2)], src)
+        _run(["cmake", "--build", "build", "--target", *tool_set.tools, "-j", str(os.cpu_count() or 2)], src)
         target.mkdir(parents=True, exist_ok=True)
-        for name in TOOLS:
+        for name in tool_set.tools:
             built = src / "build" / "bin" / name
             tmp_target = target / f".{name}.tmp"
             shutil.copy2(built, tmp_target)

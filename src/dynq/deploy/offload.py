@@ -84,8 +84,12 @@ class Placement:
     override_tensors: tuple[str, ...]
     n_cpu_moe: int | None  # when the CPU experts are exactly those of the first N blocks
     tensor_split: tuple[int, ...] | None
-    gpu_bytes: tuple[int, ...]  # per GPU: weights + KV + compute allowance
+    gpu_bytes: tuple[int, ...]  # per GPU: weights + KV + compute allowance + reserve
     cpu_bytes: int  # weights + KV + compute allowance in system memory
+    gpu_weights: tuple[int, ...]  # per GPU, the exact tensor bytes llama.cpp's model buffer holds
+    gpu_kv: tuple[int, ...]  # per GPU, the exact KV cache bytes
+    cpu_weights: int
+    cpu_kv: int
     gpu_read: int  # bytes read from VRAM per decoded token
     cpu_read: int  # bytes read from system memory per decoded token
     experts_on_cpu: int  # routed-expert tensors kept in system memory
@@ -107,6 +111,10 @@ class Placement:
             "gpu_bytes": sum(self.gpu_bytes),
             "gpu_bytes_per_gpu": list(self.gpu_bytes),
             "cpu_bytes": self.cpu_bytes,
+            "gpu_weights_per_gpu": list(self.gpu_weights),
+            "gpu_kv_per_gpu": list(self.gpu_kv),
+            "cpu_weights": self.cpu_weights,
+            "cpu_kv": self.cpu_kv,
             "gpu_read_per_token": self.gpu_read,
             "cpu_read_per_token": self.cpu_read,
             "experts_on_cpu": self.experts_on_cpu,
@@ -194,10 +202,11 @@ class _Planner:
         start = self.gpu_start(lay.ngl)
         on_cpu = {t.name for _, t in self.cpu_experts(lay)}
         frac = m.expert_read_fraction
-        # per-layer VRAM loads in llama.cpp's layer order (blocks, then the output layer)
-        loads: list[int] = []
+        # per-layer VRAM weights and KV in llama.cpp's layer order (blocks, then the output layer)
+        weight_loads: list[int] = []
+        kv_loads: list[int] = []
         gpu_read = cpu_read = 0
-        cpu_weights = m.input_bytes
+        cpu_weights, cpu_kv = m.input_bytes, 0
         staged = 0  # the largest CPU-resident weights of one block: op offload copies them into VRAM per split
         cpu_read += m.input_bytes // max(1, m.n_vocab)  # one embedding row per token
         for b, block in enumerate(m.blocks):
@@ -206,21 +215,24 @@ class _Planner:
             read_gpu = sum(_read(t, frac) for t in block if b >= start and t.name not in on_cpu)
             read_cpu = sum(_read(t, frac) for t in block) - read_gpu
             if b >= start:
-                loads.append(gpu_part + self.kv[b])
+                weight_loads.append(gpu_part)
+                kv_loads.append(self.kv[b])
                 gpu_read += read_gpu + self.kv_read[b]
             else:
-                cpu_weights += self.kv[b]
+                cpu_kv += self.kv[b]
                 cpu_read += self.kv_read[b]
             cpu_weights += cpu_part
             cpu_read += read_cpu
             staged = max(staged, cpu_part)
         output_on_gpu = lay.ngl >= 1
         if output_on_gpu:
-            loads.append(m.output_bytes)
+            weight_loads.append(m.output_bytes)
+            kv_loads.append(0)
             gpu_read += m.output_bytes
         else:
             cpu_weights += m.output_bytes - (m.input_bytes if m.tied_output else 0)
             cpu_read += m.output_bytes
+        loads = [w + k for w, k in zip(weight_loads, kv_loads, strict=True)]
         compute = [self.act_gpu] * hw.n_gpus
         if self.s.op_offload and staged:
             compute[0] += staged
@@ -228,12 +240,13 @@ class _Planner:
         fits_vram = split is not None
         if split is None:  # report the balanced split it would need, and mark it as not fitting
             split = _even_split(len(loads), hw.n_gpus)
-        per_gpu, i = [], 0
+        per_gpu, gpu_weights, gpu_kv, i = [], [], [], 0
         for g, count in enumerate(split):
-            used = sum(loads[i : i + count])
+            gpu_weights.append(sum(weight_loads[i : i + count]))
+            gpu_kv.append(sum(kv_loads[i : i + count]))
             i += count
-            per_gpu.append(used + compute[g] + GPU_RESERVE if lay.ngl else 0)
-        cpu_total = cpu_weights + self.act_cpu
+            per_gpu.append(gpu_weights[-1] + gpu_kv[-1] + compute[g] + GPU_RESERVE if lay.ngl else 0)
+        cpu_total = cpu_weights + cpu_kv + self.act_cpu
         fits_ram = hw.ram is None or cpu_total <= hw.ram
         _, gpu_bw = hw.gpu
         seconds = gpu_read / (gpu_bw * hw.efficiency) + cpu_read / (hw.cpu_bandwidth * hw.efficiency)
@@ -246,6 +259,10 @@ class _Planner:
             tensor_split=tuple(split) if hw.n_gpus > 1 and lay.ngl else None,
             gpu_bytes=tuple(per_gpu),
             cpu_bytes=cpu_total,
+            gpu_weights=tuple(gpu_weights),
+            gpu_kv=tuple(gpu_kv),
+            cpu_weights=cpu_weights,
+            cpu_kv=cpu_kv,
             gpu_read=gpu_read,
             cpu_read=cpu_read,
             experts_on_cpu=len(on_cpu) + sum(1 for b, _ in self.experts if b < start),
