@@ -9,8 +9,9 @@ buffers are logged. Predicted and reported bytes are compared per device.
 
     .venv/bin/python bench/offload_split.py [--ctx 1024] [--ubatch 512] [MODEL.gguf=VRAM ...]
 
-Default cases: the MoE reference zoo:qwen2.5-coder-1.5b-moe (F16) at 1.5 and 2.5 GiB, where routed experts go
-to the CPU, and the dense zoo:qwen2.5-coder-1.5b at 1.5 GiB (a layer split). The RPC tools are built once from the
+Cases: the MoE reference zoo:qwen2.5-coder-1.5b-moe (F16) at 1.5 and 2.5 GiB, where routed experts go to the CPU,
+and the dense zoo:qwen2.5-coder-1.5b at 1.5 GiB (a layer split), then any files given (e.g. a quant of the MoE model
+whose blocks mix types). The RPC tools are built once from the
 pinned sdist (~5 min) under ~/.cache/dynq/llama.cpp-rpc-<version>. Writes bench/results/offload-split.{md,json}.
 """
 
@@ -36,7 +37,7 @@ from dynq.llamacpp_tools import RPC, build_tools, tool
 MIB = 1 << 20
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|compute) buffer size =\s+([0-9.]+) MiB")
 _READY = "calculating perplexity"  # logged after every buffer is allocated
-DEFAULT_CASES = (
+CASES = (
     ("zoo:qwen2.5-coder-1.5b-moe", "1.5GB"),
     ("zoo:qwen2.5-coder-1.5b-moe", "2.5GB"),
     ("zoo:qwen2.5-coder-1.5b", "1.5GB"),
@@ -129,14 +130,15 @@ def check(model: str, vram: str, settings: Settings, text: Path, ctx: dynq.RunCo
         ([f"--n-cpu-moe {best.n_cpu_moe}"] if best.n_cpu_moe is not None else [])
         + [f"-ot {o}" for o in best.override_tensors[(1 if best.n_cpu_moe is not None else 0) :]]
     )
-    return Row(model, vram, best.n_gpu_layers, overrides or "-", best.experts_on_cpu, predicted_buffers(best), reported)
+    label = model if model.startswith("zoo:") else path.name
+    return Row(label, vram, best.n_gpu_layers, overrides or "-", best.experts_on_cpu, predicted_buffers(best), reported)
 
 
 def _err(p: float, r: float) -> str:
     return f"{(p - r) / r * 100:+.2f}%" if r else ("0" if p == 0 else "n/a")
 
 
-def table(rows: list[Row], settings: Settings) -> str:
+def table(rows: list[Row], settings: Settings, note: str) -> str:
     head = (
         "| model | VRAM | -ngl | expert overrides | expert tensors on CPU | GPU model dynq | llama.cpp | err "
         "| CPU model dynq | llama.cpp | err | GPU KV dynq | llama.cpp | err | CPU KV dynq | llama.cpp | err "
@@ -169,6 +171,7 @@ def table(rows: list[Row], settings: Settings) -> str:
             "error = (dynq - llama.cpp) / llama.cpp. Model and KV are the byte model per device; the GPU compute "
             "column is the planner's allowance (activations plus one block's CPU weights staged for prompt batches), "
             "not a prediction of the allocator.",
+            *(["", note] if note else []),
             "",
             *lines,
             "",
@@ -183,9 +186,10 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--ubatch", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path("bench/results/offload-split.md"))
-    ap.add_argument("cases", nargs="*", help="MODEL=VRAM, e.g. ~/q.gguf=2GB (default: the MoE and dense zoo cases)")
+    ap.add_argument("--note", default="", help="a sentence for the table, e.g. how the extra files were made")
+    ap.add_argument("cases", nargs="*", help="more cases as MODEL=VRAM, e.g. ~/q.gguf=2GB")
     args = ap.parse_args()
-    cases = [tuple(c.rsplit("=", 1)) for c in args.cases] or list(DEFAULT_CASES)
+    cases = [*CASES, *(tuple(c.rsplit("=", 1)) for c in args.cases)]
     ctx = dynq.RunContext(threads=2)
     build_tools(ctx.cache_dir, RPC)
     settings = Settings(ctx=args.ctx, n_ubatch=args.ubatch)
@@ -197,7 +201,7 @@ def main() -> None:
             rows.append(check(model, vram, settings, text, ctx))
             print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table(rows, settings))
+    args.out.write_text(table(rows, settings, args.note))
     args.out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     print(f"wrote {args.out}")
 
