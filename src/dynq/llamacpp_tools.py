@@ -56,7 +56,8 @@ def tool(name: str, cache: Path, tool_set: ToolSet = REFERENCE) -> Path:
         raise DynqError(f"unknown llama.cpp tool '{name}'; built: {', '.join(tool_set.tools)}")
     path = tools_dir(cache, tool_set) / name
     if not path.exists():
-        raise DynqError(f"llama.cpp's {name} is not built in {cache} yet; run `dynq build-tools` (about 4 minutes)")
+        how = "run `dynq build-tools`" if tool_set == REFERENCE else "build_tools(cache, tool_set) builds it"
+        raise DynqError(f"llama.cpp's {name} is not built in {cache / tool_set.folder} yet; {how} (about 4 minutes)")
     return path
 
 
