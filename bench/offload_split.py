@@ -11,8 +11,8 @@ buffers are logged. Predicted and reported bytes are compared per device.
 
 Cases: the MoE reference zoo:qwen2.5-coder-1.5b-moe (F16) at 1.5 and 2.5 GiB, where routed experts go to the CPU,
 and the dense zoo:qwen2.5-coder-1.5b at 1.5 GiB (a layer split), then any files given (e.g. a quant of the MoE model
-whose blocks mix types). The RPC tools are built once from the
-pinned sdist (~5 min) under ~/.cache/dynq/llama.cpp-rpc-<version>. Writes bench/results/offload-split.{md,json}.
+whose blocks mix types). The RPC tools are built once from the pinned sdist (~5 min) under
+~/.cache/dynq/llama.cpp-rpc-<version>. Writes bench/results/offload-split.{md,json}.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import dynq
 from dynq.calib.text import evaluation_text
 from dynq.deploy.memory import parse_memory
-from dynq.deploy.offload import GPU_RESERVE, Hardware, Placement, Settings, llama_command
+from dynq.deploy.offload import GPU_RESERVE, Hardware, Placement, Settings, expert_args, llama_command
 from dynq.llamacpp_tools import RPC, build_tools, tool
 
 MIB = 1 << 20
@@ -78,8 +78,8 @@ def rpc_server(binary: Path, port: int) -> subprocess.Popen[str]:
     raise RuntimeError("ggml-rpc-server did not start listening within 60 s")
 
 
-def reported_buffers(command: list[str]) -> tuple[dict[str, float], str]:
-    """Run llama.cpp until its buffers are allocated; MiB per kind and device side, and the log."""
+def reported_buffers(command: list[str]) -> dict[str, float]:
+    """Run llama.cpp until its buffers are allocated; MiB per kind and device side."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines: list[str] = []
@@ -96,11 +96,11 @@ def reported_buffers(command: list[str]) -> tuple[dict[str, float], str]:
     for m in _BUFFER.finditer(log):
         side = "gpu" if m.group(1).startswith("RPC") else "cpu"
         out[f"{side}_{m.group(2).lower()}"] += float(m.group(3))
-    return out, log
+    return out
 
 
 def predicted_buffers(p: Placement) -> dict[str, float]:
-    compute = sum(p.gpu_bytes) - sum(p.gpu_weights) - sum(p.gpu_kv) - GPU_RESERVE
+    compute = sum(p.gpu_bytes) - sum(p.gpu_weights) - sum(p.gpu_kv) - GPU_RESERVE * len(p.gpu_bytes)
     return {
         "gpu_model": sum(p.gpu_weights) / MIB,
         "cpu_model": p.cpu_weights / MIB,
@@ -122,16 +122,13 @@ def check(model: str, vram: str, settings: Settings, text: Path, ctx: dynq.RunCo
                 "-t", "2", "-f", str(text), "--chunks", "1", "-lv", "4"]  # fmt: skip
     server = rpc_server(tool("ggml-rpc-server", ctx.cache_dir, RPC), port)
     try:
-        reported, _ = reported_buffers(command)
+        reported = reported_buffers(command)
     finally:
         server.kill()
         server.wait()
-    overrides = " ".join(
-        ([f"--n-cpu-moe {best.n_cpu_moe}"] if best.n_cpu_moe is not None else [])
-        + [f"-ot {o}" for o in best.override_tensors[(1 if best.n_cpu_moe is not None else 0) :]]
-    )
     label = model if model.startswith("zoo:") else path.name
-    return Row(label, vram, best.n_gpu_layers, overrides or "-", best.experts_on_cpu, predicted_buffers(best), reported)
+    overrides = " ".join(expert_args(best)) or "-"
+    return Row(label, vram, best.n_gpu_layers, overrides, best.experts_on_cpu, predicted_buffers(best), reported)
 
 
 def _err(p: float, r: float) -> str:

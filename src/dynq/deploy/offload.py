@@ -409,14 +409,19 @@ def _notes(model: ByteModel, s: Settings, best: Placement, hw: Hardware) -> tupl
     return tuple(notes)
 
 
-def llama_command(model_file: str, p: Placement, s: Settings, binary: str = "llama-cli") -> str:
-    args = [binary, "-m", model_file, "-ngl", str(p.n_gpu_layers), "-c", str(s.ctx)]
-    patterns = list(p.override_tensors)
+def expert_args(p: Placement) -> list[str]:
+    """llama.cpp's arguments that keep the placement's expert tensors on the CPU."""
+    args, patterns = [], list(p.override_tensors)
     if p.n_cpu_moe is not None:  # the block-list pattern, said the short way
         args += ["--n-cpu-moe", str(p.n_cpu_moe)]
         patterns = patterns[1:]
     for pattern in patterns:
         args += ["-ot", pattern]
+    return args
+
+
+def llama_command(model_file: str, p: Placement, s: Settings, binary: str = "llama-cli") -> str:
+    args = [binary, "-m", model_file, "-ngl", str(p.n_gpu_layers), "-c", str(s.ctx), *expert_args(p)]
     if p.tensor_split:
         args += ["-ts", ",".join(map(str, p.tensor_split))]
     if s.kv_type != "f16":
