@@ -15,11 +15,14 @@ import dynq
 from dynq.calib.collector import collect_imatrix
 from dynq.calib.profile import ProbeFile, probe_groups, profiled_tensors, sample_rows, tensor_errors
 from dynq.calib.profile_file import PROFILE_VERSION, Method, Profile, cache_key, imatrix_ref, text_ref
+from dynq.calib.runtime import LlamaRuntime
 from dynq.calib.text import Text
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
+from dynq.eval.evaluate import evaluate
+from dynq.eval.live_probe import LiveProbes
 from dynq.eval.probe import profile
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
@@ -134,6 +137,37 @@ def test_a_probe_degrades_in_place_and_restores_byte_for_byte(
         folder = work.folder
     assert not folder.exists()
     assert sha256(ref) == before
+
+
+@pytest.mark.parametrize(("stored", "copied"), [("BF16", False), ("F16", False), ("F16", True)])
+def test_live_probes_measure_what_a_freshly_loaded_copy_measures(
+    tiny: Path, imatrix: Imatrix, tmp_path: Path, stored: str, copied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model stays open while its mapped file is rewritten: each probe must see its own group degraded and
+    nothing left of the one before, exactly as a copy written out and loaded anew. `copied`: as if llama.cpp kept
+    copies of the weights, so that every probe reloads."""
+    if copied:
+        opened = LiveProbes._open
+
+        def copying(self: LiveProbes) -> LlamaRuntime:
+            runtime = opened(self)
+            runtime.weights_mapped = False
+            return runtime
+
+        monkeypatch.setattr(LiveProbes, "_open", copying)
+    ref = _float_copy(tiny, stored, tmp_path / f"ref-{stored}.gguf")
+    model = GGUFModel(ref)
+    infos = {t.name: t for t in profiled_tensors(model)}
+    ctx = dynq.RunContext(threads=2, cache_dir=tmp_path / "cache")
+    groups = [["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"], ["blk.1.attn_v.weight"], ["output.weight"]]
+    with LiveProbes(model, ref, TEXT, 64, 2, ctx) as live:
+        assert live.runtime.weights_mapped != copied
+        measured = [live.kld([(infos[n], qtype("Q2_K")) for n in g], imatrix, GgmlBackend(2)) for g in groups]
+    for names, kld in zip(groups, measured, strict=True):
+        with ProbeFile(model, tmp_path / "fresh") as work:
+            work.apply([(infos[n], qtype("Q2_K")) for n in names], imatrix, GgmlBackend(2))
+            fresh = evaluate(work.path, ref, TEXT.text, TEXT.provenance, n_ctx=64, n_chunks=2, ctx=ctx)
+        assert kld == fresh.kld_mean > 0, names
 
 
 def test_profile_file_round_trip(made: tuple[Profile, list[dynq.Progress], str], tmp_path: Path) -> None:

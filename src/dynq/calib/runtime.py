@@ -85,8 +85,12 @@ class LlamaRuntime:
         all_experts: bool = False,
         logits: bool = False,
         experts_used: int | None = None,
+        mapped: bool = False,
     ) -> None:
-        """`all_experts` routes every token through every expert; `experts_used` sets how many instead (MoE only)."""
+        """`all_experts` routes every token through every expert; `experts_used` sets how many instead (MoE only).
+        `mapped` asks llama.cpp to compute straight from its memory map of the file, with no repacked copies, so
+        that bytes written into the file are the weights of the next evaluation; `weights_mapped` says whether
+        llama.cpp did so."""
         L = self._L = llama()
         self._keep: list[Any] = [_quiet_llama()]
         L.llama_backend_init()
@@ -96,7 +100,14 @@ class LlamaRuntime:
         mparams = L.llama_model_default_params()
         if all_experts or experts_used is not None:
             self._keep.append(self._override_expert_count(path, mparams, None if all_experts else experts_used))
-        self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if mapped:
+            mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP
+            mparams.use_extra_bufts = False
+        with llama_log() as lines:
+            self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        # llama.cpp names each weight buffer: "CPU_Mapped model buffer size = ..." when it points into the map
+        buffers = [line for line in lines if "model buffer size" in line]
+        self.weights_mapped = bool(buffers) and all("CPU_Mapped" in line for line in buffers)
         if not self.model:
             raise DynqError(f"{path}: llama.cpp could not load this model")
         cparams = L.llama_context_default_params()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from dynq.core.context import RunContext, context
 from dynq.errors import DynqError
 from dynq.eval.metrics import Scores
 from dynq.eval.reference import CompactReference, log_softmax
-from dynq.gguf_io.reader import GGUFModel
+from dynq.sources.described import describe
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def reference_predictions(
 ) -> CompactReference:
     """The reference's compact predictions on `text`, from the cache (keyed by the reference's content) or computed
     once and cached (progress stage "reference")."""
-    key = _reference_key(GGUFModel(ref).fingerprint(), text, n_ctx, n_chunks, k)
+    # the remembered fingerprint: parsing a 150k-token vocabulary again would cost seconds per evaluation
+    key = _reference_key(describe(ref, str(ref), ctx.cache_dir).fingerprint(), text, n_ctx, n_chunks, k)
     path = ctx.cache_dir / "references" / f"{ref.stem}-{key}.npz"
     if path.exists():
         return CompactReference.load(path)
@@ -113,22 +115,37 @@ def evaluate(
         if not path.is_file():
             raise DynqError(f"{path}: no such model file")
     reference = reference_predictions(ref, text, provenance, n_ctx, n_chunks, ctx, top_k)
-    scores = Scores()
-    per_chunk = n_ctx - 1 - n_ctx // 2
     with LlamaRuntime(quant, n_ctx, ctx.threads, logits=True) as rt:
-        if rt.n_vocab != reference.n_vocab:
-            raise DynqError(f"{quant}: vocabulary of {rt.n_vocab} tokens, the reference has {reference.n_vocab}")
         chunks = token_chunks(rt.tokenize(text), n_ctx, n_chunks, "the evaluation text")
-        for i, chunk in enumerate(chunks):
-            rows = slice(i * per_chunk, (i + 1) * per_chunk)
-            expected = np.asarray(chunk[n_ctx // 2 + 1 :], dtype=np.int32)
-            if not np.array_equal(reference.next_tokens[rows], expected):
-                raise DynqError(f"{quant}: tokenizes the text differently from the reference {ref}")
-            logits = rt.evaluate_chunk(chunk)
-            assert logits is not None
-            scores.add(reference, rows, logits[scored_positions(n_ctx)])
-            ctx.report("eval", i + 1, len(chunks), "chunks")
+        scores = score_chunks(rt, quant, reference, chunks, lambda i: ctx.report("eval", i, len(chunks), "chunks"))
     return EvalResult(**scores.summary(), chunks=len(chunks), n_ctx=n_ctx, text=provenance)
+
+
+def score_chunks(
+    rt: LlamaRuntime,
+    quant: Path,
+    reference: CompactReference,
+    chunks: list[list[int]],
+    done: Callable[[int], None] | None = None,
+) -> Scores:
+    """The model `rt` has open (from `quant`) scored against `reference` on `chunks` (the reference's own chunks of
+    the text, in order); `done(i)` is called after the i-th chunk."""
+    if rt.n_vocab != reference.n_vocab:
+        raise DynqError(f"{quant}: vocabulary of {rt.n_vocab} tokens, the reference has {reference.n_vocab}")
+    scores = Scores()
+    n_ctx = rt.n_ctx
+    per_chunk = n_ctx - 1 - n_ctx // 2
+    for i, chunk in enumerate(chunks):
+        rows = slice(i * per_chunk, (i + 1) * per_chunk)
+        expected = np.asarray(chunk[n_ctx // 2 + 1 :], dtype=np.int32)
+        if not np.array_equal(reference.next_tokens[rows], expected):
+            raise DynqError(f"{quant}: tokenizes the text differently from the reference")
+        logits = rt.evaluate_chunk(chunk)
+        assert logits is not None
+        scores.add(reference, rows, logits[scored_positions(n_ctx)])
+        if done is not None:
+            done(i + 1)
+    return scores
 
 
 def perplexity(path: Path, text: str, n_ctx: int, chunks: int, threads: int, experts_used: int | None = None) -> float:

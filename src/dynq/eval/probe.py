@@ -24,7 +24,6 @@ from pathlib import Path
 from dynq.calib.profile import (
     DEFAULT_TYPES,
     ErrorsTask,
-    ProbeFile,
     check_float_reference,
     errors_task,
     probe_groups,
@@ -51,7 +50,8 @@ from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
-from dynq.eval.evaluate import evaluate, reference_predictions
+from dynq.eval.evaluate import reference_predictions
+from dynq.eval.live_probe import LiveProbes
 from dynq.executors import Executor
 from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
@@ -59,12 +59,12 @@ from dynq.kernels.ggml import GgmlBackend
 
 log = logging.getLogger(__name__)
 
-# The default settings. `--ctx 256 --chunks 1 --group-blocks 7 --rows 128` profiles the 1.5B model in 2.8x one
-# quantize's time instead of 6-8x; its solved mixes measured as well but for one loop in 14 at Q2_K size (README).
-ROWS = 256
+# The default settings: on the 1.5B model, 51 probes of 256 tokens in 2.9x one quantize's time. What four times the
+# probe text and 7-block groups measured instead is in the README ("Choose types for a size").
+ROWS = 128
 GROUP_BLOCKS = 4
-N_CTX = 512
-CHUNKS = 2
+N_CTX = 256
+CHUNKS = 1
 
 
 def _method(types: Sequence[str], rows: int, group_blocks: int, probe_type: str, n_ctx: int, chunks: int) -> Method:
@@ -283,19 +283,16 @@ def _run_probes(
             progress.save()
         ctx.report("profile-probes", len(todo), len(todo), "probes")
         return probes
-    with ProbeFile(model, ctx.cache_dir / "profiles") as work:
+    with LiveProbes(model, path, text, method.n_ctx, method.chunks, quiet) as live:
         for i, (g, typed) in enumerate(todo):
             if g in done:
                 continue
             ctx.report("profile-probes", i, len(todo), "probes", g)
             started = time.perf_counter()
-            work.apply(typed, imatrix, backend)
-            scores = evaluate(work.path, path, text.text, text.provenance, n_ctx=method.n_ctx,
-                              n_chunks=method.chunks, ctx=quiet)  # fmt: skip
-            work.restore()
-            probes.append(Probe(g, tuple(t.name for t, _ in typed), scores.kld_mean, time.perf_counter() - started))
+            kld = live.kld(typed, imatrix, backend)
+            probes.append(Probe(g, tuple(t.name for t, _ in typed), kld, time.perf_counter() - started))
             progress.save()
-            ctx.logger.info("probe %s: KLD %.5f in %.1f s", g, scores.kld_mean, probes[-1].seconds)
+            ctx.logger.info("probe %s: KLD %.5f in %.1f s", g, kld, probes[-1].seconds)
         ctx.report("profile-probes", len(todo), len(todo), "probes")
     return probes
 
@@ -324,21 +321,16 @@ def _entries(imatrix: Imatrix | None, names: Sequence[str]) -> Imatrix | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _work_file(path: str, fingerprint: str, cache_dir: str) -> ProbeFile:
-    """This worker's copy of the reference to degrade and restore, kept for the worker's life (a copy a dead worker
-    left is removed by the next ProbeFile made in that folder)."""
-    return ProbeFile(reference_model(path, fingerprint), Path(cache_dir) / "profiles")
+def _live(path: str, fingerprint: str, cache_dir: str, text: Text, n_ctx: int, chunks: int, threads: int) -> LiveProbes:
+    """This worker's open copy of the reference to degrade and restore, kept for the worker's life (a copy a dead
+    worker left is removed by the next one made in that folder)."""
+    ctx = RunContext(threads=threads, cache_dir=Path(cache_dir))
+    return LiveProbes(reference_model(path, fingerprint), Path(path), text, n_ctx, chunks, ctx)
 
 
 def probe_task(task: ProbeTask) -> Probe:
     """A worker's side of a `ProbeTask`."""
     started = time.perf_counter()
-    work = _work_file(task.path, task.fingerprint, task.cache_dir)
-    work.apply(list(task.typed), task.imatrix, GgmlBackend(task.threads))
-    try:
-        ctx = RunContext(threads=task.threads, cache_dir=Path(task.cache_dir))
-        scores = evaluate(work.path, Path(task.path), task.text.text, task.text.provenance, n_ctx=task.n_ctx,
-                          n_chunks=task.chunks, ctx=ctx)  # fmt: skip
-    finally:
-        work.restore()
-    return Probe(task.group, tuple(t.name for t, _ in task.typed), scores.kld_mean, time.perf_counter() - started)
+    live = _live(task.path, task.fingerprint, task.cache_dir, task.text, task.n_ctx, task.chunks, task.threads)
+    kld = live.kld(list(task.typed), task.imatrix, GgmlBackend(task.threads))
+    return Probe(task.group, tuple(t.name for t, _ in task.typed), kld, time.perf_counter() - started)
