@@ -123,19 +123,22 @@ def main() -> None:
     lines += [
         "",
         "Assumptions: compute scales linearly with cores from the rates measured here (optimistic beyond a few "
-        "dozen cores); a probe's forward pass cannot beat streaming the whole reference once (a 512-token chunk "
-        "routes through nearly every expert); the probe work copy of the reference (dynq keeps one on disk and "
-        f"restores each probed group) needs another {ref_gb:.0f} GB of disk. On this machine neither the reference "
-        "nor the work copy fits in memory, so every probe reads both from disk.",
+        "dozen cores); a probe's forward pass cannot beat streaming the whole reference once (a "
+        f"{m.n_ctx}-token chunk routes through nearly every expert); the probe work copy of the reference (dynq "
+        "keeps one on disk, open in llama.cpp, and restores each probed group in place) needs another "
+        f"{ref_gb:.0f} GB of disk. On this machine neither the reference nor the work copy fits in memory, so every "
+        "probe reads both from disk.",
         "",
         f"GPU (not measured here: no device in this session): the {ref_gb:.0f} GB reference needs {gpus} H200s "
         "(141 GB each) to stay resident. The forward FLOPs of a probe "
         f"({2 * active_parameters(there) * m.n_ctx * m.chunks / 1e12:.0f} TFLOP) take well under a second there; "
-        "what costs is llama.cpp reloading the modified model for every probe, about "
-        f"{reload:.0f} s each at 25 GB/s per GPU from host memory ({_h(reload * len(groups))} for the probes), plus "
-        "the encodes of each group. What makes R1 affordable: keep the reference loaded and swap only the probed "
-        "group's tensors in place (the forward pass is then the whole cost), probe routed experts in groups of 8 "
-        "blocks instead of 4 (they are 88% of the weights and behave alike), and spread probes over nodes.",
+        "on the CPU llama.cpp computes from its memory map of the work copy, so a probe's group is written into "
+        "the file and the model never reloads, but on a GPU it copies the weights into VRAM, and dynq then "
+        f"reloads the model for every probe: about {reload:.0f} s each at 25 GB/s per GPU from host memory "
+        f"({_h(reload * len(groups))} for the probes), plus the encodes of each group. What makes R1 affordable "
+        "there: upload only the probed group's tensors into the loaded model (llama.cpp's API has no call for it "
+        "today; the forward pass would then be the whole cost), probe routed experts in groups of 8 blocks (they are "
+        "88% of the weights and behave alike), and spread probes over nodes.",
     ]
     text = "\n".join(lines) + "\n"
     (RESULTS / "solver-cost.md").write_text(text)

@@ -88,3 +88,19 @@ def test_evaluate_a_tiny_model(tmp_path: Path) -> None:
     assert 0 < a.kld_mean < b.kld_mean
     assert a.top1 >= b.top1
     assert len(list((tmp_path / "cache" / "references").glob("*.npz"))) == 1  # the reference ran once
+
+
+@pytest.mark.parametrize("recipe", ["f16", "uniform-q4_0"])
+def test_logits_of_some_positions_are_those_of_all_positions(tmp_path: Path, recipe: str) -> None:
+    """Evaluations ask llama.cpp for the scored half of each chunk only; those rows must be bit-identical to the
+    same rows of a chunk evaluated with every position's logits."""
+    from dynq.calib.runtime import LlamaRuntime
+
+    model = tmp_path / "m.gguf"
+    quantize_to(write_synthetic("llama", tmp_path / "tiny.gguf"), recipe, model, ctx=dynq.RunContext(threads=2))
+    tokens = [(7 * i + 3) % 200 for i in range(64)]
+    with LlamaRuntime(model, 64, 2, logits=True) as rt:
+        every = rt.evaluate_chunk(tokens)
+        some = rt.evaluate_chunk(tokens, slice(32, 63))
+    assert every is not None and some is not None and some.shape == (31, rt.n_vocab)
+    assert np.array_equal(every[32:63], some)

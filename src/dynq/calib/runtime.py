@@ -161,8 +161,9 @@ class LlamaRuntime:
             raise DynqError(f"tokenization needs {-n} tokens, more than the buffer of {capacity}")
         return list(buf[:n])
 
-    def evaluate_chunk(self, tokens: list[int]) -> npt.NDArray[np.float32] | None:
-        """Evaluate one chunk from an empty cache; returns the logits [n_tokens, n_vocab] if asked for."""
+    def evaluate_chunk(self, tokens: list[int], outputs: slice | None = None) -> npt.NDArray[np.float32] | None:
+        """Evaluate one chunk from an empty cache; returns the logits [n_tokens, n_vocab] if asked for, or only the
+        rows of the positions in `outputs` (llama.cpp then skips the output layer for the others)."""
         L = self._L
         if len(tokens) > self.n_ctx:
             raise DynqError(f"chunk of {len(tokens)} tokens exceeds n_ctx {self.n_ctx}")
@@ -177,9 +178,9 @@ class LlamaRuntime:
                 batch.pos[i] = i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                # every position asks for logits, as llama-imatrix does: otherwise llama.cpp skips the last
-                # block's rows for tokens without output, and their activations are never seen
-                batch.logits[i] = True
+                # without `outputs` every position asks for logits, as llama-imatrix does: otherwise llama.cpp
+                # skips the last block's rows for tokens without output, and their activations are never seen
+                batch.logits[i] = outputs is None or outputs.start <= i < outputs.stop
             batch.n_tokens = len(chunk)
             rc = L.llama_decode(self.ctx, batch)
             if rc != 0:
@@ -189,7 +190,8 @@ class LlamaRuntime:
         if not self.want_logits:
             return None
         ptr = L.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab)).copy()
+        rows = len(chunk) if outputs is None else len(range(len(chunk))[outputs])
+        return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).copy()
 
     def close(self) -> None:
         L = self._L

@@ -83,11 +83,11 @@ def reference_predictions(
     with LlamaRuntime(ref, n_ctx, ctx.threads, logits=True) as rt:
         chunks = token_chunks(rt.tokenize(text), n_ctx, n_chunks, "the evaluation text")
         for i, chunk in enumerate(chunks):
-            logits = rt.evaluate_chunk(chunk)
-            assert logits is not None
             rows = scored_positions(n_ctx)
+            logits = rt.evaluate_chunk(chunk, rows)
+            assert logits is not None
             nxt = np.asarray(chunk[rows.start + 1 : rows.stop + 1], dtype=np.int32)
-            parts.append(CompactReference.from_logits(logits[rows], nxt, k, TAIL_SAMPLES, seed=i))
+            parts.append(CompactReference.from_logits(logits, nxt, k, TAIL_SAMPLES, seed=i))
             ctx.report("reference", i + 1, len(chunks), "chunks")
     result = CompactReference.concat(parts, n_ctx, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,9 +140,9 @@ def score_chunks(
         expected = np.asarray(chunk[n_ctx // 2 + 1 :], dtype=np.int32)
         if not np.array_equal(reference.next_tokens[rows], expected):
             raise DynqError(f"{quant}: tokenizes the text differently from the reference")
-        logits = rt.evaluate_chunk(chunk)
+        logits = rt.evaluate_chunk(chunk, scored_positions(n_ctx))
         assert logits is not None
-        scores.add(reference, rows, logits[scored_positions(n_ctx)])
+        scores.add(reference, rows, logits)
         if done is not None:
             done(i + 1)
     return scores
@@ -154,9 +154,9 @@ def perplexity(path: Path, text: str, n_ctx: int, chunks: int, threads: int, exp
     nll, count = 0.0, 0
     with LlamaRuntime(path, n_ctx, threads, logits=True, experts_used=experts_used) as rt:
         for chunk in token_chunks(rt.tokenize(text), n_ctx, chunks, "the text"):
-            logits = rt.evaluate_chunk(chunk)
+            logits = rt.evaluate_chunk(chunk, scored_positions(n_ctx))
             assert logits is not None
-            logp = log_softmax(logits[scored_positions(n_ctx)])
+            logp = log_softmax(logits)
             nxt = np.asarray(chunk[n_ctx // 2 + 1 :])
             nll -= float(logp[np.arange(nxt.size), nxt].sum())
             count += nxt.size
