@@ -104,3 +104,12 @@ def test_logits_of_some_positions_are_those_of_all_positions(tmp_path: Path, rec
         some = rt.evaluate_chunk(tokens, slice(32, 63))
     assert every is not None and some is not None and some.shape == (31, rt.n_vocab)
     assert np.array_equal(every[32:63], some)
+
+
+def test_a_runtime_reads_its_load_log_without_taking_it_from_an_enclosing_capture(tmp_path: Path) -> None:
+    from dynq.calib.runtime import LlamaRuntime, llama_log
+
+    model = write_synthetic("llama", tmp_path / "tiny.gguf")
+    with llama_log() as outer, LlamaRuntime(model, 64, 1, mapped=True) as rt:
+        assert rt.weights_mapped
+    assert any("CPU_Mapped model buffer size" in line for line in outer)

@@ -66,13 +66,16 @@ def _quiet_llama() -> tuple[_LogSink, Any]:
 
 @contextmanager
 def llama_log() -> Iterator[list[str]]:
-    """The lines llama.cpp logs while the block runs."""
+    """The lines llama.cpp logs while the block runs (an enclosing capture gets them too)."""
     sink, _ = _quiet_llama()
     previous, sink.lines = sink.lines, []
+    lines = sink.lines
     try:
-        yield sink.lines
+        yield lines
     finally:
         sink.lines = previous
+        if previous is not None:
+            previous.extend(lines)
 
 
 class LlamaRuntime:
