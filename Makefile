@@ -8,8 +8,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 
 # llama-cpp-python is built from source. Its native build uses AMX where the CPU advertises it, and some virtual
 # machines advertise AMX but fault on its instructions (SIGILL on the first matrix multiply), so on x86-64 the
-# wheel is built with AMX off, once, into dynq's cache, and installed from there.
-LLAMA_VERSION := 0.3.36
+# wheel is built with AMX off, once, into dynq's cache, and installed from there. The version is dynq's one pin
+# (pyproject.toml and constraints.txt spell it too; tests/test_llamacpp_pin.py holds them to it).
+LLAMA_VERSION := $(shell cat src/dynq/llamacpp/VERSION)
 LLAMA_WHEELS := $(HOME)/.cache/dynq/wheels/llama-cpp-python-$(LLAMA_VERSION)-native-noamx
 ifeq ($(shell uname -m),x86_64)
 LLAMA_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEELS)/.built
 	$(PIP) install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PIP) install --quiet -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[dev]'
 	# llama.cpp's converter from the same source package, and its gguf-py as the one installed `gguf`
-	$(PY) -c 'from dynq.sources.converter import main; main()'
+	$(PY) -c 'from dynq.llamacpp.converter import main; main()'
 	touch $(STAMP)
 
 setup: $(STAMP)

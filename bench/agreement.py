@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 import dynq
-from dynq.calib.runtime import LlamaRuntime, token_chunks
 from dynq.eval.evaluate import TAIL_SAMPLES, TOP_K, reference_predictions, scored_positions
-from dynq.eval.llamacpp import llama_imatrix, llama_kld, llama_kld_base
 from dynq.eval.metrics import kld_estimate, kld_full
 from dynq.eval.reference import CompactReference, log_softmax
 from dynq.gguf_io.imatrix import read_imatrix
+from dynq.llamacpp.compare import llama_imatrix, llama_kld, llama_kld_base
+from dynq.llamacpp.runtime import LlamaRuntime, token_chunks
 
 THREADS = os.cpu_count() or 1
 RESULTS = Path(__file__).parent / "results"

@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import dynq
-from dynq.calib.profile_file import Profile
+from dynq.budget.profile_file import Profile
 from dynq.core.qtypes import QType, qtype
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.solved_recipe import solution_recipe, units_from_plan

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from dynq.llamacpp_tools import tool
+from dynq.llamacpp.tools import tool
 from dynq.paths import cache_dir
 from hf_checkpoints import BOS, EOS, FP8_BLOCK, FP8_CONFIG, TOKENIZER_FILES, VOCAB_ROWS, fp8_blocks, qwen_tokenizer
 
@@ -294,9 +294,9 @@ def dynq_quantize(source: Path, output: Path, label: str) -> tuple[Step, dict[st
 
 
 def convert(directory: Path, output: Path, outtype: str, label: str) -> Step:
-    """`dynq.sources.converter.convert` (llama.cpp's converter in a subprocess), timed with that subprocess."""
+    """`dynq.llamacpp.converter.convert` (llama.cpp's converter in a subprocess), timed with that subprocess."""
     code = ("import sys; from pathlib import Path; from dynq.paths import cache_dir; "
-            "from dynq.sources.converter import convert; "
+            "from dynq.llamacpp.converter import convert; "
             "convert(Path(sys.argv[1]), Path(sys.argv[2]), cache_dir(), sys.argv[3])")  # fmt: skip
     return timed([sys.executable, "-c", code, directory, output, outtype], label)[0]
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import dynq
-from dynq.calib.runtime import llama
 from dynq.gguf_io.reader import GGUFModel
+from dynq.llamacpp.runtime import llama
 from dynq.moe.convert import write_relaid
 
 RESULTS = Path(__file__).parent / "results"

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dynq
-from dynq.calib.runtime import llama_log
 from dynq.deploy.memory import byte_model
+from dynq.llamacpp.runtime import llama_log
 from dynq.sources.synthetic import write_synthetic
 
 MIB = 1 << 20

@@ -32,7 +32,7 @@ import dynq
 from dynq.calib.text import evaluation_text
 from dynq.deploy.memory import parse_memory
 from dynq.deploy.offload import GPU_RESERVE, Hardware, Placement, Settings, expert_args, llama_command
-from dynq.llamacpp_tools import RPC, build_tools, tool
+from dynq.llamacpp.tools import RPC, build_tools, tool
 
 MIB = 1 << 20
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|compute) buffer size =\s+([0-9.]+) MiB")

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import dynq
-from dynq.calib.profile import candidate_types, probe_groups
-from dynq.calib.profile_file import Profile
+from dynq.budget.distortion import candidate_types, probe_groups
+from dynq.budget.profile_file import Profile
 from dynq.core.tensors import ModelInventory, TensorClass, TensorInfo
 
 RESULTS = Path(__file__).parent / "results"

@@ -19,9 +19,9 @@ from rich.panel import Panel
 from rich.text import Text
 
 import dynq
-from dynq.calib.runtime import llama
 from dynq.cli_render import draw_comparison
 from dynq.cli_text import data, line
+from dynq.llamacpp.runtime import llama
 
 MODEL = "zoo:qwen2.5-coder-1.5b"
 RECIPES = ("dyn-iq1_s", "uniform-iq1_s")

@@ -15,10 +15,10 @@ from markdown_it import MarkdownIt
 from typer.testing import CliRunner
 
 import dynq
-from dynq.card import read_bench
 from dynq.cli import app
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError
+from dynq.eval.bench import read_bench
 from dynq.gguf_io.reader import GGUFModel
 from dynq.sources.synthetic import write_synthetic
 from runs import quantize_to

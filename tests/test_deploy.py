@@ -10,7 +10,6 @@ import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from typer.testing import CliRunner
 
-from dynq.calib.runtime import LlamaRuntime
 from dynq.cli import app
 from dynq.deploy.ollama import FAMILIES, PROBES, check_family, export_ollama, render_jinja, render_ollama
 from dynq.deploy.run import Runner, Sampling
@@ -18,6 +17,7 @@ from dynq.deploy.shards import count_shards, max_size_for, merge, split
 from dynq.errors import DynqError
 from dynq.gguf_io import writer
 from dynq.gguf_io.reader import GGUFModel, field_value
+from dynq.llamacpp.runtime import LlamaRuntime
 from dynq.sources.synthetic import write_synthetic
 
 cli = CliRunner()

@@ -94,7 +94,7 @@ def test_evaluate_a_tiny_model(tmp_path: Path) -> None:
 def test_logits_of_some_positions_are_those_of_all_positions(tmp_path: Path, recipe: str) -> None:
     """Evaluations ask llama.cpp for the scored half of each chunk only; those rows must be bit-identical to the
     same rows of a chunk evaluated with every position's logits."""
-    from dynq.calib.runtime import LlamaRuntime
+    from dynq.llamacpp.runtime import LlamaRuntime
 
     model = tmp_path / "m.gguf"
     quantize_to(write_synthetic("llama", tmp_path / "tiny.gguf"), recipe, model, ctx=dynq.RunContext(threads=2))
@@ -107,7 +107,7 @@ def test_logits_of_some_positions_are_those_of_all_positions(tmp_path: Path, rec
 
 
 def test_a_runtime_reads_its_load_log_without_taking_it_from_an_enclosing_capture(tmp_path: Path) -> None:
-    from dynq.calib.runtime import LlamaRuntime, llama_log
+    from dynq.llamacpp.runtime import LlamaRuntime, llama_log
 
     model = write_synthetic("llama", tmp_path / "tiny.gguf")
     with llama_log() as outer, LlamaRuntime(model, 64, 1, mapped=True) as rt:

@@ -3,6 +3,7 @@ child processes refused; with them cold, each says which command fetches or buil
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -13,7 +14,9 @@ import pytest
 
 import dynq
 from dynq.deploy.shards import merge, split
-from dynq.llamacpp_tools import tool
+from dynq.llamacpp.converter import converter_dir
+from dynq.llamacpp.tools import tool
+from dynq.paths import cache_dir
 from dynq.sources.synthetic import write_synthetic
 
 ZOO = "zoo:smollm2-135m"
@@ -27,16 +30,20 @@ def refuse(*args: Any, **kwargs: Any) -> Any:
     raise Refused("a network connection or a child process was asked for")
 
 
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def close_the_doors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sockets cannot connect or resolve names and no child process can start (pip, cmake, compilers)."""
-    dynq.fetch(ZOO)  # the caches warm, before the doors close
-    dynq.fetch(dynq.TEXTS)
     for name in ("connect", "connect_ex"):
         monkeypatch.setattr(socket.socket, name, refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    dynq.fetch(ZOO)  # the caches warm, before the doors close
+    dynq.fetch(dynq.TEXTS)
+    close_the_doors(monkeypatch)
     yield
 
 
@@ -65,6 +72,20 @@ def test_library_paths_run_offline(offline: None, tmp_path: Path) -> None:
         dynq.fetch("zoo:gemma3-270m", ctx=dynq.RunContext(cache_dir=tmp_path / "empty"))
 
 
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_checkpoint_opens_and_plans_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Opening a Hugging Face checkpoint loads llama.cpp's converter from the cache (`make setup` put it there) and
+    reaches for neither the network nor pip."""
+    from hf_checkpoints import tiny_qwen2  # torch and transformers: only here
+
+    assert converter_dir(cache_dir()).is_dir(), "make setup fetches the converter"
+    directory = tiny_qwen2(tmp_path / "hf")  # before the doors close: the tokenizer may be exported first
+    close_the_doors(monkeypatch)
+    assert len(dynq.open_source(str(directory)).inventory().tensors) > 0
+    assert dynq.plan(str(directory), "dyn-q2_k_xl").total_bytes > 0
+
+
 def test_cold_caches_name_the_command(tmp_path: Path) -> None:
     empty = dynq.RunContext(cache_dir=tmp_path / "empty")
     with pytest.raises(dynq.DynqError, match=r"run `dynq fetch zoo:gemma3-270m`"):
@@ -73,3 +94,8 @@ def test_cold_caches_name_the_command(tmp_path: Path) -> None:
         dynq.calibration(ctx=empty)
     with pytest.raises(dynq.DynqError, match=r"run `dynq build-tools`"):
         tool("llama-quantize", empty.cache_dir)
+    checkpoint = tmp_path / "hf"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    with pytest.raises(dynq.DynqError, match=r"converter is not in .*; run `\S+ -m dynq\.llamacpp\.converter`"):
+        dynq.plan(str(checkpoint), "dyn-iq1_s", ctx=empty)

@@ -19,9 +19,9 @@ from gguf import GGUFReader
 import dynq
 from dynq.core.tensors import TensorClass
 from dynq.eval.loops import generate
+from dynq.llamacpp.converter import convert
 from dynq.paths import cache_dir
 from dynq.sources.checkpoint import HFCheckpoint
-from dynq.sources.converter import convert
 from hf_checkpoints import tiny_deepseek_v3_fp8, tiny_qwen2, tiny_qwen2_moe
 from runs import TWO_THREADS, quantize_to
 

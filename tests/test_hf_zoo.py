@@ -11,8 +11,8 @@ from gguf import GGUFReader
 
 import dynq
 from dynq.eval.loops import generate
+from dynq.llamacpp.converter import convert
 from dynq.paths import cache_dir
-from dynq.sources.converter import convert
 from dynq.sources.hf_export import export_checkpoint
 from runs import TWO_THREADS, quantize_to
 

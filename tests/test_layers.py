@@ -19,10 +19,12 @@ LAYERS: tuple[frozenset[str], ...] = (
     # where units of work run (this process, local processes, a Ray cluster)
     frozenset({"recipe", "kernels"}),  # choosing (pure functions of the inventory) and encoding
     frozenset({"gguf_io", "pypi"}),  # file formats; package downloads
-    frozenset({"sources", "calib", "encode_cache", "llamacpp_tools"}),  # opening, fetching, running
+    frozenset({"llamacpp"}),  # llama.cpp from the one pinned release: its runtime, tools and converter
+    frozenset({"sources", "calib", "encode_cache"}),  # opening, fetching, collecting importance
     frozenset({"quantize", "inspect"}),
-    frozenset({"eval", "deploy"}),
-    frozenset({"moe", "card"}),  # models built from models, judged with eval; model cards from files and benches
+    frozenset({"eval", "deploy", "runnable"}),  # judging, running and shipping quants; the GGUF a source runs as
+    frozenset({"moe", "card", "budget"}),  # models built from models; model cards; the size budget (profile, solve)
+    frozenset({"benchmark"}),  # recipes, llama.cpp mixes and solved mixes measured side by side
     frozenset({"api"}),
     frozenset({"__init__", "cli_text"}),  # the package's exports; the CLI's one output path for data
     frozenset({"cli_shell", "cli_render"}),

@@ -14,8 +14,8 @@ import pytest
 import dynq
 from dynq.calib.collector import collect_imatrix
 from dynq.eval.evaluate import evaluate
-from dynq.eval.llamacpp import llama_imatrix, llama_kld, llama_kld_base
 from dynq.gguf_io.imatrix import read_imatrix
+from dynq.llamacpp.compare import llama_imatrix, llama_kld, llama_kld_base
 from dynq.paths import cache_dir
 from dynq.sources.synthetic import N_VOCAB, write_synthetic
 from runs import TWO_THREADS, quantize_to
@@ -83,6 +83,6 @@ def test_bench_table_and_plot(files: dict[str, Path]) -> None:
     before = json.loads((out / "tiny.json").read_text())
     result = CliRunner().invoke(app, [*args, "-r", "uniform-q8_0", "--resume"])
     assert result.exit_code == 0, result.output
-    assert "resuming: 3 rows kept" in result.output
+    assert "resumed: 3 rows kept" in result.output
     after = json.loads((out / "tiny.json").read_text())
     assert after[:3] == before and [r["name"] for r in after[3:]] == ["uniform-q8_0"]

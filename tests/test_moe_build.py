@@ -12,11 +12,11 @@ import pytest
 
 import dynq
 from dynq.calib.collector import collect_imatrix
-from dynq.calib.runtime import LlamaRuntime
 from dynq.calib.text import calibration_text
 from dynq.deploy.memory import byte_model
 from dynq.eval.reference import log_softmax
 from dynq.gguf_io.reader import GGUFModel
+from dynq.llamacpp.runtime import LlamaRuntime
 from dynq.moe.build import MoeReport, MoeSettings, build_moe
 from dynq.moe.convert import write_relaid
 

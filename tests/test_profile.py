@@ -6,30 +6,35 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 
 import dynq
+from dynq.budget.distortion import probe_groups, profiled_tensors, sample_rows, tensor_errors
+from dynq.budget.probes import LiveProbes, ProbeFile
+from dynq.budget.profile import ProbeTask, profile
+from dynq.budget.profile_file import PROFILE_VERSION, Method, Profile, cache_key, imatrix_ref, text_ref
 from dynq.calib.collector import collect_imatrix
-from dynq.calib.profile import ProbeFile, probe_groups, profiled_tensors, sample_rows, tensor_errors
-from dynq.calib.profile_file import PROFILE_VERSION, Method, Profile, cache_key, imatrix_ref, text_ref
-from dynq.calib.runtime import LlamaRuntime
 from dynq.calib.text import Text
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.eval.evaluate import evaluate
-from dynq.eval.live_probe import LiveProbes
-from dynq.eval.probe import profile
+from dynq.executors import Serial
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
+from dynq.llamacpp.runtime import LlamaRuntime
 from dynq.sources.synthetic import write_synthetic
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
 TEXT = Text(CALIB, "test-calib")
+T = TypeVar("T")
+R = TypeVar("R")
 LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 TYPES = ("IQ2_XXS", *LADDER)  # few types: the IQ grids cost seconds to build, once per process
 
@@ -309,3 +314,32 @@ def test_a_short_text_fails_before_any_encoding(tiny: Path, tmp_path: Path) -> N
     with pytest.raises(DynqError, match="tokens"):
         profile(tiny, None, Text("the a of", "short"), n_ctx=64, chunks=2, ctx=ctx)
     assert not [s for s in steps if s.stage.startswith("profile")]
+
+
+class _OneThreadTasks(Serial):
+    """Runs tasks here, one after another, as an executor that gives each task one CPU; records what it ran."""
+
+    name = "one thread per task"
+    task_threads = 1
+
+    def __init__(self) -> None:
+        self.tasks: list[object] = []
+
+    def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
+        for task in tasks:
+            self.tasks.append(task)
+            yield fn(task)
+
+
+def test_probe_tasks_take_the_executors_threads(tiny: Path, imatrix: Imatrix, tmp_path: Path) -> None:
+    """A probe task runs on the threads its executor gives it (one CPU per task on Ray), not the driver's count,
+    and measures what the driver would."""
+    pool = _OneThreadTasks()
+    ctx = dynq.RunContext(threads=2, cache_dir=tmp_path)
+    spread = profile(tiny, imatrix, TEXT, types=LADDER, rows=32, n_ctx=64, chunks=1, ctx=ctx, executor=pool)
+    probes = [t for t in pool.tasks if isinstance(t, ProbeTask)]
+    assert probes and {t.threads for t in probes} == {1}
+    here = profile(tiny, imatrix, TEXT, types=LADDER, rows=32, n_ctx=64, chunks=1,
+                   ctx=dynq.RunContext(threads=2, cache_dir=tmp_path / "here"))  # fmt: skip
+    # llama.cpp's sums may split differently over 1 and 2 threads: the same measurement, to rounding
+    assert [p.kld for p in spread.probes] == pytest.approx([p.kld for p in here.probes], rel=1e-3)

@@ -14,11 +14,11 @@ from gguf import GGUFReader, GGUFWriter
 
 from dynq import RunContext, fetch
 from dynq.calib.collector import collect_imatrix
-from dynq.calib.runtime import LlamaRuntime
 from dynq.core.importance import ImatrixEntry
 from dynq.core.qtypes import quantizable_qtypes
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_gguf
 from dynq.gguf_io.reader import GGUFModel
+from dynq.llamacpp.runtime import LlamaRuntime
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
 from dynq.recipe.rules import recipe_from_dict

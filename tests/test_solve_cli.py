@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import dynq
 from dynq.cli import app
 from dynq.errors import DynqError
-from dynq.recipe.budget import parse_target, pinned_by
 from dynq.recipe.solved_recipe import recipe_yaml
+from dynq.recipe.target import parse_target, pinned_by
 from dynq.sources.synthetic import write_synthetic
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
@@ -91,6 +91,38 @@ def test_base_rules_pin_and_ties_tie(made: dict[str, Path]) -> None:
     assert pinned_by(dynq.recipe(base), dynq.open_source(made["tiny"]).inventory())
     for b in range(dynq.open_source(made["tiny"]).inventory().n_blocks):
         assert got[f"blk.{b}.ffn_gate.weight"] == got[f"blk.{b}.ffn_up.weight"]
+
+
+def test_a_base_recipes_keep_list_is_kept(made: dict[str, Path]) -> None:
+    """A `--base` recipe's own keep-list holds in the solved plan and in the recipe written, instead of the default
+    keep-list the solver starts from without a base."""
+    low, high = sizes(made)
+    base = made["dir"] / "keep.yaml"
+    base.write_text("keep: ['attn_k\\.weight$']\nrules:\n  - match: '^output\\.'\n    type: Q6_K\n")
+    solved = dynq.solve(made["tiny"], made["profile"], (low + high) // 2, has_imatrix=True, types=TYPES, base=base)
+    kept = [t for t in solved.plan.tensors if t.info.name.endswith("attn_k.weight")]
+    assert kept and all(t.kept and t.qtype.name == "F32" for t in kept)
+    assert "attn_k\\.weight$" in solved.recipe.to_dict()["keep"]
+    # without the base those tensors are the solver's to choose
+    free = dynq.solve(made["tiny"], made["profile"], (low + high) // 2, has_imatrix=True, types=TYPES)
+    assert not any(t.kept for t in free.plan.tensors if t.info.name.endswith("attn_k.weight"))
+
+
+def test_quantize_for_one_call(made: dict[str, Path]) -> None:
+    """`dynq.quantize_for` is `quantize --target` as one library call: the same bytes as the CLI's file, the
+    imatrix's file named in the output as when a path is given, and an existing output refused by default."""
+    low, high = sizes(made)
+    target = (low + high) // 2
+    cli_out, api_out = made["dir"] / "for-cli.gguf", made["dir"] / "for-api.gguf"
+    ran = runner.invoke(app, ["quantize", str(made["tiny"]), "--target", str(target), "--profile", str(made["profile"]),
+                              "--imatrix", str(made["imatrix"]), "-o", str(cli_out)])  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    done = dynq.quantize_for(made["tiny"], target, api_out, imatrix=dynq.read_imatrix(made["imatrix"]),
+                             profile=made["profile"])  # fmt: skip
+    assert api_out.read_bytes() == cli_out.read_bytes()
+    assert done.solved.plan.total_bytes <= target and done.result.files == [api_out]
+    with pytest.raises(DynqError, match="already exists"):
+        dynq.quantize(done.solved.plan, api_out, imatrix=made["imatrix"])
 
 
 def test_quantize_to_a_target(made: dict[str, Path]) -> None:

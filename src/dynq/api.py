@@ -1,6 +1,7 @@
-"""The public Python API, re-exported by the `dynq` package. The CLI only parses options, asks for what must be
-fetched or built, and draws. `quantize` (quantize.py), `offload` (deploy/offload.py) and `card` (deploy/card.py) are
-exported as they are.
+"""The public Python API, re-exported by the `dynq` package: a facade over the rooms that do the work. The CLI only
+parses options, asks for what must be fetched or built, and draws. `quantize` (quantize.py), `offload`
+(deploy/offload.py), `card` (card.py) and the size budget's `solve`, `refine`, `verify` and `quantize_for`
+(budget/allocate.py) are exported as they are.
 
 Every call takes keyword-only options and an optional `RunContext` (threads, device, cache folder, progress
 callback, logger); none of them touches the network or a compiler except `fetch` and `build_tools`, which exist
@@ -9,20 +10,26 @@ for exactly that.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import shutil
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Unpack
 
+from dynq.benchmark import BenchResult, bench
+from dynq.budget.allocate import (
+    ProfileLike,
+    QuantizedFor,
+    RefinedSolve,
+    Solved,
+    Verified,
+    quantize_for,
+    refine,
+    solve,
+    verify,
+)
+from dynq.budget.profile import profile as _profile
+from dynq.budget.profile_file import Profile, ProfileSettings
 from dynq.calib.collector import collect_imatrix as _collect
-from dynq.calib.profile import kind_of
-from dynq.calib.profile_file import Profile, ProfileSettings, text_ref
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
 from dynq.card import ModelCard, card
 from dynq.core.context import Progress, RunContext, context
@@ -33,27 +40,21 @@ from dynq.deploy.offload import Hardware, OffloadPlan, Settings, offload
 from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
-from dynq.eval.probe import profile as _profile
 from dynq.executors import Executor, executor
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
-from dynq.llamacpp_tools import build_tools as _build_tools
-from dynq.llamacpp_tools import tools_dir
-from dynq.quantize import ImatrixLike, QuantizeResult, quantize
-from dynq.recipe.budget import parse_target, pinned_by
+from dynq.llamacpp.tools import build_tools as _build_tools
+from dynq.llamacpp.tools import tools_dir
+from dynq.quantize import QuantizeResult, quantize
 from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import RecipeLike, as_recipe
-from dynq.recipe.refine import Refined, choice_key, scaled_costs
-from dynq.recipe.refine import refine as _refine
 from dynq.recipe.rules import Recipe, recipe_from_dict
-from dynq.recipe.solve import Solution
-from dynq.recipe.solved_recipe import solve_plan
+from dynq.runnable import f16_conversion, runnable_file
 from dynq.sources import zoo
-from dynq.sources.checkpoint import HFCheckpoint
-from dynq.sources.open import SourceLike, gguf_path, open_described
+from dynq.sources.open import SourceLike, open_described
 from dynq.sources.open import open_source as _open_source
 from dynq.version import __version__
 
@@ -127,7 +128,7 @@ def collect_imatrix(
     `resume` continues an interrupted collection after them (same bytes as an uninterrupted one)."""
     ctx = context(ctx)
     calib = text if text is not None else calibration(ctx=ctx)
-    return _collect(_weights_file(source, ctx), calib.text, [calib.provenance], n_ctx=n_ctx, n_chunks=chunks,
+    return _collect(runnable_file(source, ctx), calib.text, [calib.provenance], n_ctx=n_ctx, n_chunks=chunks,
                     all_experts=all_experts, ctx=ctx, output=Path(output) if output is not None else None,
                     resume=resume)  # fmt: skip
 
@@ -145,7 +146,7 @@ def evaluate(
     evaluation text, which calibration never sees)."""
     ctx = context(ctx)
     judged = text if text is not None else evaluation(ctx=ctx)
-    return _evaluate(_weights_file(quant, ctx), _weights_file(ref, ctx), judged.text, judged.provenance,
+    return _evaluate(runnable_file(quant, ctx), runnable_file(ref, ctx), judged.text, judged.provenance,
                      n_ctx=n_ctx, n_chunks=chunks, ctx=ctx)  # fmt: skip
 
 
@@ -170,183 +171,13 @@ def profile(
 ) -> Profile:
     """How much each tensor of a float reference hurts the output at each candidate type, measured on calibration
     text (default: the built-in calibration text, never the evaluation text); cached and reused across budgets.
-    `settings`: types, rows, group_blocks, probe_type, n_ctx, chunks (defaults: dynq.eval.probe.profile's).
+    `settings`: types, rows, group_blocks, probe_type, n_ctx, chunks (defaults: dynq.budget.profile.profile's).
     `resume` continues an interrupted profile of the same inputs from what it had measured. `executor`
     (`dynq.executor(ray=...)`, local processes or a Ray cluster) measures the errors and the probes there."""
     ctx = context(ctx)
     imx = imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
     calib = text if text is not None else calibration(ctx=ctx)
-    return _profile(_weights_file(source, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor, **settings)
-
-
-@dataclass(frozen=True)
-class Solved:
-    """A solved allocation: the plan (quantize it), the recipe that writes it down, the solver's answer."""
-
-    plan: QuantPlan
-    recipe: Recipe
-    solution: Solution
-    target_bytes: int
-    predicted_kld: float
-
-
-def solve(
-    source: SourceLike,
-    profile: Profile | str | os.PathLike[str],
-    target: int | str,
-    *,
-    has_imatrix: bool,
-    base: RecipeLike | None = None,
-    types: Sequence[str] | None = None,
-    ties: Sequence[str] = (),
-    name: str | None = None,
-    ctx: RunContext | None = None,
-) -> Solved:
-    """The types of least predicted damage whose file is at most `target` (bytes, or '600MiB', '2.5bpw') and within
-    1% of it where reachable. `has_imatrix` says whether the quantize will have one (types that need it are left out
-    otherwise); `base` rules pin the tensors they match; `ties` are regexes whose matches in one block share a type."""
-    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-    return _solver(source, prof, target, has_imatrix, base, types, ties, name, context(ctx))({})
-
-
-def _solver(
-    source: SourceLike,
-    prof: Profile,
-    target: int | str,
-    has_imatrix: bool,
-    base: RecipeLike | None,
-    types: Sequence[str] | None,
-    ties: Sequence[str],
-    name: str | None,
-    ctx: RunContext,
-) -> Callable[[Mapping[str, float]], Solved]:
-    """The solve for one model, size and set of constraints, as a function of per-kind weights on the profile's
-    costs (a kind left out weighs 1)."""
-    opened = open_described(source, ctx.cache_dir)  # no weights are read: the description is enough
-    # A checkpoint was profiled as the F16 GGUF it converts to (what llama.cpp runs): check against that one.
-    prof.check_model(f16_conversion(opened, ctx=ctx) if isinstance(opened, HFCheckpoint) else opened)
-    inventory = opened.inventory()
-    target_bytes = target if isinstance(target, int) else parse_target(target, inventory.n_parameters)
-    start = resolve(as_recipe("uniform-q8_0"), inventory)  # any plan: the solver keeps its keep-list, types all
-    pinned = pinned_by(as_recipe(base), inventory) if base is not None else {}
-    wanted = [qtype(t) for t in (types if types is not None else prof.method.types)]
-    label = name or f"solved-{target if isinstance(target, str) else target_bytes}"
-    patterns = [re.compile(t) for t in ties]
-    measured = prof.costs()
-
-    def solve_for(weights: Mapping[str, float]) -> Solved:
-        costs = scaled_costs(measured, kind_of, weights) if weights else measured
-        plan, solution = solve_plan(start, costs, wanted, target_bytes, has_imatrix=has_imatrix, pinned=pinned,
-                                    ties=patterns, name=label, reported=measured)  # fmt: skip
-        predicted = prof.predicted_kld({t.info.name: t.qtype.name for t in plan.tensors if not t.kept})
-        return Solved(plan, plan.recipe, solution, target_bytes, predicted)
-
-    return solve_for
-
-
-@dataclass(frozen=True)
-class RefinedSolve:
-    """A solution improved against measured KL divergence: the refined Solved (its predicted_kld is the profile's,
-    unweighted) and the search's record (measured KLD before and after, every mix tried)."""
-
-    solved: Solved
-    search: Refined
-
-
-def refine(
-    source: SourceLike,
-    profile: Profile | str | os.PathLike[str],
-    target: int | str,
-    *,
-    imatrix: ImatrixLike | None,
-    text: Text | None = None,
-    seconds: float = 600.0,
-    chunks: int = 4,
-    base: RecipeLike | None = None,
-    types: Sequence[str] | None = None,
-    ties: Sequence[str] = (),
-    name: str | None = None,
-    ctx: RunContext | None = None,
-) -> RefinedSolve:
-    """`solve`, then a search that weighs each tensor kind's predicted costs up or down and keeps the mix that
-    measures best (recipe/refine.py), for about `seconds`. Each mix is quantized (encoded tensors are cached, so
-    later mixes mostly reuse them) and judged on `chunks` chunks of the profile's own calibration text."""
-    ctx = context(ctx)
-    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-    calib = _profile_text(prof, text, ctx)
-    solve_for = _solver(source, prof, target, imatrix is not None, base, types, ties, name, ctx)
-    kinds = sorted({kind_of(n) for n in prof.tensors})
-    solved: dict[tuple[tuple[str, str], ...], Solved] = {}
-
-    def choose(weights: Mapping[str, float]) -> Mapping[str, QType]:
-        found = solve_for(weights)
-        solved.setdefault(choice_key(found.solution.choice), found)
-        return found.solution.choice
-
-    def measure(choice: Mapping[str, QType]) -> float:
-        plan = solved[choice_key(choice)].plan
-        with _scratch(ctx, plan.recipe.name) as out:
-            quantize(plan, out, imatrix=imatrix, ctx=ctx, reuse_encoded=True)
-            ref = _weights_file(plan.source, ctx)
-            scores = _evaluate(out, ref, calib.text, calib.provenance, n_ctx=prof.method.n_ctx, n_chunks=chunks,
-                               ctx=dataclasses.replace(ctx, progress=None))  # fmt: skip
-        ctx.logger.info("refine: %s measured KLD %.4f", plan.recipe.name, scores.kld_mean)
-        return scores.kld_mean
-
-    search = _refine(kinds, choose, measure, seconds=seconds)
-    return RefinedSolve(solved[choice_key(search.choice)], search)
-
-
-def _profile_text(prof: Profile, text: Text | None, ctx: RunContext) -> Text:
-    """The calibration text the profile was measured on (the built-in one unless given); another text is refused."""
-    calib = text if text is not None else calibration(ctx=ctx)
-    if text_ref(calib.text, calib.provenance).sha256 != prof.text.sha256:
-        raise DynqError(f"the profile was measured on another text ({prof.text.provenance}); use the same text")
-    return calib
-
-
-@contextmanager
-def _scratch(ctx: RunContext, label: str) -> Iterator[Path]:
-    """A temporary GGUF path in the cache, removed afterwards."""
-    work = ctx.cache_dir / "verify"
-    work.mkdir(parents=True, exist_ok=True)
-    out = work / f"{os.getpid()}-{label.replace('/', '_')}.gguf"
-    try:
-        yield out
-    finally:
-        out.unlink(missing_ok=True)
-
-
-@dataclass(frozen=True)
-class Verified:
-    """A solved plan quantized and measured: the profile's prediction beside the KL divergence it really has, on the
-    profile's own calibration text and settings."""
-
-    predicted_kld: float
-    measured: EvalResult
-    seconds: float
-
-
-def verify(
-    solved: Solved,
-    profile: Profile | str | os.PathLike[str],
-    *,
-    imatrix: ImatrixLike | None = None,
-    text: Text | None = None,
-    ctx: RunContext | None = None,
-) -> Verified:
-    """Check the error model instead of trusting it: quantize `solved.plan` (into the cache, removed afterwards) and
-    measure its KL divergence to the reference on the calibration text the profile was measured on."""
-    ctx = context(ctx)
-    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-    calib = _profile_text(prof, text, ctx)
-    started = time.perf_counter()
-    with _scratch(ctx, solved.plan.recipe.name) as out:
-        quantize(solved.plan, out, imatrix=imatrix, ctx=ctx)
-        ref = _weights_file(solved.plan.source, ctx)
-        measured = _evaluate(out, ref, calib.text, calib.provenance, n_ctx=prof.method.n_ctx,
-                             n_chunks=prof.method.chunks, ctx=ctx)  # fmt: skip
-    return Verified(solved.predicted_kld, measured, time.perf_counter() - started)
+    return _profile(runnable_file(source, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor, **settings)
 
 
 def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -> list[TensorCoverage]:
@@ -363,32 +194,9 @@ def inspect(source: SourceLike, *, ctx: RunContext | None = None) -> FileSummary
     return summarize(opened)
 
 
-def _weights_file(source: SourceLike, ctx: RunContext) -> Path:
-    """The GGUF file llama.cpp's runtime loads for `source`."""
-    if isinstance(source, GGUFModel):
-        return source.path
-    if isinstance(source, HFCheckpoint) or (not isinstance(source, TensorSource) and Path(source).is_dir()):
-        return f16_conversion(source, ctx=ctx)
-    if isinstance(source, TensorSource):
-        raise DynqError(f"{source.spec}: llama.cpp runs GGUF files; quantize this source first")
-    return gguf_path(source, ctx.cache_dir)
-
-
-def f16_conversion(source: HFCheckpoint | str | os.PathLike[str], *, ctx: RunContext | None = None) -> Path:
-    """A Hugging Face checkpoint's F16 GGUF (llama.cpp's conversion of it, byte for byte in its tensors), for what
-    runs the model (imatrix, profile, evaluation); written once into the cache under the checkpoint's content
-    fingerprint."""
-    ctx = context(ctx)
-    checkpoint = source if isinstance(source, HFCheckpoint) else HFCheckpoint(Path(source), ctx.cache_dir)
-    path = ctx.cache_dir / "checkpoints" / f"{checkpoint.directory.name}-{checkpoint.fingerprint()[:24]}-f16.gguf"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        quantize(resolve(as_recipe("f16"), checkpoint.inventory()), path, ctx=ctx, source=checkpoint)
-    return path
-
-
 __all__ = [
     "TEXTS",
+    "BenchResult",
     "DynqError",
     "EvalResult",
     "Executor",
@@ -398,10 +206,12 @@ __all__ = [
     "ModelCard",
     "OffloadPlan",
     "Profile",
+    "ProfileLike",
     "Progress",
     "QType",
     "QuantPlan",
     "QuantizeResult",
+    "QuantizedFor",
     "Recipe",
     "RefinedSolve",
     "RunContext",
@@ -411,6 +221,7 @@ __all__ = [
     "Text",
     "Verified",
     "__version__",
+    "bench",
     "build_tools",
     "calibration",
     "card",
@@ -428,6 +239,7 @@ __all__ = [
     "profile",
     "qtype",
     "quantize",
+    "quantize_for",
     "read_imatrix",
     "recipe",
     "recipe_from_dict",

@@ -34,7 +34,7 @@ from dynq.deploy.offload import AUTO_KV_TYPES, Hardware, OffloadPlan, Settings, 
 from dynq.deploy.ollama import Modelfile, modelfile, read_vocab
 from dynq.deploy.shards import model_stem
 from dynq.errors import DynqError
-from dynq.eval.bench import BenchRow, pareto_front
+from dynq.eval.bench import BenchRow, pareto_front, read_bench
 from dynq.gguf_io.reader import GGUFModel
 from dynq.gguf_io.writer import check_output_folder
 from dynq.inspect import FileSummary, summarize
@@ -119,26 +119,6 @@ def _size(n: int) -> str:
 
 
 # --- what the file says ---
-
-
-def read_bench(path: str | os.PathLike[str]) -> list[BenchRow]:
-    """The rows of a `dynq bench` JSON file (bench/results/NAME.json)."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DynqError(f"{path}: cannot read the bench results ({e.strerror or e})") from e
-    except ValueError as e:
-        raise DynqError(f"{path}: not JSON ({e}); pass the .json file `dynq bench` wrote") from e
-    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
-        raise DynqError(f"{path}: not dynq bench results (expected a list of rows with name, maker, bytes, ...)")
-    try:
-        rows = [BenchRow(**r) for r in raw]
-    except TypeError as e:
-        raise DynqError(f"{path}: a row is not a dynq bench row ({e})") from e
-    for r in rows:
-        if not isinstance(r.name, str) or not all(isinstance(getattr(r, k), int | float) for k in ("bytes", "bpw")):
-            raise DynqError(f"{path}: row {r.name!r} has a non-text name or a non-numeric size")
-    return rows
 
 
 def _recipe(model: GGUFModel, notes: list[str]) -> tuple[str | None, Recipe | None]:

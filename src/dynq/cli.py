@@ -6,7 +6,6 @@ import json
 import logging
 import signal
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -34,15 +33,14 @@ from dynq.cli_shell import (
 from dynq.cli_shell import fetch as fetch_with_bar
 from dynq.cli_text import clean, data
 from dynq.errors import DynqError
-from dynq.eval.bench import LLAMA, SOLVED, BenchRow, SolveFor, markdown_table, plot, rows_as_dicts, run_bench
+from dynq.eval.bench import BenchRow
 from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix
 from dynq.gguf_io.writer import check_output_folder, parse_size
-from dynq.llamacpp_tools import tools_built
+from dynq.llamacpp.tools import tools_built
 from dynq.paths import cache_dir
 from dynq.recipe.coverage import coverage_summary, imatrix_coverage
 from dynq.recipe.llama_args import llama_quantize_command
-from dynq.recipe.plan import QuantPlan
 from dynq.recipe.presets import load_recipe, preset_names
 from dynq.sources import shapes, zoo
 from dynq.sources.synthetic import write_synthetic
@@ -167,18 +165,18 @@ def quantize(
         if target is not None:
             if profile is None:
                 ensure_texts()
-                with progress_bar("profiling") as on_step:
-                    made = api.profile(ensure_source(source), imatrix=imatrix, resume=resume, executor=executor,
-                                       ctx=run_context(threads, progress=on_step))  # fmt: skip
-            quant_plan = api.solve(ensure_source(source), made if profile is None else profile, target,
-                                   has_imatrix=imatrix is not None, ctx=run_context()).plan  # fmt: skip
+            with progress_bar("quantizing") as on_step:
+                result = api.quantize_for(ensure_source(source), target, output, imatrix=imatrix, profile=profile,
+                                          ctx=run_context(threads, device, on_step), backend=backend,
+                                          split_max_size=max_size, reuse_encoded=reuse_encoded, resume=resume,
+                                          overwrite=force, executor=executor).result  # fmt: skip
         else:
             assert recipe is not None
             quant_plan = api.plan(ensure_source(source), recipe)
-        with progress_bar("quantizing") as on_step:
-            result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
-                                  backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded,
-                                  resume=resume, overwrite=force, executor=executor)  # fmt: skip
+            with progress_bar("quantizing") as on_step:
+                result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
+                                      backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded,
+                                      resume=resume, overwrite=force, executor=executor)  # fmt: skip
     p = result.plan
     say("wrote ", data(", ".join(str(f) for f in result.files)),
         f": {p.total_bytes / 2**30:.3f} GiB, {p.bpw:.3f} bpw, {len(p.tensors)} tensors in {result.seconds:.1f} s "
@@ -288,54 +286,26 @@ def bench(
 ) -> None:
     """Quantize one model with dynq recipes, llama.cpp mixes and solved mixes at given sizes, judge all against the
     reference, tabulate."""
-    stem = name or ref.stem
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    title = f"{stem}: dynq recipes and llama.cpp mixes against the reference"
-    settings = (
-        f"Reference {ref.name}; every quant with the imatrix {imatrix.name if imatrix else '(none)'}. "
-        f"Evaluation: {chunks or 'all'} chunks of {ctx} tokens of the built-in evaluation text. Loops: the fixed "
-        f"prompts, greedy and sampled, {loop_tokens} tokens each. {threads} threads; quantize is wall time."
-    )
-    done: list[BenchRow] = []
-    previous = out_dir / f"{stem}.json"
-    if resume and previous.exists():
-        done = [BenchRow(**r) for r in json.loads(previous.read_text())]
-        measured = {(r.maker, r.name) for r in done}
-        recipes = [r for r in recipes if ("dynq", r) not in measured]
-        llama_mix = [m for m in llama_mix or [] if ("llama.cpp", m) not in measured]
-        solve_at = [s for s in solve_at or [] if ("dynq", SOLVED + s.removeprefix(LLAMA)) not in measured]
-        say(f"resuming: {len(done)} rows kept from ", data(previous))
-
-    def on_row(r: BenchRow) -> None:
-        # Tables are rewritten after every row so an hour-long run that dies keeps what it measured.
-        done.append(r)
-        (out_dir / f"{stem}.md").write_text(markdown_table(done, title, settings))
-        (out_dir / f"{stem}.json").write_text(json.dumps(rows_as_dicts(done), indent=2) + "\n")
-        say(data(f"{r.maker} {r.name}"), f": {r.bytes / 2**20:.1f} MiB, KLD {r.kld_mean:.4f}, top-1 {r.top1:.1%}, "
-            f"loops {r.loop_rate:.0%}, {r.quantize_seconds:.0f} s")  # fmt: skip
-
     ensure_texts()
     if llama_mix and not tools_built(cache_dir()):
         with err.status("building llama.cpp's tools (about 4 minutes, once)"):
             api.build_tools(ctx=run_context())
-    solver: SolveFor | None = None
-    if solve_at:
-        if profile is None:
-            with progress_bar("profiling") as on_step:
-                made = api.profile(ref, imatrix=imatrix, ctx=run_context(threads, progress=on_step))
-        chosen = made if profile is None else api.Profile.load(profile)
+    made: api.Profile | Path | None = profile
+    if solve_at and profile is None:
+        with progress_bar("profiling") as on_step:
+            made = api.profile(ref, imatrix=imatrix, ctx=run_context(threads, progress=on_step))
 
-        def solver(target: int, label: str) -> QuantPlan:
-            return api.solve(ref, chosen, target, has_imatrix=imatrix is not None, name=label).plan
+    def on_row(r: BenchRow) -> None:
+        say(data(f"{r.maker} {r.name}"), f": {r.bytes / 2**20:.1f} MiB, KLD {r.kld_mean:.4f}, top-1 {r.top1:.1%}, "
+            f"loops {r.loop_rate:.0%}, {r.quantize_seconds:.0f} s")  # fmt: skip
 
-    kept = list(done)
-    with tempfile.TemporaryDirectory(prefix="dynq-bench-", dir=out_dir) as tmp:
-        run_bench(ref, recipes, llama_mix or [], imatrix, api.evaluation(), Path(tmp), n_ctx=ctx, chunks=chunks,
-                  loop_tokens=loop_tokens, ctx=run_context(threads), on_row=on_row, solve_at=solve_at or [],
-                  solve_for=solver, measured=kept)  # fmt: skip
-    plot(done, out_dir / f"{stem}.png", stem)
-    sys.stdout.write(clean(markdown_table(done, title, settings)))  # a markdown table: unwrapped, as in the file
+    result = api.bench(ref, recipes=recipes, llama_mixes=llama_mix or [], solve_at=solve_at or [], imatrix=imatrix,
+                       profile=made, out_dir=out_dir, name=name, n_ctx=ctx, chunks=chunks, loop_tokens=loop_tokens,
+                       resume=resume, ctx=run_context(threads), on_row=on_row)  # fmt: skip
+    if result.kept:
+        measured = len(result.rows) - result.kept
+        say(f"resumed: {result.kept} rows kept from ", data(result.json), f", {measured} measured")
+    sys.stdout.write(clean(result.markdown))  # a markdown table: unwrapped, as in the file
 
 
 @app.command()

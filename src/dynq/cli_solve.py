@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 
 from dynq import api
+from dynq.budget import profile as probe
 from dynq.calib.text import read_texts
 from dynq.cli_shell import THREADS, elsewhere, ensure_source, ensure_texts, err, progress_bar, run_context, say
 from dynq.cli_text import data
 from dynq.core.sizes import GIB
-from dynq.eval import probe
 from dynq.gguf_io.writer import check_output_folder
 from dynq.recipe.solved_recipe import recipe_yaml
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,8 @@ RAY_RETRIES = 4
 
 class Executor(Protocol):
     name: str
+    # Threads a task may use: the CPUs this executor gives each task (None: the caller's own thread count).
+    task_threads: int | None
 
     def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
         """fn(task) for every task, in order."""
@@ -44,6 +47,7 @@ class Serial:
     """In this process, one task after another."""
 
     name = "serial"
+    task_threads: int | None = None
 
     def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
         return map(fn, tasks)
@@ -69,6 +73,7 @@ class LocalProcesses:
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
         self.name = f"{self.workers} local processes"
+        self.task_threads: int | None = max(1, (os.cpu_count() or 1) // self.workers)
         self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
 
     def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
@@ -106,6 +111,7 @@ class RayCluster:
         alive = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
         self.name = f"Ray cluster at {address}: {len(alive)} nodes, {self.cpus} CPUs"
         self._remote: dict[Callable[..., Any], Any] = {}
+        self.task_threads: int | None = 1  # each task reserves one CPU (num_cpus=1 below)
 
     def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
         ray = self._ray

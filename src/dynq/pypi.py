@@ -9,9 +9,6 @@ from pathlib import Path
 
 from dynq.errors import DynqError
 
-# The llama-cpp-python release dynq builds against: its runtime, its tools and its converter all come from it.
-LLAMA_CPP_PYTHON = "0.3.36"
-
 
 def download(package: str, version: str, into: Path, sdist: bool = False) -> Path:
     """Download `package==version` (the wheel, or the source archive if `sdist`) into `into`; returns its path."""

@@ -22,7 +22,7 @@ from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter
 from gguf import quantize as gguf_quantize
 
 from dynq.core.context import RunContext, context
-from dynq.core.importance import Imatrix
+from dynq.core.importance import Imatrix, importance_row, importance_rows, n_matrices
 from dynq.core.qtypes import QType
 from dynq.core.source import TensorSource
 from dynq.encode_cache import EncodeCache
@@ -72,14 +72,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def tensor_importance(p: PlannedTensor, imatrix: Imatrix | None) -> F32Array | None:
-    """The imatrix's per-column importance for `p`, one row per matrix (expert), or None."""
-    entry = imatrix.entries.get(p.info.name) if imatrix is not None else None
-    if entry is None or (shaped := entry.with_row_length(p.info.row_length)) is None:
-        return None
-    return shaped.importance()
-
-
 def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, importance: F32Array | None) -> U8Array:
     """Encode one matrix (or 1-D tensor) of `p` at its planned type; `importance` is one row of the imatrix."""
     if not np.isfinite(values).all():
@@ -94,26 +86,14 @@ def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, im
         raise DynqError(f"{p.info.name}: {e}") from None
 
 
-def n_matrices(p: PlannedTensor) -> int:
-    """Matrices a planned tensor holds: its experts for a 3-D expert tensor, else one."""
-    return p.info.shape[2] if len(p.info.shape) == 3 else 1
-
-
-def importance_row(importance: F32Array | None, matrix: int) -> F32Array | None:
-    """Matrix `matrix`'s row of a tensor's importance (one row serves every matrix when only one is given)."""
-    return None if importance is None else importance[min(matrix, importance.shape[0] - 1)]
-
-
 def encoded_parts(
     p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None
 ) -> list[Callable[[], U8Array]]:
     """One planned tensor's encoders in file order: the whole tensor, or one per expert of a 3-D expert tensor, each
     with its own importance. Each loads its part only when called, so a writer that takes the parts one by one
     holds one expert at a time, however many experts the tensor has."""
-    importance = tensor_importance(p, imatrix)
-    n_mat = n_matrices(p)
-    if importance is not None and importance.shape[0] not in (1, n_mat):
-        raise DynqError(f"imatrix entry {p.info.name} has {importance.shape[0]} matrices, tensor {n_mat}")
+    importance = importance_rows(p.info, imatrix)
+    n_mat = n_matrices(p.info)
 
     def whole() -> U8Array:
         return encode_matrix(p, source.load(p.info.name), backend, importance_row(importance, 0)).reshape(-1)
@@ -137,6 +117,7 @@ class EncodeTask:
     importance: F32Array | None
     backend: str
     device: str
+    threads: int  # the executor's threads per task
 
 
 @functools.lru_cache(maxsize=2)
@@ -148,8 +129,8 @@ def _reopened(spec: str, fingerprint: str, cache_dir: str) -> TensorSource:
 
 
 @functools.lru_cache(maxsize=4)
-def _task_kernels(backend: str, device: str) -> KernelBackend:
-    return get_backend(backend, 1, device)  # a task has one CPU
+def _task_kernels(backend: str, device: str, threads: int) -> KernelBackend:
+    return get_backend(backend, threads, device)
 
 
 def encode_task(task: EncodeTask) -> U8Array:
@@ -157,21 +138,22 @@ def encode_task(task: EncodeTask) -> U8Array:
     source = _reopened(task.source, task.fingerprint, task.cache_dir)
     name = task.planned.info.name
     values = source.load(name) if task.expert is None else source.load_expert(name, task.expert)
-    encoded = encode_matrix(task.planned, values, _task_kernels(task.backend, task.device), task.importance)
+    kernels = _task_kernels(task.backend, task.device, task.threads)
+    encoded = encode_matrix(task.planned, values, kernels, task.importance)
     if task.expert is None:
         source.release(name)
     return encoded.reshape(-1)
 
 
 def _tasks(p: PlannedTensor, spec: str, fingerprint: str, imatrix: Imatrix | None, backend: str, device: str,
-           cache_dir: Path) -> list[EncodeTask]:  # fmt: skip
-    importance = tensor_importance(p, imatrix)
+           cache_dir: Path, threads: int) -> list[EncodeTask]:  # fmt: skip
+    importance = importance_rows(p.info, imatrix)
 
     def task(e: int | None) -> EncodeTask:
         row = importance_row(importance, e or 0)
-        return EncodeTask(spec, fingerprint, str(cache_dir), p, e, row, backend, device)
+        return EncodeTask(spec, fingerprint, str(cache_dir), p, e, row, backend, device, threads)
 
-    return [task(None)] if n_matrices(p) == 1 else [task(e) for e in range(n_matrices(p))]
+    return [task(None)] if n_matrices(p.info) == 1 else [task(e) for e in range(n_matrices(p.info))]
 
 
 def encode_tensor(p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
@@ -266,7 +248,7 @@ def quantize(
     reuse_encoded: bool = False,
     source: TensorSource | None = None,
     resume: bool = False,
-    overwrite: bool = True,
+    overwrite: bool = False,
     executor: Executor | None = None,
 ) -> QuantizeResult:
     """Write `plan` into `output` (plus shards if `split_max_size`), reading weights from the plan's source.
@@ -275,7 +257,7 @@ def quantize(
     (dynq's; default when the context's device is a GPU). `reuse_encoded` keeps every encoded tensor in a disk
     cache keyed by the source's content, so several recipes of one model cost little more than one. `resume`
     continues a run of the same inputs that was interrupted (its verified tensors are kept, the result is the same
-    bytes); without it, such a leftover is an error. `overwrite=False` refuses an existing output. `executor`
+    bytes); without it, such a leftover is an error. An existing output is replaced only with `overwrite`. `executor`
     (dynq.executor: local processes or a Ray cluster) encodes the tensors, one expert per task, elsewhere; the
     bytes are the same as here."""
     started = time.perf_counter()
@@ -288,10 +270,11 @@ def quantize(
         raise DynqError(f"{plan.source}: no tensors to quantize (a vocabulary-only file?)")
     check_plan_matches(plan, src)
     imx = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else read_imatrix(imatrix)
-    imatrix_file = Path(imatrix).name if imatrix is not None and not isinstance(imatrix, Imatrix) else None
+    origin = imx.path if imx is not None else None  # the file it was read from, named in messages and the output
+    imatrix_file = Path(origin).name if origin is not None else None
     if imx is not None:
-        imx.check("imatrix")
-    check_imatrix(plan, imx, str(imatrix) if imatrix_file is not None else "imatrix")
+        imx.check(origin or "imatrix")
+    check_imatrix(plan, imx, origin or "imatrix")
     backend, device = choose_backend(backend, ctx.device)
     kernels = get_backend(backend, ctx.threads, device)
     cache = EncodeCache(src.fingerprint(), f"{backend}:{device}", ctx.cache_dir) if reuse_encoded else None
@@ -311,15 +294,17 @@ def quantize(
                 # the source's spec and fingerprint once: a checkpoint's fingerprint reads every shard
                 spec = str(Path(src.spec).resolve()) if Path(src.spec).exists() else src.spec
                 fingerprint = src.fingerprint()
+                threads = executor.task_threads or ctx.threads
                 tasks = (task for q in plan.tensors[first:]
-                         for task in _tasks(q, spec, fingerprint, imx, backend, device, ctx.cache_dir))  # fmt: skip
+                         for task in _tasks(q, spec, fingerprint, imx, backend, device, ctx.cache_dir,
+                                            threads))  # fmt: skip
                 remote.append(executor.ordered(encode_task, tasks))
-            n_mat = n_matrices(p)
+            n_mat = n_matrices(p.info)
             return next(remote[0]) if n_mat == 1 else ChunkedBytes([lambda: next(remote[0])] * n_mat, p.nbytes)
         if cache is None:
             parts = encoded_parts(p, src, kernels, imx)
             return parts[0]() if len(parts) == 1 else ChunkedBytes(parts, p.nbytes)
-        importance = tensor_importance(p, imx)
+        importance = importance_rows(p.info, imx)
         if (hit := cache.get(p.info.name, p.qtype.name, importance, p.nbytes)) is not None:
             return np.frombuffer(hit, dtype=np.uint8)
         data = encode_tensor(p, src, kernels, imx)

@@ -171,7 +171,7 @@ def run_watching(
     """Run the model over `text` chunk by chunk from chunk `start` on; every graph node `wants` asks for is handed to
     `seen` once computed, and `after_chunk(chunks done)` follows each chunk (progress as `step`, in chunks). Returns
     the number of chunks of the text."""
-    from dynq.calib.runtime import LlamaRuntime, token_chunks
+    from dynq.llamacpp.runtime import LlamaRuntime, token_chunks
 
     failures: list[BaseException] = []
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 
 F32Array = npt.NDArray[np.float32]
@@ -61,9 +62,32 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    path: str | None = field(default=None, compare=False)  # the file it was read from, if any
 
     def check(self, origin: str) -> None:
         """Stop on an entry no quantizer can use, naming it (llama.cpp aborts inside ggml or writes zeros)."""
         for name, entry in self.entries.items():
             if (problem := entry.problem()) is not None:
                 raise DynqError(f"{origin}: imatrix entry {name} {problem}; the imatrix is damaged, collect it again")
+
+
+def n_matrices(info: TensorInfo) -> int:
+    """Matrices a tensor holds: its experts for a 3-D expert tensor, else one."""
+    return info.shape[2] if len(info.shape) == 3 else 1
+
+
+def importance_rows(info: TensorInfo, imatrix: Imatrix | None) -> F32Array | None:
+    """The imatrix's per-column importance of `info`, one row per matrix (expert), or None when it has no usable
+    entry (none, or one whose length does not divide into the tensor's rows)."""
+    entry = imatrix.entries.get(info.name) if imatrix is not None else None
+    if entry is None or (shaped := entry.with_row_length(info.row_length)) is None:
+        return None
+    rows = shaped.importance()
+    if rows.shape[0] not in (1, n_matrices(info)):
+        raise DynqError(f"imatrix entry {info.name} has {rows.shape[0]} matrices, tensor {n_matrices(info)}")
+    return rows
+
+
+def importance_row(importance: F32Array | None, matrix: int) -> F32Array | None:
+    """Matrix `matrix`'s row of a tensor's importance (one row serves every matrix when only one is given)."""
+    return None if importance is None else importance[min(matrix, importance.shape[0] - 1)]

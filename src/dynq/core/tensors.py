@@ -43,6 +43,17 @@ def source_dtype(name: str) -> SourceDType:
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
+def block_of(name: str) -> int | None:
+    """The block number of a tensor name (`blk.N.`), or None for tensors outside the blocks."""
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else None
+
+
+def kind_of(name: str) -> str:
+    """A tensor's kind: its name without the `blk.N.` prefix."""
+    return _BLOCK.sub("", name, count=1)
+
+
 class TensorClass(StrEnum):
     """The roles the size report and the recipes reason about."""
 
@@ -93,8 +104,12 @@ class TensorInfo:
 
     @property
     def block(self) -> int | None:
-        m = _BLOCK.match(self.name)
-        return int(m.group(1)) if m else None
+        return block_of(self.name)
+
+    @property
+    def kind(self) -> str:
+        """The tensor's name without its `blk.N.` prefix: what a recipe rule or a profile group names."""
+        return kind_of(self.name)
 
     @property
     def tensor_class(self) -> TensorClass:

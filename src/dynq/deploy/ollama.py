@@ -19,12 +19,12 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
-from dynq.calib.runtime import _quiet_llama, llama
 from dynq.core.context import RunContext
 from dynq.core.visible import has_control
 from dynq.deploy.shards import merge, model_stem
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
+from dynq.llamacpp.runtime import _quiet_llama, llama
 from dynq.version import __version__
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dynq.calib.runtime import llama
 from dynq.deploy.ollama import Message, render_jinja
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
+from dynq.llamacpp.runtime import llama
 
 log = logging.getLogger(__name__)
 

@@ -1,39 +1,20 @@
-"""`dynq bench`: one model quantized with a list of dynq recipes and with llama.cpp's own mixes (llama-quantize,
-same imatrix), each judged against the reference: size, bpw, PPL, KLD mean and p99, top-1, loop rate, time.
-Writes a markdown table and a plot of KLD against size with the Pareto front.
+"""A bench's rows (one quant of one model judged against the reference: size, bpw, PPL, KLD mean and p99, top-1,
+loop rate, time), its markdown table and its plot of KLD against size with the Pareto front. The workflow that
+measures them is benchmark.py's.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-import subprocess
-import time
-from collections.abc import Callable, Sequence
+import json
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dynq.calib.text import Text
-from dynq.core.context import RunContext
 from dynq.errors import DynqError
-from dynq.eval.evaluate import evaluate
-from dynq.eval.loops import generate, loop_rate
-from dynq.gguf_io.reader import GGUFModel
-from dynq.inspect import summarize
-from dynq.llamacpp_tools import tool
-from dynq.quantize import quantize
-from dynq.recipe.budget import parse_target
-from dynq.recipe.plan import QuantPlan, resolve
-from dynq.recipe.presets import load_recipe
 
-log = logging.getLogger(__name__)
-
-LLAMA = "llama:"  # a solve target named by a llama.cpp mix: that mix's size
 SOLVED = "solved@"  # the name of a solver row
-_UNSAFE = re.compile(r"[^\w.@-]")  # in a work file's name: a recipe may be given as a path
-# (target bytes, row name) -> the solved plan to quantize
-SolveFor = Callable[[int, str], QuantPlan]
 
 
 @dataclass(frozen=True)
@@ -48,78 +29,6 @@ class BenchRow:
     top1: float
     loop_rate: float
     quantize_seconds: float
-
-
-def _llama_quantize(ref: Path, mix: str, out: Path, imatrix: Path | None, ctx: RunContext) -> None:
-    cmd = [str(tool("llama-quantize", ctx.cache_dir))]
-    if imatrix is not None:
-        cmd += ["--imatrix", str(imatrix)]
-    cmd += [str(ref), str(out), mix, str(ctx.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise DynqError(f"llama-quantize {mix} failed: {done.stderr.strip().splitlines()[-1:]}")
-
-
-def run_bench(
-    ref: Path,
-    recipes: Sequence[str],
-    llama_mixes: Sequence[str],
-    imatrix: Path | None,
-    text: Text,
-    work: Path,
-    *,
-    n_ctx: int = 512,
-    chunks: int | None = None,
-    loop_tokens: int = 256,
-    ctx: RunContext,
-    on_row: Callable[[BenchRow], None] | None = None,
-    solve_at: Sequence[str] = (),
-    solve_for: SolveFor | None = None,
-    measured: Sequence[BenchRow] = (),
-) -> list[BenchRow]:
-    """Measure every recipe, llama.cpp mix and solve target; `measured` rows (from a resumed run) count for the
-    sizes `llama:MIX` targets name."""
-    rows: list[BenchRow] = []
-    jobs = [("dynq", r) for r in recipes] + [("llama.cpp", m) for m in llama_mixes]
-    jobs += [("dynq", SOLVED + s.removeprefix(LLAMA)) for s in solve_at]  # after the mixes whose sizes they take
-    if solve_at and solve_for is None:
-        raise DynqError("solve targets need a profile to solve from")
-    inventory = GGUFModel(ref).inventory()
-    for maker, name in jobs:
-        out = work / f"{ref.stem}-{maker}-{_UNSAFE.sub('_', name)}.gguf"
-        started = time.perf_counter()
-        if name.startswith(SOLVED) and solve_for is not None:
-            spec = solve_at[[SOLVED + s.removeprefix(LLAMA) for s in solve_at].index(name)]
-            target = _target_bytes(spec, [*measured, *rows], inventory.n_parameters)
-            quantize(solve_for(target, name), out, imatrix=imatrix, ctx=ctx)
-        elif maker == "dynq":
-            # No encoding cache: the time column must be what a user waits for.
-            quantize(resolve(load_recipe(name), inventory), out, imatrix=imatrix, ctx=ctx)
-        else:
-            _llama_quantize(ref, name, out, imatrix, ctx)
-        seconds = time.perf_counter() - started
-        scores = evaluate(out, ref, text.text, text.provenance, n_ctx=n_ctx, n_chunks=chunks, ctx=ctx)
-        loops = loop_rate(generate(out, loop_tokens, ctx.threads)) if loop_tokens else float("nan")
-        summary = summarize(GGUFModel(out))
-        row = BenchRow(name, maker, summary.total_bytes, summary.bpw, scores.ppl, scores.kld_mean, scores.kld_p99,
-                       scores.top1, loops, seconds)  # fmt: skip
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-        out.unlink()
-    return rows
-
-
-def _target_bytes(spec: str, rows: Sequence[BenchRow], n_parameters: int) -> int:
-    """`llama:MIX`: the tensor bytes of that llama.cpp mix as measured here (equal size, byte for byte); otherwise
-    a size or bpw."""
-    if not spec.startswith(LLAMA):
-        return parse_target(spec, n_parameters)
-    mix = spec.removeprefix(LLAMA)
-    found = [r.bytes for r in rows if r.maker == "llama.cpp" and r.name == mix]
-    if not found:
-        raise DynqError(f"--solve-at {spec} takes the size of llama.cpp's {mix} mix: add --llama-mix {mix}")
-    return found[0]
 
 
 def _kind(row: BenchRow) -> str:
@@ -195,3 +104,23 @@ def place_labels(ax: Any, points: Sequence[tuple[str, float, float]]) -> None:
 
 def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict[str, object]]:
     return [asdict(r) for r in rows]
+
+
+def read_bench(path: str | os.PathLike[str]) -> list[BenchRow]:
+    """The rows of a `dynq bench` JSON file (bench/results/NAME.json)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DynqError(f"{path}: cannot read the bench results ({e.strerror or e})") from e
+    except ValueError as e:
+        raise DynqError(f"{path}: not JSON ({e}); pass the .json file `dynq bench` wrote") from e
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise DynqError(f"{path}: not dynq bench results (expected a list of rows with name, maker, bytes, ...)")
+    try:
+        rows = [BenchRow(**r) for r in raw]
+    except TypeError as e:
+        raise DynqError(f"{path}: a row is not a dynq bench row ({e})") from e
+    for r in rows:
+        if not isinstance(r.name, str) or not all(isinstance(getattr(r, k), int | float) for k in ("bytes", "bpw")):
+            raise DynqError(f"{path}: row {r.name!r} has a non-text name or a non-numeric size")
+    return rows

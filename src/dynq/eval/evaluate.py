@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from dynq.calib.runtime import LlamaRuntime, token_chunks
 from dynq.core.context import RunContext, context
 from dynq.errors import DynqError
 from dynq.eval.metrics import Scores
 from dynq.eval.reference import CompactReference, log_softmax
+from dynq.llamacpp.runtime import LlamaRuntime, token_chunks
 from dynq.sources.described import describe
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,7 @@ class Continuation:
 
 def generate(model_path: Path, n_tokens: int = 256, threads: int = 1, seed: int = 42) -> list[Continuation]:
     """Greedy and sampled (temperature 0.6, min_p 0.05) continuations of the fixed prompts."""
-    from dynq.calib.runtime import llama
+    from dynq.llamacpp.runtime import llama
 
     if not Path(model_path).is_file():
         raise DynqError(f"{model_path}: no such model file")

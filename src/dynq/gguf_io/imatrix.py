@@ -25,6 +25,7 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
         magic = f.read(4)
     imatrix = _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
     imatrix.check(str(path))
+    imatrix.path = str(path)
     return imatrix
 
 

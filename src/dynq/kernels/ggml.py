@@ -29,7 +29,7 @@ def ggml_library() -> ctypes.CDLL:
     folder = Path(llama_cpp.__file__).parent / "lib"
     candidates = sorted(folder.glob("libggml-base.*")) + sorted(folder.glob("ggml-base.*"))
     if not candidates:
-        raise DynqError(f"libggml-base not found in {folder}; reinstall llama-cpp-python==0.3.36")
+        raise DynqError(f"libggml-base not found in {folder}; reinstall the llama-cpp-python dynq pins (make setup)")
     lib = ctypes.CDLL(str(candidates[0]))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [

@@ -11,7 +11,6 @@ projection is stored times 2.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from dynq.gguf_io.writer import OutputTensor, copy_metadata, write_gguf
 from dynq.moe.layout import FFN, ExpertLayout
 
 SOURCE_ARCH, MOE_ARCH = "qwen2", "qwen2moe"
-_BLOCK = re.compile(r"blk\.(\d+)\.")
 _FFN = ("ffn_gate", "ffn_up", "ffn_down")
 F16, F32 = GGMLQuantizationType.F16, GGMLQuantizationType.F32
 MOSTLY_F16 = 1  # llama_ftype
@@ -58,8 +56,7 @@ def _kept(model: GGUFModel, blocks: int) -> list[TensorInfo]:
     """The source's tensors of the first `blocks` blocks and the non-block ones, in file order."""
     kept = []
     for info in model.tensors:
-        m = _BLOCK.match(info.name)
-        if m is None or int(m.group(1)) < blocks:
+        if info.block is None or info.block < blocks:
             kept.append(info)
     return kept
 
@@ -173,11 +170,11 @@ def write_relaid(
     tensors: list[tuple[OutputTensor, Callable[[], npt.NDArray[np.uint8]]]] = []
     ffns = _OneBlock(source)
     for info in _kept(source, blocks):
-        m = _BLOCK.match(info.name)
-        kind = info.name.split(".")[2] if m else ""
-        if experts is not None and m and kind in _FFN:
+        block = info.block
+        kind = info.name.split(".")[2] if block is not None else ""
+        if experts is not None and block is not None and kind in _FFN:
             if kind == "ffn_gate":  # the block's expert tensors take the place of its dense FFN
-                tensors += _expert_tensors(ffns, int(m.group(1)), experts[int(m.group(1))])
+                tensors += _expert_tensors(ffns, block, experts[block])
             continue
         tensors.append(_as_stored(source, info))
     extra = {f"{arch}.block_count": blocks, "general.file_type": MOSTLY_F16, **metadata}

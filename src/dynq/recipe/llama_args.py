@@ -9,8 +9,6 @@ from pathlib import Path
 
 from dynq.recipe.plan import QuantPlan
 
-_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
-
 
 def _pattern(suffix: str, blocks: set[int], all_blocks: set[int]) -> str:
     tail = re.escape(suffix)
@@ -32,9 +30,9 @@ def tensor_type_args(plan: QuantPlan) -> list[str]:
             args += ["--token-embedding-type", typ]
         elif t.info.name == "output.weight":
             args += ["--output-tensor-type", typ]
-        elif m := _BLOCK.match(t.info.name):
-            groups[(m.group(2), typ)].add(int(m.group(1)))
-            blocks_of[m.group(2)].add(int(m.group(1)))
+        elif (block := t.info.block) is not None:
+            groups[(t.info.kind, typ)].add(block)
+            blocks_of[t.info.kind].add(block)
         else:
             args += ["--tensor-type", f"^{re.escape(t.info.name)}$={typ}"]
     for (suffix, typ), blocks in groups.items():

@@ -202,8 +202,7 @@ def _note(tensors: Sequence[PlannedTensor], t: QType, costs: Costs) -> str:
 
 def _rule_key(info: TensorInfo) -> tuple[str, bool]:
     """The name a rule matches on: the name without its `blk.N.` prefix for block tensors, else the whole name."""
-    block = info.block
-    return (info.name.removeprefix(f"blk.{block}."), True) if block is not None else (info.name, False)
+    return info.kind, info.block is not None
 
 
 def _chosen(p: PlannedTensor, choice: Mapping[str, QType]) -> QType:

@@ -1,6 +1,6 @@
 """A Hugging Face checkpoint directory as a source: the model llama.cpp's converter would write from it.
 
-The converter (sources/converter.py) runs in its lazy mode: it maps names, writes the hyperparameters, tokenizer
+The converter (llamacpp/converter.py) runs in its lazy mode: it maps names, writes the hyperparameters, tokenizer
 and chat template, dequantizes FP8 block-scaled weights and stacks experts, but every tensor stays a graph of
 operations over memory-mapped safetensors until something evaluates it. So the inventory and the plan come from
 the checkpoint's headers alone, and each tensor is computed only when the quantizer loads it, then dropped.
@@ -32,7 +32,7 @@ from dynq.core.qtypes import qtype
 from dynq.core.source import F32Array, MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
-from dynq.sources.converter import load_conversion
+from dynq.llamacpp.converter import load_conversion
 
 log = logging.getLogger(__name__)
 

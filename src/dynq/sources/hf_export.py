@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -40,8 +39,6 @@ log = logging.getLogger(__name__)
 
 WEIGHT_DTYPE = torch.float16
 DEFAULT_MAX_SHARD_SIZE = "2GB"  # a 1.5B model in F16 (3.1 GB) is written as two shards with an index
-
-_BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
 def export_checkpoint(
@@ -138,7 +135,7 @@ def _state_dict(gguf: GGUFModel, model: Any, config_dict: dict[str, Any], kept: 
     state: dict[str, torch.Tensor] = {}
     unplaced: list[str] = []
     for info in gguf.tensors:
-        if (m := _BLOCK.match(info.name)) and int(m.group(1)) >= kept:
+        if info.block is not None and info.block >= kept:
             continue
         weights = gguf.load(info.name)
         result = processor.process(  # type: ignore[no-untyped-call]

@@ -1,30 +1,20 @@
-"""Measuring a profile, the parts that need no model run: which tensors are profiled, each tensor's encode error per
-candidate type on sampled rows, the probe groups, and the probe work file (a copy of the float reference in which
-one group at a time is overwritten by its quantize→dequantize and then restored).
-
-The KL divergence of each probe is eval/probe.py's (evaluation is a layer above this one); the format is
-profile_file.py's.
+"""What encoding costs a tensor, measured without running the model: which tensors are profiled, each tensor's
+imatrix-weighted encode error per candidate type on sampled rows, and the probe groups the errors are calibrated by
+(probes.py measures them; profile_file.py is the format).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
-from types import TracebackType
 
 import numpy as np
-from gguf import GGMLQuantizationType, dequantize
-from gguf import quantize as gguf_quantize
+from gguf import dequantize
 
-from dynq.core.importance import Imatrix
+from dynq.core.importance import Imatrix, importance_row, importance_rows, n_matrices
 from dynq.core.qtypes import F16, FLOATS, QType, fallback_for, qtype
 from dynq.core.source import F32Array
 from dynq.core.tensors import TensorClass, TensorInfo
@@ -42,10 +32,6 @@ DEFAULT_TYPES: tuple[str, ...] = (
     "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
 )  # fmt: skip
-# Rows read, encoded and written back per step of a probe: bounds memory whatever the tensor's size.
-_CHUNK_ELEMENTS = 1 << 22
-_COPY_BYTES = 1 << 24
-_BLOCK_PREFIX = re.compile(r"^blk\.(\d+)\.")
 
 
 def profiled_tensors(model: GGUFModel) -> list[TensorInfo]:
@@ -62,26 +48,6 @@ def check_float_reference(model: GGUFModel, tensors: Sequence[TensorInfo]) -> No
             f"{model.path}: {t.name} is {t.dtype.name}; profile needs a float reference (F16/BF16/F32); "
             f"make one with `dynq quantize SRC -r f16 -o ref.gguf`"
         )
-
-
-def n_matrices(info: TensorInfo) -> int:
-    return info.shape[2] if len(info.shape) == 3 else 1
-
-
-def importance_rows(info: TensorInfo, imatrix: Imatrix | None) -> F32Array | None:
-    """The imatrix's per-column importance of `info`, one row per matrix (expert), or None: quantize.py's lookup,
-    repeated here because the quantizer is a layer above."""
-    entry = imatrix.entries.get(info.name) if imatrix is not None else None
-    if entry is None or (shaped := entry.with_row_length(info.row_length)) is None:
-        return None
-    rows = shaped.importance()
-    if rows.shape[0] not in (1, n_matrices(info)):
-        raise DynqError(f"imatrix entry {info.name} has {rows.shape[0]} matrices, tensor {n_matrices(info)}")
-    return rows
-
-
-def _row_of(importance: F32Array | None, matrix: int) -> F32Array | None:
-    return None if importance is None else importance[min(matrix, importance.shape[0] - 1)]
 
 
 def candidate_types(info: TensorInfo, types: Sequence[str], has_importance: bool) -> list[QType]:
@@ -107,24 +73,15 @@ def probe_qtype(info: TensorInfo, probe_type: str) -> QType | None:
     return None if t.is_float else t
 
 
-def _rows2d(model: GGUFModel, name: str, info: TensorInfo) -> np.ndarray:
+def rows2d(model: GGUFModel, name: str, info: TensorInfo) -> np.ndarray:
     """The tensor's stored data as [all rows of all matrices, row bytes or elements], memory-mapped."""
     data = model.raw(name)
     n_rows = info.n_elements // info.row_length
     return data.reshape(n_rows, -1)
 
 
-def _dequantize(stored: np.ndarray, t: QType) -> F32Array:
+def dequantized(stored: np.ndarray, t: QType) -> F32Array:
     return np.array(dequantize(stored, t.ggml), dtype=np.float32, copy=True)
-
-
-def _encode_float(values: F32Array, t: QType) -> bytes:
-    """Float32 values stored as the float type `t` (F32, F16 or BF16 round-to-nearest-even)."""
-    if t.name == "F32":
-        return values.astype(np.float32).tobytes()
-    if t.name == "F16":
-        return values.astype(np.float16).tobytes()
-    return np.asarray(gguf_quantize(values, GGMLQuantizationType.BF16)).tobytes()
 
 
 def sample_rows(info: TensorInfo, rows: int, seed: int) -> np.ndarray:
@@ -163,7 +120,7 @@ def tensor_errors(
     source = qtype(info.dtype.name)
     idx = np.sort(sample_rows(info, rows, seed))
     per_matrix = info.n_elements // info.row_length // n_matrices(info)
-    values = _dequantize(_rows2d(model, info.name, info)[idx], source)
+    values = dequantized(rows2d(model, info.name, info)[idx], source)
     model.release(info.name)
     matrix_of = idx // per_matrix
     # one encode call per matrix: each expert's rows go with that expert's importance row
@@ -177,8 +134,8 @@ def tensor_errors(
     def error(t: QType) -> float:
         decoded = np.empty_like(values)
         for m, sel in parts:
-            encoded = backend.encode(t, values[sel], _row_of(importance, int(m)))
-            decoded[sel] = _dequantize(encoded, t)
+            encoded = backend.encode(t, values[sel], importance_row(importance, int(m)))
+            decoded[sel] = dequantized(encoded, t)
         return _relative(values, decoded, weights)
 
     # a few hundred rows are one C call per type, so the types are what runs in parallel (ctypes drops the GIL)
@@ -233,11 +190,6 @@ def _relative(x: F32Array, y: F32Array, w: F32Array) -> float:
     return num / den if den > 0 else 0.0
 
 
-def kind_of(name: str) -> str:
-    """A tensor's kind: its name without the `blk.N.` prefix."""
-    return _BLOCK_PREFIX.sub("", name)
-
-
 def probe_groups(tensors: Sequence[TensorInfo], group_blocks: int) -> dict[str, list[str]]:
     """Probe groups in model order: tensors of one kind over runs of `group_blocks` consecutive blocks (named
     `attn_q.weight@blk.0-3`); tensors outside the blocks (token_embd, output) each alone."""
@@ -249,105 +201,5 @@ def probe_groups(tensors: Sequence[TensorInfo], group_blocks: int) -> dict[str, 
             groups[t.name] = [t.name]
             continue
         start = t.block // group_blocks * group_blocks
-        groups.setdefault(f"{kind_of(t.name)}@blk.{start}-{start + group_blocks - 1}", []).append(t.name)
+        groups.setdefault(f"{t.kind}@blk.{start}-{start + group_blocks - 1}", []).append(t.name)
     return groups
-
-
-_PROBE_PREFIX = ".probe-"
-
-
-def _remove_orphans(folder: Path) -> None:
-    """Work copies left by a killed run (its process is gone): each is a whole model's size on disk."""
-    for d in folder.glob(f"{_PROBE_PREFIX}*-*"):
-        pid = d.name.removeprefix(_PROBE_PREFIX).split("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            pass  # someone else's live process
-
-
-class ProbeFile:
-    """A work copy of the reference (every shard, same names, in a temporary folder under `folder`) in which
-    `apply` overwrites tensors in place with their quantize→dequantize, stored in the reference's own float type,
-    and `restore` copies the original bytes back from the reference. The reference is only ever read."""
-
-    def __init__(self, reference: GGUFModel, folder: Path) -> None:
-        self.reference = reference
-        folder.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(folder)
-        self.folder = Path(tempfile.mkdtemp(prefix=f"{_PROBE_PREFIX}{os.getpid()}-", dir=folder))
-        try:
-            for shard in reference.shards:
-                shutil.copyfile(shard, self.folder / shard.name)
-        except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            raise
-        self.path = self.folder / reference.path.name
-        # name -> (shard, absolute offset of its data in that shard, bytes)
-        self._where = {
-            t.name: (i, int(t.data_offset), int(t.n_bytes)) for i, r in enumerate(reference.readers) for t in r.tensors
-        }
-        self._dirty: list[str] = []
-
-    def _shard(self, name: str) -> tuple[Path, int, int]:
-        i, offset, n_bytes = self._where[name]
-        return self.folder / self.reference.shards[i].name, offset, n_bytes
-
-    def apply(
-        self, tensors: Sequence[tuple[TensorInfo, QType]], imatrix: Imatrix | None, backend: KernelBackend
-    ) -> None:
-        """Overwrite each tensor with its values encoded at its type and decoded, chunk by chunk."""
-        self.restore()
-        for info, t in tensors:
-            self._dirty.append(info.name)
-            path, offset, _ = self._shard(info.name)
-            with path.open("r+b") as f:
-                for start, stored in self._degraded(info, t, imatrix, backend):
-                    f.seek(offset + start)
-                    f.write(stored)
-            self.reference.release(info.name)
-
-    def _degraded(
-        self, info: TensorInfo, t: QType, imatrix: Imatrix | None, backend: KernelBackend
-    ) -> Iterator[tuple[int, bytes]]:
-        source = qtype(info.dtype.name)
-        rows = _rows2d(self.reference, info.name, info)
-        row_bytes = source.row_bytes(info.row_length)
-        importance = importance_rows(info, imatrix)
-        per_matrix = rows.shape[0] // n_matrices(info)
-        step = max(1, _CHUNK_ELEMENTS // info.row_length)
-        for m in range(n_matrices(info)):
-            w = _row_of(importance, m)
-            # chunks stay inside one matrix, so every expert is encoded with its own importance row
-            for a in range(m * per_matrix, (m + 1) * per_matrix, step):
-                b = min(a + step, (m + 1) * per_matrix)
-                values = _dequantize(rows[a:b], source)
-                decoded = _dequantize(backend.encode(t, values, w), t)
-                yield a * row_bytes, _encode_float(decoded, source)
-
-    def restore(self) -> None:
-        """Copy the original bytes of every overwritten tensor back from the reference."""
-        while self._dirty:
-            name = self._dirty.pop()
-            path, offset, n_bytes = self._shard(name)
-            src = self.reference.shards[self._where[name][0]]
-            with src.open("rb") as fin, path.open("r+b") as fout:
-                fin.seek(offset)
-                fout.seek(offset)
-                for done in range(0, n_bytes, _COPY_BYTES):
-                    fout.write(fin.read(min(_COPY_BYTES, n_bytes - done)))
-
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def __enter__(self) -> ProbeFile:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

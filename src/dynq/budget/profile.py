@@ -1,6 +1,7 @@
 """`dynq profile`: measured sensitivity of every weight tensor of a float reference, for a size-budget solver.
 
-Two measurements (calib/profile.py has the parts that run no model, calib/profile_file.py the format):
+Two measurements (distortion.py has the parts that run no model, probes.py the probe model, profile_file.py the
+format):
 1. errors: per tensor and candidate type, the imatrix-weighted relative squared encode error on sampled rows;
 2. probes: per group (one tensor kind over a few consecutive blocks, or token_embd / output alone), the mean KL
    divergence, on calibration text, of the reference with that group alone quantized at the probe type and
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dynq.calib.profile import (
+from dynq.budget.distortion import (
     DEFAULT_TYPES,
     ErrorsTask,
     check_float_reference,
@@ -32,7 +33,8 @@ from dynq.calib.profile import (
     reference_model,
     tensor_errors,
 )
-from dynq.calib.profile_file import (
+from dynq.budget.probes import LiveProbes
+from dynq.budget.profile_file import (
     KLD_FLOOR,
     Method,
     ModelRef,
@@ -51,7 +53,6 @@ from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.eval.evaluate import reference_predictions
-from dynq.eval.live_probe import LiveProbes
 from dynq.executors import Executor
 from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
@@ -276,7 +277,7 @@ def _run_probes(
         left = [(g, typed) for g, typed in todo if g not in done]
         tasks = (ProbeTask(str(path.resolve()), model.fingerprint(), str(ctx.cache_dir), g, tuple(typed),
                            _entries(imatrix, [t.name for t, _ in typed]), text, method.n_ctx, method.chunks,
-                           ctx.threads) for g, typed in left)  # fmt: skip
+                           executor.task_threads or ctx.threads) for g, typed in left)  # fmt: skip
         for i, probe in enumerate(executor.ordered(probe_task, tasks)):
             ctx.report("profile-probes", len(todo) - len(left) + i, len(todo), "probes", probe.group)
             probes.append(probe)

@@ -1,4 +1,5 @@
-"""What the solver is asked: a size target in the units people give it, and the tensors a base recipe pins."""
+"""What the solver is asked: a size target in the units people give it, the tensors it may choose for, and the tensors
+a base recipe pins."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import replace
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import ModelInventory
 from dynq.errors import DynqError
-from dynq.recipe.plan import resolve
+from dynq.recipe.plan import QuantPlan, resolve
+from dynq.recipe.presets import uniform_recipe
 from dynq.recipe.rules import Recipe
 
 _TARGET = re.compile(r"^\s*(?P<n>[0-9]*\.?[0-9]+)\s*(?P<unit>bpw|[kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -38,3 +40,10 @@ def pinned_by(base: Recipe, inventory: ModelInventory) -> dict[str, QType]:
     sentinel = qtype("F16")
     plan = resolve(replace(base, default=sentinel), inventory)
     return {t.info.name: t.qtype for t in plan.tensors if not t.kept and t.reason.rule is not None}
+
+
+def solver_start(inventory: ModelInventory, base: Recipe | None) -> QuantPlan:
+    """The plan a solve starts from: every weight matrix free (at Q8_0, a placeholder) except what the keep-list
+    keeps: `base`'s own keep-list when there is a base, else the default one."""
+    start = uniform_recipe(qtype("Q8_0"))
+    return resolve(replace(start, keep=base.keep) if base is not None else start, inventory)

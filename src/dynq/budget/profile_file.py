@@ -4,7 +4,7 @@ tensors to the whole model's KL divergence (KLD ≈ Σ_t S_t · e_t(type_t)), an
 `e_t(type)` is the importance-weighted relative squared error of encoding sampled rows of tensor t at `type`;
 `S_t` is the sensitivity of t's probe group, measured as the KL divergence of a model whose group alone was
 degraded, divided by the group's summed error at the probe type. `costs()` is what a size-budget solver takes.
-The measuring is calib/profile.py's (errors, probe files) and eval/probe.py's (KL divergence of the probes).
+The measuring is distortion.py's (encode errors), probes.py's (KL divergence of the probes) and profile.py's.
 """
 
 from __future__ import annotations

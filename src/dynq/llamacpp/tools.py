@@ -1,10 +1,11 @@
 """llama.cpp's reference command-line tools (llama-quantize, llama-imatrix, llama-perplexity), built once from the
-llama-cpp-python source package this project pins and cached under the dynq cache. They are the yardstick dynq is
-measured against, run side by side in the same process environment. A second tool set, built with llama.cpp's RPC
-backend, lets a local ggml-rpc-server stand in for a GPU where llama.cpp's own placement is what is checked.
+llama-cpp-python source package this project pins (sdist.py) and cached under the dynq cache. They are the
+yardstick dynq is measured against, run side by side in the same process environment. A second tool set, built with
+llama.cpp's RPC backend, lets a local ggml-rpc-server stand in for a GPU where llama.cpp's own placement is what is
+checked.
 
-`build_tools` is the one place that downloads and compiles; `tool` only finds a built tool and, when there is
-none, says which command builds it.
+`build_tools` is the one place that compiles (and downloads the source package if the cache lacks it); `tool` only
+finds a built tool and, when there is none, says which command builds it.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ import os
 import platform
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dynq.errors import DynqError
-from dynq.pypi import LLAMA_CPP_PYTHON, download
+from dynq.llamacpp.sdist import VERSION, unpack
 
 log = logging.getLogger(__name__)
 
-VERSION = LLAMA_CPP_PYTHON
 # Native code, but without AMX: some virtual machines advertise AMX and fault on its instructions.
 _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() == "x86_64" else ""
 
@@ -69,7 +68,8 @@ def _run(cmd: list[str], cwd: Path) -> None:
 
 
 def build_tools(cache: Path, tool_set: ToolSet = REFERENCE) -> None:
-    """Download the pinned sdist and build the tools into the cache (~4 min on 2 cores); skipped when built."""
+    """Build the tools from the pinned sdist (downloaded once, sdist.py) into the cache (~4 min on 2 cores); skipped
+    when built."""
     if tools_built(cache, tool_set):
         return
     if shutil.which("cmake") is None:
@@ -78,10 +78,7 @@ def build_tools(cache: Path, tool_set: ToolSet = REFERENCE) -> None:
     with tempfile.TemporaryDirectory(prefix="dynq-llama-") as tmp:
         work = Path(tmp)
         log.info("building llama.cpp %s tools in %s", VERSION, work)
-        archive = download("llama-cpp-python", VERSION, work, sdist=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(work, filter="data")
-        src = work / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+        src = unpack(cache, work)
         flags = [f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}", *tool_set.cmake_flags]
         _run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
               "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from dynq.errors import DynqError
-from dynq.llamacpp_tools import tool
+from dynq.llamacpp.tools import tool
 
 _PATTERNS = {
     "ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)",
