@@ -32,12 +32,12 @@ from matplotlib.figure import Figure
 import dynq
 from dynq.budget.profile_file import Profile
 from dynq.core.qtypes import QType, qtype
+from dynq.core.units import MIB
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.solved_recipe import solution_recipe, units_from_plan
 
 THREADS = os.cpu_count() or 1
 RESULTS = Path(__file__).parent / "results"
-MIB = 1 << 20
 # The ladder random mixes climb: the types a user's budget spans, one per size step.
 LADDER = ("IQ1_S", "IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 

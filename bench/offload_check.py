@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dynq
+from dynq.core.units import MIB
 from dynq.deploy.memory import byte_model
 from dynq.llamacpp.runtime import llama_log
 from dynq.sources.synthetic import write_synthetic
 
-MIB = 1 << 20
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|compute) buffer size =\s+([0-9.]+) MiB")
 ZOO = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 

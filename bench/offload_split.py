@@ -30,11 +30,10 @@ from pathlib import Path
 
 import dynq
 from dynq.calib.text import evaluation_text
-from dynq.deploy.memory import parse_memory
+from dynq.core.units import MIB, parse_memory
 from dynq.deploy.offload import GPU_RESERVE, Hardware, Placement, Settings, expert_args, llama_command
 from dynq.llamacpp.tools import RPC, build_tools, tool
 
-MIB = 1 << 20
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|compute) buffer size =\s+([0-9.]+) MiB")
 _READY = "calculating perplexity"  # logged after every buffer is allocated
 CASES = (

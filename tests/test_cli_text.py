@@ -31,7 +31,7 @@ from dynq.cli_offload import draw_offload
 from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
 from dynq.cli_text import clean, data, line
 from dynq.core.importance import Imatrix, ImatrixEntry
-from dynq.deploy.memory import GIB
+from dynq.core.units import GIB
 from dynq.deploy.offload import Hardware, offload
 from dynq.deploy.ollama import Modelfile, OllamaExport, ollama_name
 from dynq.deploy.run import Generation, Offload

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from dynq import api
 from dynq.cli import app
 from dynq.core.tensors import ModelInventory
-from dynq.deploy.memory import GIB, ByteModel, byte_model, parse_memory
+from dynq.core.units import GIB, parse_memory
+from dynq.deploy.memory import ByteModel, byte_model
 from dynq.deploy.offload import (
     AUTO_KV_TYPES,
     Hardware,

@@ -6,8 +6,8 @@ import shlex
 
 import pytest
 
-from dynq.core.sizes import GIB
 from dynq.core.tensors import TensorClass
+from dynq.core.units import GIB
 from dynq.recipe.llama_args import llama_quantize_command
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import load_recipe, preset_names

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 import dynq
 from dynq.cli import app
+from dynq.core.units import parse_target
 from dynq.errors import DynqError
 from dynq.recipe.solved_recipe import recipe_yaml
-from dynq.recipe.target import parse_target, pinned_by
+from dynq.recipe.target import pinned_by
 from dynq.sources.synthetic import write_synthetic
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)

@@ -20,6 +20,7 @@ from dynq.budget.allocate import ProfileLike, as_profile, quantize_for
 from dynq.budget.profile import profile as measure_profile
 from dynq.calib.text import Text, calibration_text, evaluation_text
 from dynq.core.context import RunContext, context
+from dynq.core.units import parse_target
 from dynq.errors import DynqError
 from dynq.eval.bench import SOLVED, BenchRow, markdown_table, plot, read_bench, rows_as_dicts
 from dynq.eval.evaluate import evaluate
@@ -31,7 +32,6 @@ from dynq.llamacpp.tools import tool
 from dynq.quantize import quantize
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
-from dynq.recipe.target import parse_target
 
 LLAMA = "llama:"  # a solve target named by a llama.cpp mix: that mix's size
 _UNSAFE = re.compile(r"[^\w.@-]")  # in a work file's name: a recipe may be given as a path

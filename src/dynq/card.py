@@ -25,11 +25,12 @@ from typing import Any
 
 import yaml
 
+from dynq.core.atomic import atomic_write_text
 from dynq.core.context import RunContext, context
-from dynq.core.sizes import GIB, census
+from dynq.core.sizes import census
 from dynq.core.tensors import TensorClass
+from dynq.core.units import GIB, MIB, parse_memory
 from dynq.core.visible import clean
-from dynq.deploy.memory import parse_memory
 from dynq.deploy.offload import AUTO_KV_TYPES, Hardware, OffloadPlan, Settings, default_gpu, llama_command, offload
 from dynq.deploy.ollama import Modelfile, modelfile, read_vocab
 from dynq.deploy.shards import model_stem
@@ -115,7 +116,7 @@ def _gpu(vram: int) -> str:
 
 
 def _size(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
 
 
 # --- what the file says ---
@@ -364,15 +365,7 @@ def _write_new(path: Path, text: str, overwrite: bool) -> None:
     """Write `text` to a temporary name beside `path`, fsync, rename: no half-written card under the final name."""
     if path.exists() and not overwrite:
         raise DynqError(f"{path}: already exists; remove it or pass --force")
-    tmp = path.with_name(f".{path.name}.dynq-{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text)
 
 
 def card(

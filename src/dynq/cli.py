@@ -32,11 +32,12 @@ from dynq.cli_shell import (
 )
 from dynq.cli_shell import fetch as fetch_with_bar
 from dynq.cli_text import clean, data
+from dynq.core.units import parse_size
 from dynq.errors import DynqError
 from dynq.eval.bench import BenchRow
 from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix
-from dynq.gguf_io.writer import check_output_folder, parse_size
+from dynq.gguf_io.writer import check_output_folder
 from dynq.llamacpp.tools import tools_built
 from dynq.paths import cache_dir
 from dynq.recipe.coverage import coverage_summary, imatrix_coverage

@@ -13,11 +13,11 @@ import typer
 from dynq.card import DEFAULT_VRAM, card
 from dynq.cli_shell import THREADS, ensure_source, err, progress_bar, run_context, say
 from dynq.cli_text import clean, data, line
+from dynq.core.units import parse_size
 from dynq.deploy.ollama import Message, export_ollama
 from dynq.deploy.run import Generation, Runner, Sampling
 from dynq.deploy.shards import merge, split
 from dynq.errors import DynqError
-from dynq.gguf_io.writer import parse_size
 from dynq.paths import cache_dir
 from dynq.sources.open import gguf_path
 

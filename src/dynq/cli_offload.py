@@ -12,7 +12,8 @@ from rich.table import Table
 
 from dynq.cli_shell import ensure_source, out
 from dynq.cli_text import clean, data, line
-from dynq.deploy.memory import GIB, KV_TYPES, parse_memory
+from dynq.core.units import GIB, parse_memory
+from dynq.deploy.memory import KV_TYPES
 from dynq.deploy.offload import (
     AUTO_KV_TYPES,
     DEFAULT_CPU_BANDWIDTH,

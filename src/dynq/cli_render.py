@@ -10,8 +10,9 @@ from rich.text import Text
 
 from dynq.cli_text import data, line
 from dynq.core.importance import Imatrix
-from dynq.core.sizes import GIB, ClassStats
+from dynq.core.sizes import ClassStats
 from dynq.core.tensors import TensorClass
+from dynq.core.units import GIB, MIB
 from dynq.inspect import FileSummary
 from dynq.recipe.coverage import TensorCoverage
 from dynq.recipe.plan import QuantPlan
@@ -22,7 +23,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def _size(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.2f} MiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / MIB:.2f} MiB"
 
 
 def class_table(classes: Mapping[TensorClass, ClassStats], total_bytes: int, title: str) -> Table:

@@ -4,7 +4,6 @@ the explicit set-up steps (fetching a zoo model or the texts) a command performs
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,11 +27,11 @@ from dynq import api
 from dynq.calib.text import texts_cached
 from dynq.cli_text import clean, line
 from dynq.core.context import Progress as Step
-from dynq.core.context import ProgressFn, RunContext
+from dynq.core.context import ProgressFn, RunContext, default_threads
 from dynq.paths import cache_dir
 from dynq.sources import zoo
 
-THREADS = os.cpu_count() or 1
+THREADS = default_threads()
 # Piped output (files, CI logs) gets a wide table instead of rich's 80-column default.
 out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)

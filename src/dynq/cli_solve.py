@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -13,11 +12,10 @@ from dynq.budget import profile as probe
 from dynq.calib.text import read_texts
 from dynq.cli_shell import THREADS, elsewhere, ensure_source, ensure_texts, err, progress_bar, run_context, say
 from dynq.cli_text import data
-from dynq.core.sizes import GIB
+from dynq.core.atomic import atomic_write_text
+from dynq.core.units import GIB, MIB
 from dynq.gguf_io.writer import check_output_folder
 from dynq.recipe.solved_recipe import recipe_yaml
-
-MIB = 1 << 20
 
 
 def profile_command(
@@ -102,9 +100,7 @@ def solve_command(
     else:
         solved = api.solve(ensure_source(source), profile, target, has_imatrix=imatrix is not None, base=base,
                            types=types, ties=tie or (), name=name, ctx=run_context())  # fmt: skip
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tmp.write_text(recipe_yaml(solved.recipe))
-    tmp.replace(output)
+    atomic_write_text(output, recipe_yaml(solved.recipe))
     plan, s = solved.plan, solved.solution
     proof = "optimal" if s.exact else f"within {s.gap:.3g} of the optimum"
     proof += " for the refined kind weights" if refine > 0 else ""

@@ -8,11 +8,12 @@ name and renamed, so a crash never leaves a torn entry.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from dynq.core.atomic import atomic_write_bytes
 
 
 class EncodeCache:
@@ -39,6 +40,4 @@ class EncodeCache:
     def put(self, tensor: str, qtype: str, importance: npt.NDArray[np.float32] | None, data: bytes) -> None:
         path = self._path(tensor, qtype, importance)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        atomic_write_bytes(path, data)

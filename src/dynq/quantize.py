@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter
 from gguf import quantize as gguf_quantize
 
+from dynq.core.arrays import F32Array, U8Array
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix, importance_row, importance_rows, n_matrices
 from dynq.core.qtypes import QType
@@ -31,7 +32,7 @@ from dynq.executors import Executor
 from dynq.gguf_io.imatrix import read_imatrix
 from dynq.gguf_io.reader import GGUFModel
 from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write_gguf
-from dynq.kernels import F32Array, KernelBackend, U8Array, choose_backend, get_backend
+from dynq.kernels import KernelBackend, choose_backend, get_backend
 from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan
 from dynq.sources.open import open_source

@@ -22,6 +22,7 @@ from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import kind_of
+from dynq.core.units import parse_target
 from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult, evaluate
 from dynq.executors import Executor
@@ -34,7 +35,7 @@ from dynq.recipe.refine import refine as search_weights
 from dynq.recipe.rules import Recipe
 from dynq.recipe.solve import Solution
 from dynq.recipe.solved_recipe import solve_plan
-from dynq.recipe.target import parse_target, pinned_by, solver_start
+from dynq.recipe.target import pinned_by, solver_start
 from dynq.runnable import runnable_file
 from dynq.sources.checkpoint import HFCheckpoint
 from dynq.sources.open import SourceLike, open_described

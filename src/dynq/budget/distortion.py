@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import dequantize
 
+from dynq.core.arrays import F32Array
 from dynq.core.importance import Imatrix, importance_row, importance_rows, n_matrices
 from dynq.core.qtypes import F16, FLOATS, QType, fallback_for, qtype
-from dynq.core.source import F32Array
 from dynq.core.tensors import TensorClass, TensorInfo
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel

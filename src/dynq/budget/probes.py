@@ -24,10 +24,10 @@ from gguf import quantize as gguf_quantize
 
 from dynq.budget.distortion import dequantized, rows2d
 from dynq.calib.text import Text
+from dynq.core.arrays import F32Array
 from dynq.core.context import RunContext
 from dynq.core.importance import Imatrix, importance_row, importance_rows, n_matrices
 from dynq.core.qtypes import QType, qtype
-from dynq.core.source import F32Array
 from dynq.core.tensors import TensorInfo
 from dynq.eval.evaluate import reference_predictions, score_chunks
 from dynq.gguf_io.reader import GGUFModel

@@ -47,6 +47,7 @@ from dynq.budget.profile_file import (
     text_ref,
 )
 from dynq.calib.text import Text
+from dynq.core.atomic import atomic_write_text
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
@@ -188,9 +189,7 @@ class ProfileProgress:
 
     def save(self) -> None:
         probes = [{**dataclasses.asdict(p), "tensors": list(p.tensors)} for p in self.probes]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "errors": self.errors, "probes": probes}))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps({"key": self.key, "errors": self.errors, "probes": probes}))
 
 
 def _measure(

@@ -19,6 +19,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from dynq.core.atomic import atomic_write_text
 from dynq.core.importance import Imatrix
 from dynq.core.source import TensorSource
 from dynq.errors import DynqError
@@ -139,13 +140,7 @@ class Profile:
         """Write the JSON under a temporary name and rename it, so a reader never sees half a file."""
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return out
+        return atomic_write_text(out, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
 
     @staticmethod
     def load(path: str | os.PathLike[str]) -> Profile:

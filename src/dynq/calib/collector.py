@@ -12,7 +12,6 @@ import ctypes
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dynq.core.atomic import atomic_path
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError
@@ -237,12 +237,8 @@ class ChunkProgress:
                                                                             "names": names}))}  # fmt: skip
         for i, n in enumerate(names):
             arrays[f"sums{i}"], arrays[f"counts{i}"] = stats.stats[n].sums, stats.stats[n].counts
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("wb") as f:
+        with atomic_path(self.path) as tmp, tmp.open("wb") as f:
             np.savez(f, allow_pickle=False, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
         self._saved_at = time.monotonic()
         self._save_seconds = self._saved_at - started
 

@@ -27,7 +27,8 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """Every CPU core: what a run uses when its caller names no thread count."""
     return os.cpu_count() or 1
 
 
@@ -36,7 +37,7 @@ class RunContext:
     """Threads for llama.cpp and the encoders; the torch device (None: CUDA when present); where fetched models,
     texts, references and encoded tensors are cached; a progress callback; the logger run-level messages go to."""
 
-    threads: int = field(default_factory=_default_threads)
+    threads: int = field(default_factory=default_threads)
     device: str | None = None
     cache_dir: Path = field(default_factory=cache_dir)
     progress: ProgressFn | None = None

@@ -8,12 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import numpy.typing as npt
 
+from dynq.core.arrays import F32Array
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
-
-F32Array = npt.NDArray[np.float32]
 
 
 @dataclass

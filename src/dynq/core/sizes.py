@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 from dynq.core.tensors import SourceDType, TensorClass, TensorInfo
 
-GIB = 1 << 30
-
 
 @dataclass(frozen=True)
 class ClassStats:

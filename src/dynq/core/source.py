@@ -11,13 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-import numpy.typing as npt
 from gguf import GGUFValueType
 
+from dynq.core.arrays import F32Array
 from dynq.core.tensors import ModelInventory
-
-F32Array = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)

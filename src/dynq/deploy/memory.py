@@ -9,7 +9,6 @@ one ubatch (the logits of the output layer, or one block's attention and FFN int
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,26 +18,12 @@ from dynq.core.tensors import ModelInventory, SourceDType, TensorClass, TensorIn
 from dynq.errors import DynqError
 from dynq.recipe.plan import QuantPlan
 
-GIB = 1 << 30
 CTX_PAD = 256  # llama.cpp pads the context (and the sliding-window cache) to 256 cells
 F32_BYTES = 4
 KV_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32")
 # Sliding-window layouts llama.cpp assumes when a file gives only the window: (pattern, dense first).
 # Blocks il with il % pattern < pattern - 1 slide (or il % pattern != 0 when the dense block comes first).
 _SWA_PATTERNS: dict[str, tuple[int, bool]] = {"gemma2": (2, False), "gemma3": (6, False), "cohere2": (4, False)}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
-
-
-def parse_memory(text: str) -> int:
-    """'24GB', '80G', '1.5TiB', '512M' -> bytes. Memory is sold in binary units (a '24 GB' card holds 24 GiB),
-    so K/M/G/T are powers of 1024 here, unlike file-split sizes."""
-    m = _SIZE.match(text)
-    if m is None:
-        raise DynqError(f"bad memory size '{text}'; use e.g. 24GB, 80G or 512M")
-    value = float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_")
-    if value <= 0:
-        raise DynqError(f"bad memory size '{text}'; it must be positive")
-    return int(value)
 
 
 @dataclass(frozen=True)

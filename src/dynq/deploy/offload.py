@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dynq.core.context import RunContext, context
-from dynq.deploy.memory import GIB, ByteModel, SizedTensor, byte_model
+from dynq.core.units import GIB
+from dynq.deploy.memory import ByteModel, SizedTensor, byte_model
 from dynq.gguf_io.reader import GGUFModel
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import RecipeLike, as_recipe

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
+from dynq.core.atomic import atomic_path, atomic_write_text
 from dynq.core.context import RunContext
 from dynq.core.visible import has_control
 from dynq.deploy.shards import merge, model_stem
@@ -275,30 +276,15 @@ class OllamaExport:
     content: Modelfile
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.dynq-{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _copy_file(source: Path, target: Path, link: bool) -> None:
-    tmp = target.with_name(f".{target.name}.dynq-{os.getpid()}.tmp")
     try:
-        if link:
-            os.link(source, tmp)
-        else:
-            shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        with atomic_path(target) as tmp:
+            if link:
+                os.link(source, tmp)
+            else:
+                shutil.copyfile(source, tmp)
     except OSError as e:
         raise DynqError(f"{target}: could not {'link' if link else 'copy'} the model there ({e.strerror or e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def ollama_name(stem: str) -> str:
@@ -326,7 +312,7 @@ def export_ollama(source: str | Path, out_dir: str | Path, *, temperature: float
         merge(model.path, gguf, overwrite=overwrite, ctx=ctx)
     else:
         _copy_file(model.path, gguf, link)
-    _write_text(target_modelfile, content.text)
+    atomic_write_text(target_modelfile, content.text)
     if content.problems:
         log.warning(
             "%s: the Ollama template differs from the model's on %d conversations; see the Modelfile",

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dynq.eval.reference import CompactReference, F32Array, log_softmax
+from dynq.core.arrays import F32Array
+from dynq.eval.reference import CompactReference, log_softmax
 
 F64Array = npt.NDArray[np.float64]
 

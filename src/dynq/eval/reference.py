@@ -13,16 +13,15 @@ Q4_K, where top-256 plus 256 samples lands within 0.01% (bench/results/agreement
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from dynq.core.arrays import F32Array
+from dynq.core.atomic import atomic_path
 from dynq.errors import DynqError
-
-F32Array = npt.NDArray[np.float32]
 
 
 def log_softmax(logits: F32Array) -> npt.NDArray[np.float64]:
@@ -105,15 +104,13 @@ class CompactReference:
         return sum(a.nbytes for a in arrays)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
             np.savez(
                 f, top_ids=self.top_ids, top_logp=self.top_logp, tail_ids=self.tail_ids, tail_logp=self.tail_logp,
                 tail_mass=self.tail_mass, next_tokens=self.next_tokens, next_logp=self.next_logp,
                 meta=np.array([self.n_ctx, self.n_vocab]),
                 provenance=np.array(self.text_provenance),
             )  # fmt: skip
-        tmp.replace(path)
 
     @staticmethod
     def load(path: Path) -> CompactReference:

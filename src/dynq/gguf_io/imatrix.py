@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from dynq.core.importance import F32Array, Imatrix, ImatrixEntry
+from dynq.core.arrays import F32Array
+from dynq.core.atomic import atomic_path, atomic_write_bytes
+from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import field_value
 from dynq.gguf_io.writer import check_output_folder
@@ -125,25 +127,21 @@ def write_imatrix_gguf(imatrix: Imatrix, path: str | Path) -> None:
     """Write llama.cpp's GGUF imatrix format (to a temporary name, then renamed into place)."""
     path = Path(path)
     check_output_folder(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = GGUFWriter(tmp, arch="imatrix")
-    writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry general.type only
-    writer.add_string("general.type", "imatrix")
-    writer.add_array("imatrix.datasets", imatrix.datasets)
-    writer.add_uint32("imatrix.chunk_count", imatrix.chunk_count)
-    writer.add_uint32("imatrix.chunk_size", imatrix.chunk_size)
-    for name in sorted(imatrix.entries):
-        e = imatrix.entries[name]
-        writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(e.sums, dtype=np.float32))
-        writer.add_tensor(f"{name}.counts", np.ascontiguousarray(e.counts.reshape(-1, 1), dtype=np.float32))
-    try:
+    with atomic_path(path) as tmp:
+        writer = GGUFWriter(tmp, arch="imatrix")
+        writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry general.type only
+        writer.add_string("general.type", "imatrix")
+        writer.add_array("imatrix.datasets", imatrix.datasets)
+        writer.add_uint32("imatrix.chunk_count", imatrix.chunk_count)
+        writer.add_uint32("imatrix.chunk_size", imatrix.chunk_size)
+        for name in sorted(imatrix.entries):
+            e = imatrix.entries[name]
+            writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(e.sums, dtype=np.float32))
+            writer.add_tensor(f"{name}.counts", np.ascontiguousarray(e.counts.reshape(-1, 1), dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_imatrix_dat(imatrix: Imatrix, path: str | Path) -> None:
@@ -161,9 +159,4 @@ def write_imatrix_dat(imatrix: Imatrix, path: str | Path) -> None:
         out.append((mean.reshape(-1) * np.float32(ncall)).astype("<f4").tobytes())
     dataset = (imatrix.datasets[-1] if imatrix.datasets else "").encode()
     out += [struct.pack("<i", imatrix.chunk_count), struct.pack("<i", len(dataset)), dataset]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(b"".join(out))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, b"".join(out))

@@ -21,17 +21,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import numpy.typing as npt
 from gguf import GGMLQuantizationType, GGUFWriter
 
+from dynq.core.arrays import U8Array
 from dynq.core.source import MetadataField
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.gguf_io.partial import PartialOutput, RunHeader, WrittenTensor, file_sha256, verified_prefix
 
 log = logging.getLogger(__name__)
-
-U8Array = npt.NDArray[np.uint8]
 
 
 def copy_metadata(fields: Iterable[MetadataField], writer: GGUFWriter, drop: Callable[[str], bool]) -> None:
@@ -49,20 +47,6 @@ def check_output_folder(path: Path) -> None:
     """Say before any work, not after it, that the folder an output goes into is missing."""
     if not path.parent.is_dir():
         raise DynqError(f"{path}: the output directory {path.parent} does not exist; create it first")
-
-
-def parse_size(text: str) -> int:
-    """'500M', '2G', '1.5GB', '123456' → bytes (powers of 1000, as llama-gguf-split --split-max-size)."""
-    s = text.strip().upper().removesuffix("B")
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(s[-1:], 1)
-    number = s[:-1] if scale != 1 else s
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise DynqError(f"bad size '{text}'; use e.g. 500M or 2G") from None
-    if value <= 0:
-        raise DynqError(f"bad size '{text}'; it must be positive")
-    return int(value)
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
-
+from dynq.core.arrays import F32Array, U8Array
 from dynq.core.qtypes import QType
 from dynq.errors import DynqError
-
-F32Array = npt.NDArray[np.float32]
-U8Array = npt.NDArray[np.uint8]
 
 
 class KernelBackend(Protocol):

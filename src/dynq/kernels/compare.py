@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 from gguf.quants import dequantize
 
+from dynq.core.arrays import F32Array, U8Array
 from dynq.core.qtypes import QType
-from dynq.kernels import F32Array, KernelBackend, U8Array
+from dynq.kernels import KernelBackend
 
 
 def decode(qtype: QType, data: U8Array, n_per_row: int) -> F32Array:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dynq.core.arrays import F32Array, U8Array
 from dynq.core.qtypes import QType
 from dynq.errors import DynqError
-from dynq.kernels import F32Array, U8Array
 
 # Rows per C call: large enough to amortize the call, small enough to keep every thread busy.
 _CHUNK_ELEMENTS = 1 << 20

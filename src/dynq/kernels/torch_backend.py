@@ -9,9 +9,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from dynq.core.arrays import F32Array, U8Array
 from dynq.core.qtypes import QType
 from dynq.errors import DynqError
-from dynq.kernels import F32Array, KernelBackend, U8Array
+from dynq.kernels import KernelBackend
 from dynq.kernels.encoders import EncodeFn, encoders
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,6 @@ class TorchBackend:
             log.warning("the torch backend has no %s encoder; llama.cpp's encodes those tensors", qtype.name)
             self._ggml = GgmlBackend(self.threads)
         return self._ggml
-
-    def supports(self, qtype: QType) -> bool:
-        return qtype.name in self._encoders
 
     def encode(self, qtype: QType, rows: F32Array, importance: F32Array | None) -> U8Array:
         encode = self._encoders.get(qtype.name)

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynq.core.atomic import atomic_path
 from dynq.errors import DynqError
 from dynq.llamacpp.sdist import VERSION, unpack
 
@@ -87,6 +88,5 @@ def build_tools(cache: Path, tool_set: ToolSet = REFERENCE) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for name in tool_set.tools:
             built = src / "build" / "bin" / name
-            tmp_target = target / f".{name}.tmp"
-            shutil.copy2(built, tmp_target)
-            tmp_target.replace(target / name)
+            with atomic_path(target / name) as tmp_target:
+                shutil.copy2(built, tmp_target)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from dynq.calib.text import calibration_text, fetch_texts
+from dynq.core.atomic import atomic_write_text
 from dynq.core.context import RunContext
 from dynq.moe.build import build_moe
 from dynq.sources import zoo
@@ -21,7 +21,5 @@ def build_derived(model: zoo.DerivedModel, ctx: RunContext) -> Path:
     fetch_texts(ctx.cache_dir)
     report = build_moe(base, path, calibration_text(ctx.cache_dir), ctx=ctx)
     target = model.report_path(ctx.cache_dir)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    tmp.replace(target)
+    atomic_write_text(target, json.dumps(report.to_dict(), indent=1) + "\n")
     return path

@@ -14,8 +14,9 @@ from enum import StrEnum
 from typing import Any
 
 from dynq.core.qtypes import F32, QType, fallback_for
-from dynq.core.sizes import GIB, ClassStats, census, class_breakdown
+from dynq.core.sizes import ClassStats, census, class_breakdown
 from dynq.core.tensors import ModelInventory, TensorClass, TensorInfo
+from dynq.core.units import GIB
 from dynq.errors import DynqError
 from dynq.recipe.rules import Recipe, Rule, When
 

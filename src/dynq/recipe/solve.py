@@ -20,9 +20,9 @@ import numpy as np
 import numpy.typing as npt
 
 from dynq.core.qtypes import QType
+from dynq.core.units import MIB
 from dynq.errors import DynqError
 
-MIB = 1 << 20
 # Work (state x option pairs) per pass of the exact programme inside `solve`: past it, fronts are thinned to the
 # most promising states (a good solution, no longer a proof). A better solution narrows the next pass.
 DP_WORK = 3_000_000

@@ -16,10 +16,11 @@ import yaml
 
 from dynq.core.qtypes import QType
 from dynq.core.tensors import ModelInventory, TensorClass, TensorInfo
+from dynq.core.units import MIB
 from dynq.errors import DynqError
 from dynq.recipe.plan import PlannedTensor, QuantPlan, ReasonKind, resolve
 from dynq.recipe.rules import BlockSpec, Recipe, Rule
-from dynq.recipe.solve import MIB, Option, Solution, Unit, below_minimum, solve
+from dynq.recipe.solve import Option, Solution, Unit, below_minimum, solve
 
 Costs = Mapping[str, Mapping[str, float]]  # tensor name -> type name -> predicted cost
 _NO_PINS: Mapping[str, QType] = MappingProxyType({})

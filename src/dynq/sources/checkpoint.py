@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import transformers
 
+from dynq.core.arrays import F32Array
 from dynq.core.qtypes import qtype
-from dynq.core.source import F32Array, MetadataField
+from dynq.core.source import MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
 from dynq.llamacpp.converter import load_conversion
@@ -41,10 +42,6 @@ log = logging.getLogger(__name__)
 _PER_ELEMENT_METHODS = frozenset({"to", "float", "half", "bfloat16", "contiguous", "astype", "numpy"})
 _WINDOW, _WINDOWS = 1 << 16, 64  # fingerprint: 64 windows of 64 KiB per shard
 _PER_ELEMENT_FUNCS = ("LazyNumpyTensor.astype.<locals>.<lambda>", "LazyTorchTensor.numpy.<locals>.<lambda>")
-
-
-def is_checkpoint(path: Path) -> bool:
-    return path.is_dir()
 
 
 def _evaluate(t: Any) -> Any:

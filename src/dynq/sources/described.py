@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from dynq.core.arrays import F32Array
+from dynq.core.atomic import atomic_write_text
 from dynq.core.qtypes import qtype
-from dynq.core.source import F32Array, MetadataField
+from dynq.core.source import MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.gguf_io.reader import GGUFModel, shard_paths
 
@@ -107,7 +108,5 @@ def describe(path: Path, spec: str, cache: Path) -> DescribedGGUF:
     except TypeError:  # metadata JSON cannot hold: describe again next time
         return described
     memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(memo)
+    atomic_write_text(memo, text)
     return described

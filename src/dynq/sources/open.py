@@ -37,11 +37,6 @@ def open_source(spec: SourceLike, cache: Path) -> TensorSource:
     return GGUFModel(gguf_path(text, cache), spec=text)
 
 
-def open_gguf(spec: str | os.PathLike[str], cache: Path) -> GGUFModel:
-    """A GGUF model with weights: a path or a cached zoo model."""
-    return GGUFModel(gguf_path(spec, cache), spec=str(spec))
-
-
 def open_described(spec: SourceLike, cache: Path) -> TensorSource:
     """Like `open_source`, with a GGUF file's description from the cache (see sources/described.py): for what
     plans and sizes, which needs no weights."""

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from gguf import GGUFValueType
 
+from dynq.core.arrays import F32Array
 from dynq.core.qtypes import QType, qtype
-from dynq.core.source import F32Array, MetadataField
+from dynq.core.source import MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
 

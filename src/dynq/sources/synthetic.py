@@ -8,13 +8,13 @@ SentencePiece-style vocabulary, so every llama.cpp tool accepts them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter, TokenType
 from gguf import quantize as gguf_quantize
 
+from dynq.core.atomic import atomic_path
 from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
@@ -102,32 +102,31 @@ def write_synthetic(kind: str, path: str | Path, seed: int = 0) -> Path:
     arch, tensors, meta = _tiny(kind)
     path = Path(path)
     check_output_folder(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    rng = np.random.default_rng(seed)
-    writer = GGUFWriter(tmp, arch)
-    writer.add_name(f"tiny-{kind}")
-    for key, value in meta.items():
-        _add_value(writer, key, value)
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
-    writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
-    tokens, scores, types = _vocab()
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    for info in tensors:
-        values = _values(info, rng)
-        stored = qtype(info.dtype.name)
-        if stored.name == "F32":
-            writer.add_tensor(info.name, values)
-        else:
-            writer.add_tensor(info.name, gguf_quantize(values, stored.ggml), raw_dtype=stored.ggml)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        rng = np.random.default_rng(seed)
+        writer = GGUFWriter(tmp, arch)
+        writer.add_name(f"tiny-{kind}")
+        for key, value in meta.items():
+            _add_value(writer, key, value)
+        writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+        writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
+        tokens, scores, types = _vocab()
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        for info in tensors:
+            values = _values(info, rng)
+            stored = qtype(info.dtype.name)
+            if stored.name == "F32":
+                writer.add_tensor(info.name, values)
+            else:
+                writer.add_tensor(info.name, gguf_quantize(values, stored.ggml), raw_dtype=stored.ggml)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return path

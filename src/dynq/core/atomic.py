@@ -1,0 +1,52 @@
+"""The one way dynq writes a file: under a temporary name beside it, fsynced, then renamed over the final name, so a
+reader (or a resumed run after a crash) sees the old file or the whole new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable; skipped where folders cannot be opened or synced (Windows, some filesystems)."""
+    with suppress(OSError):
+        _fsync(folder)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside `path` (`.NAME.dynq-PID.tmp`) for the caller to write: on success it is fsynced and
+    renamed over `path` (and the folder fsynced); on an exception it is removed and `path` is left as it was."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.dynq-{os.getpid()}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        tmp.replace(final)
+        _fsync_folder(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically (see `atomic_path`); returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically (see `atomic_path`); returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return Path(path)
