@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import dynq
 from dynq.cli import app
 from dynq.core.importance import Imatrix, ImatrixEntry
-from dynq.errors import DynqError
+from dynq.errors import DynqError, OutputExists
 from dynq.eval.bench import read_bench
 from dynq.gguf_io.reader import GGUFModel
 from dynq.sources.synthetic import write_synthetic
@@ -192,7 +192,7 @@ def test_default_path_and_force(quant: Path, tmp_path: Path) -> None:
     first = dynq.card(model)
     assert first.path == tmp_path / "README.md"
     first.path.write_text("edited by hand")
-    with pytest.raises(DynqError, match="already exists; remove it or pass --force"):
+    with pytest.raises(OutputExists, match="already exists"):
         dynq.card(model)
     assert first.path.read_text() == "edited by hand"
     assert dynq.card(model, overwrite=True).path.read_text(encoding="utf-8") == first.text

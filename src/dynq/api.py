@@ -37,7 +37,7 @@ from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
 from dynq.core.source import TensorSource
 from dynq.deploy.offload import Hardware, OffloadPlan, Settings, offload
-from dynq.errors import DynqError
+from dynq.errors import BadInput, DynqError, NotCached, OutputExists, ResumeRequired, VersionMismatch
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
 from dynq.executors import Executor, executor
@@ -196,6 +196,7 @@ def inspect(source: SourceLike, *, ctx: RunContext | None = None) -> FileSummary
 
 __all__ = [
     "TEXTS",
+    "BadInput",
     "BenchResult",
     "DynqError",
     "EvalResult",
@@ -204,7 +205,9 @@ __all__ = [
     "Hardware",
     "Imatrix",
     "ModelCard",
+    "NotCached",
     "OffloadPlan",
+    "OutputExists",
     "Profile",
     "ProfileLike",
     "Progress",
@@ -214,12 +217,14 @@ __all__ = [
     "QuantizedFor",
     "Recipe",
     "RefinedSolve",
+    "ResumeRequired",
     "RunContext",
     "Settings",
     "Solved",
     "TensorSource",
     "Text",
     "Verified",
+    "VersionMismatch",
     "__version__",
     "bench",
     "build_tools",

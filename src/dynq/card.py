@@ -34,7 +34,7 @@ from dynq.core.visible import clean
 from dynq.deploy.offload import AUTO_KV_TYPES, Hardware, OffloadPlan, Settings, default_gpu, llama_command, offload
 from dynq.deploy.ollama import Modelfile, modelfile, read_vocab
 from dynq.deploy.shards import model_stem
-from dynq.errors import DynqError
+from dynq.errors import DynqError, OutputExists
 from dynq.eval.bench import BenchRow, pareto_front, read_bench
 from dynq.gguf_io.reader import GGUFModel
 from dynq.gguf_io.writer import check_output_folder
@@ -364,7 +364,7 @@ def render_card(model: GGUFModel, *, bench: Sequence[BenchRow] = (), bench_origi
 def _write_new(path: Path, text: str, overwrite: bool) -> None:
     """Write `text` to a temporary name beside `path`, fsync, rename: no half-written card under the final name."""
     if path.exists() and not overwrite:
-        raise DynqError(f"{path}: already exists; remove it or pass --force")
+        raise OutputExists(path)
     atomic_write_text(path, text)
 
 
@@ -389,7 +389,7 @@ def card(
     if any(path.resolve() == p.resolve() for p in model.shards):
         raise DynqError(f"{path}: the card would overwrite the model; choose another name")
     if path.exists() and not overwrite:  # before any work, as the writers do
-        raise DynqError(f"{path}: already exists; remove it or pass --force")
+        raise OutputExists(path)
     rows = read_bench(bench) if bench is not None else []
     sizes = [v if isinstance(v, int) else parse_memory(v) for v in vram]
     text, recipe, notes = render_card(model, bench=rows, bench_origin=Path(bench).name if bench else "",

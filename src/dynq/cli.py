@@ -33,7 +33,7 @@ from dynq.cli_shell import (
 from dynq.cli_shell import fetch as fetch_with_bar
 from dynq.cli_text import clean, data
 from dynq.core.units import parse_size
-from dynq.errors import DynqError
+from dynq.errors import DynqError, OutputExists, ResumeRequired
 from dynq.eval.bench import BenchRow
 from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix
@@ -357,13 +357,22 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def in_flags(e: DynqError) -> str:
+    """The library's message, with what a caller may do said in the command's own options."""
+    if isinstance(e, OutputExists):
+        return f"{e.path}: already exists; remove it or pass --force"
+    if isinstance(e, ResumeRequired):
+        return f"{e.subject}: {e.left} in {e.folder}; add --resume to continue it, or delete that folder to start over"
+    return str(e)
+
+
 def main() -> None:
     setup_logging()
     signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except DynqError as e:
-        err.print(Text.assemble(("error:", "bold red"), " ", data(e)), highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "bold red"), " ", data(in_flags(e))), highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

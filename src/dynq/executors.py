@@ -93,7 +93,7 @@ class RayCluster:
         try:
             import ray
         except ImportError:
-            raise DynqError("--ray needs the ray package: pip install 'ray==2.60.0'") from None
+            raise DynqError("a Ray cluster needs the ray package: pip install 'ray==2.60.0'") from None
         self._ray = ray
         if not ray.is_initialized():
             _check_reachable(address)
@@ -102,7 +102,7 @@ class RayCluster:
                          configure_logging=False)  # fmt: skip
             except (ConnectionError, RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DynqError(f"--ray {address}: no Ray cluster reachable there ({first}); start one with "
+                raise DynqError(f"Ray at {address}: no Ray cluster reachable there ({first}); start one with "
                                 "`ray start --head` or give its address") from None  # fmt: skip
             self._owns_connection = True
         else:
@@ -144,7 +144,7 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
     except OSError as e:
-        raise DynqError(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
+        raise DynqError(f"Ray at {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
                         "`ray start --head` or give its address") from None  # fmt: skip
 
 

@@ -171,7 +171,7 @@ def check_imatrix(plan: QuantPlan, imatrix: Imatrix | None, origin: str) -> None
             t = needing[0]
             raise DynqError(
                 f"recipe {plan.recipe.name} puts {len(needing)} tensors at types that need an importance matrix "
-                f"(e.g. {t.info.name} at {t.qtype.name}); pass --imatrix FILE"
+                f"(e.g. {t.info.name} at {t.qtype.name}); give it an importance matrix (imatrix)"
             )
         return
     cov = imatrix_coverage(plan, imatrix, origin)

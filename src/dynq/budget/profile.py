@@ -52,7 +52,7 @@ from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import TensorInfo
-from dynq.errors import DynqError
+from dynq.errors import DynqError, ResumeRequired
 from dynq.eval.evaluate import reference_predictions
 from dynq.executors import Executor
 from dynq.gguf_io.partial import PartialOutput
@@ -128,8 +128,7 @@ def profile(
     try:
         progress = ProfileProgress(partial.dir / "progress.json", cached.stem)
         if progress.path.exists() and not resume:
-            raise DynqError(f"{path}: an interrupted profile with these inputs left its measurements in "
-                            f"{partial.dir}; add --resume to continue it, or delete that folder")  # fmt: skip
+            raise ResumeRequired(path, "an interrupted profile with these inputs left its measurements", partial.dir)
         if resume:
             progress.load()
         errors, probes, error_seconds, probe_seconds = _measure(path, model, tensors, groups, imatrix, text, method,

@@ -22,7 +22,7 @@ import numpy as np
 from dynq.core.atomic import atomic_write_text
 from dynq.core.importance import Imatrix
 from dynq.core.source import TensorSource
-from dynq.errors import DynqError
+from dynq.errors import DynqError, VersionMismatch
 from dynq.gguf_io.reader import GGUFModel
 from dynq.version import __version__
 
@@ -158,7 +158,7 @@ def profile_from_dict(data: Any, where: str) -> Profile:
     if not isinstance(data, dict) or "version" not in data or "tensors" not in data:
         raise DynqError(f"{where}: not a dynq profile; run `dynq profile` again")
     if data["version"] != PROFILE_VERSION:
-        raise DynqError(
+        raise VersionMismatch(
             f"{where}: profile version {data['version']!r}, this dynq reads version {PROFILE_VERSION}; "
             "run `dynq profile` again"
         )

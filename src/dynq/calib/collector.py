@@ -24,7 +24,7 @@ import numpy.typing as npt
 from dynq.core.atomic import atomic_path
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix, ImatrixEntry
-from dynq.errors import DynqError
+from dynq.errors import DynqError, ResumeRequired
 from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import ggml_library
@@ -278,8 +278,7 @@ def collect_imatrix(
                           n_chunks, all_experts, list(datasets)])  # fmt: skip
         progress = ChunkProgress(partial, hashlib.sha256(key.encode()).hexdigest())
         if progress.path.exists() and not resume:
-            raise DynqError(f"{output}: an interrupted collection left its chunks in {partial.dir}; add --resume to "
-                            "continue it, or delete that folder to start over")  # fmt: skip
+            raise ResumeRequired(output, "an interrupted collection left its chunks", partial.dir)
         start = progress.load(stats) if resume else 0
         if start:
             log.info("%s: resuming after %d chunks", output, start)

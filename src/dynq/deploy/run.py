@@ -120,7 +120,9 @@ class Runner:
     def chat_prompt(self, messages: Sequence[Message]) -> str:
         """The conversation as the file's chat template writes it, ending with the assistant's turn opened."""
         if self.chat_template is None:
-            raise DynqError(f"{self.path}: the model has no chat template (a base model?); prompt it without --chat")
+            raise DynqError(
+                f"{self.path}: the model has no chat template (a base model?); prompt it as plain text (chat=False)"
+            )
         bos = self._text(int(self._L.llama_vocab_bos(self.vocab)))
         eos = self._text(int(self._L.llama_vocab_eos(self.vocab)))
         return render_jinja(self.chat_template, list(messages), bos, eos)
@@ -140,7 +142,7 @@ class Runner:
         tokens = self.llm.tokenize(prompt.encode(), add_bos=not (bos and prompt.startswith(bos)), special=True)
         budget = min(s.max_tokens, self.n_ctx - len(tokens))
         if budget <= 0:
-            raise DynqError(f"the prompt has {len(tokens)} tokens, the context {self.n_ctx}; raise --ctx")
+            raise DynqError(f"the prompt has {len(tokens)} tokens, the context {self.n_ctx}; raise the context (n_ctx)")
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         pieces: list[str] = []
         start = time.perf_counter()

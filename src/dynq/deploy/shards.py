@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dynq.core.context import RunContext, context
-from dynq.errors import DynqError
+from dynq.errors import DynqError, OutputExists
 from dynq.gguf_io.reader import SPLIT_NAME, GGUFModel
 from dynq.gguf_io.writer import OutputTensor, copy_metadata, write_gguf
 
@@ -74,7 +74,7 @@ def _check_targets(targets: list[Path], inputs: list[Path], overwrite: bool) -> 
         if target.resolve() in resolved:
             raise DynqError(f"{target}: this is one of the input files; choose another output name")
         if target.exists() and not overwrite:
-            raise DynqError(f"{target}: already exists; remove it or pass --force")
+            raise OutputExists(target)
 
 
 def _rewrite(model: GGUFModel, output: Path, split_max_size: int, ctx: RunContext) -> ShardsWritten:

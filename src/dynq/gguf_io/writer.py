@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from dynq.core.arrays import U8Array
 from dynq.core.source import MetadataField
 from dynq.core.tensors import TensorInfo
-from dynq.errors import DynqError
+from dynq.errors import DynqError, OutputExists, ResumeRequired
 from dynq.gguf_io.partial import PartialOutput, RunHeader, WrittenTensor, file_sha256, verified_prefix
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class StreamingWriter:
         if output.suffix != ".gguf":
             raise DynqError(f"{output}: the output name must end in .gguf")
         if not overwrite and output.exists():
-            raise DynqError(f"{output}: already exists; remove it or pass --force")
+            raise OutputExists(output)
         self.output = output
         self.inputs = inputs
         self.partial = PartialOutput(output)
@@ -122,10 +122,8 @@ class StreamingWriter:
         leftover = self.partial.shard_files()
         if (leftover or self.previous) and not resume:
             self.partial.unlock()
-            raise DynqError(
-                f"{output}: an interrupted run left {len(self.previous)} written tensors in {self.partial.dir}; "
-                "add --resume to continue it, or delete that folder to start over"
-            )
+            left = f"an interrupted run left {len(self.previous)} written tensors"
+            raise ResumeRequired(output, left, self.partial.dir)
         self.scratch = self.partial.dir / "header"
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch.mkdir()
@@ -226,7 +224,7 @@ class StreamingWriter:
         return final
 
     def abort(self, keep: bool) -> int:
-        """Close the files; keep the partial folder for `--resume` if asked and any tensor is in it, or if an earlier
+        """Close the files; keep the partial folder for a resume if asked and any tensor is in it, or if an earlier
         run left it (a failed resume loses nothing), else remove it. Returns how many tensors are kept."""
         try:
             self.writer.close()
@@ -243,7 +241,7 @@ class StreamingWriter:
 def streaming_writer(output: Path, arch: str, split_max_size: int = 0, *, inputs: str = "", resume: bool = False,
                      overwrite: bool = True) -> Iterator[StreamingWriter]:  # fmt: skip
     """The writer, with the partial folder kept when the run was interrupted (a signal, Ctrl-C) or the disk failed,
-    so that `--resume` continues it, and removed on any other failure."""
+    so that a resume continues it, and removed on any other failure."""
     try:
         writer = StreamingWriter(output, arch, split_max_size, inputs=inputs, resume=resume, overwrite=overwrite)
     except OSError as e:
@@ -252,11 +250,11 @@ def streaming_writer(output: Path, arch: str, split_max_size: int = 0, *, inputs
         yield writer
     except OSError as e:
         kept = writer.abort(keep=True)
-        where = f"; the {kept} tensors written are kept in {writer.partial.dir} for --resume" if kept else ""
+        where = f"; the {kept} tensors written are kept in {writer.partial.dir} to resume" if kept else ""
         raise DynqError(f"{output}: writing failed ({e.strerror or e}); nothing was left under that name{where}") from e
     except (KeyboardInterrupt, SystemExit):
         if kept := writer.abort(keep=True):
-            log.warning("%s: interrupted; %d tensors are kept in %s, rerun with --resume to continue", output, kept,
+            log.warning("%s: interrupted; %d tensors are kept in %s, resume to continue", output, kept,
                         writer.partial.dir)  # fmt: skip
         raise
     except BaseException:

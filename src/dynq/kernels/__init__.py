@@ -41,7 +41,7 @@ def get_backend(name: str, threads: int, device: str | None = None) -> KernelBac
     """A backend by name; `device` (cpu, cuda) applies to torch only."""
     if name == "ggml":
         if device not in (None, "cpu"):
-            raise DynqError(f"the ggml backend runs on the CPU only, not on {device}; use --backend torch")
+            raise DynqError(f"the ggml backend runs on the CPU only, not on {device}; use the torch backend")
         from dynq.kernels.ggml import GgmlBackend
 
         return GgmlBackend(threads)

@@ -42,7 +42,7 @@ class TorchBackend:
     def __init__(self, device: str | None = None, threads: int = 1) -> None:
         self.device = device or default_device()
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise DynqError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+            raise DynqError("a CUDA device was asked for, but torch sees no CUDA GPU; use the CPU")
         self.threads = max(1, threads)
         self._encoders: dict[str, EncodeFn] = encoders()
         self._ggml: KernelBackend | None = None

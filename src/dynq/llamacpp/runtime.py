@@ -144,7 +144,9 @@ class LlamaRuntime:
         model = GGUFModel(path)
         n_expert = model.field(f"{model.arch}.expert_count")
         if not n_expert:
-            raise DynqError(f"{path}: not a Mixture-of-Experts model; --all-experts and expert counts do not apply")
+            raise DynqError(
+                f"{path}: not a Mixture-of-Experts model; all-experts routing and expert counts do not apply"
+            )
         overrides = (L.llama_model_kv_override * 2)()
         overrides[0].key = f"{model.arch}.expert_used_count".encode()
         overrides[0].tag = L.LLAMA_KV_OVERRIDE_TYPE_INT

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynq.core.atomic import atomic_path
-from dynq.errors import DynqError
+from dynq.errors import DynqError, NotCached
 from dynq.llamacpp.sdist import VERSION, unpack
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ def tool(name: str, cache: Path, tool_set: ToolSet = REFERENCE) -> Path:
     path = tools_dir(cache, tool_set) / name
     if not path.exists():
         how = "run `dynq build-tools`" if tool_set == REFERENCE else "build_tools(cache, tool_set) builds it"
-        raise DynqError(f"llama.cpp's {name} is not built in {cache / tool_set.folder} yet; {how} (about 4 minutes)")
+        raise NotCached(
+            f"llama.cpp's {name} is not built in {cache / tool_set.folder} yet; {how} (about 4 minutes)", "build-tools"
+        )
     return path
 
 

