@@ -53,8 +53,9 @@ from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import RecipeLike, as_recipe
 from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.runnable import f16_conversion, runnable_file
-from dynq.sources import zoo
-from dynq.sources.open import SourceLike, open_described
+from dynq.sources import shapes, zoo
+from dynq.sources.described import DescribedGGUF
+from dynq.sources.open import SourceLike, open_gguf
 from dynq.sources.open import open_source as _open_source
 from dynq.version import __version__
 
@@ -94,7 +95,7 @@ def build_tools(*, ctx: RunContext | None = None) -> Path:
 def plan(source: SourceLike, recipe: RecipeLike, *, ctx: RunContext | None = None) -> QuantPlan:
     """Every tensor's type and the reason, from names and shapes alone. `recipe` is a preset name, a YAML file or a
     Recipe. The plan is data: edit it (dataclasses.replace) and hand it to `quantize`."""
-    return resolve(as_recipe(recipe), open_described(source, context(ctx).cache_dir).inventory())
+    return resolve(as_recipe(recipe), _open_source(source, context(ctx).cache_dir).inventory())
 
 
 def recipe(spec: RecipeLike) -> Recipe:
@@ -188,10 +189,12 @@ def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -
 
 def inspect(source: SourceLike, *, ctx: RunContext | None = None) -> FileSummary:
     """Types, sizes and key metadata of a GGUF file (or a cached `zoo:NAME`)."""
-    opened = open_source(source, ctx=ctx)
-    if not isinstance(opened, GGUFModel):
-        raise DynqError(f"{opened.spec}: not a GGUF file; inspect reads GGUF files")
-    return summarize(opened)
+    model = source.model if isinstance(source, DescribedGGUF) else source
+    if isinstance(model, GGUFModel):
+        return summarize(model)
+    if isinstance(model, TensorSource) or str(model).startswith(shapes.PREFIX) or Path(model).is_dir():
+        raise DynqError(f"{getattr(model, 'spec', model)}: not a GGUF file; inspect reads GGUF files")
+    return summarize(open_gguf(model, context(ctx).cache_dir))  # the summary reads the whole header: parsed now
 
 
 __all__ = [

@@ -32,6 +32,7 @@ from dynq.llamacpp.tools import tool
 from dynq.quantize import quantize
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
+from dynq.sources.described import describe
 
 LLAMA = "llama:"  # a solve target named by a llama.cpp mix: that mix's size
 _UNSAFE = re.compile(r"[^\w.@-]")  # in a work file's name: a recipe may be given as a path
@@ -112,7 +113,7 @@ def bench(
     if any(j.solve_at is not None for j in jobs):
         chosen = as_profile(profile) if profile is not None else measure_profile(
             ref, imx, calibration_text(ctx.cache_dir), ctx=ctx)  # fmt: skip
-    inventory = GGUFModel(ref).inventory()
+    inventory = describe(ref, str(ref), ctx.cache_dir).inventory()  # remembered: no second parse of the header
     quiet = dataclasses.replace(ctx, progress=None)
     with tempfile.TemporaryDirectory(prefix="dynq-bench-", dir=out) as tmp:
         for job in jobs:

@@ -173,11 +173,12 @@ def quantize(
                                           overwrite=force, executor=executor).result  # fmt: skip
         else:
             assert recipe is not None
-            quant_plan = api.plan(ensure_source(source), recipe)
+            opened = api.open_source(ensure_source(source))  # opened once: the plan and the quantize share it
+            quant_plan = api.plan(opened, recipe)
             with progress_bar("quantizing") as on_step:
                 result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
                                       backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded,
-                                      resume=resume, overwrite=force, executor=executor)  # fmt: skip
+                                      resume=resume, overwrite=force, executor=executor, source=opened)  # fmt: skip
     p = result.plan
     say("wrote ", data(", ".join(str(f) for f in result.files)),
         f": {p.total_bytes / 2**30:.3f} GiB, {p.bpw:.3f} bpw, {len(p.tensors)} tensors in {result.seconds:.1f} s "

@@ -35,6 +35,7 @@ from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write
 from dynq.kernels import KernelBackend, choose_backend, get_backend
 from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan
+from dynq.sources.described import DescribedGGUF
 from dynq.sources.open import open_source
 from dynq.version import __version__
 
@@ -221,10 +222,10 @@ def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | No
         writer.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
 
-def _inputs_key(src: TensorSource, imatrix: Imatrix | None, backend: str, device: str) -> str:
+def _inputs_key(fingerprint: str, imatrix: Imatrix | None, backend: str, device: str) -> str:
     """Everything the output bytes depend on beyond its header (which holds the plan, types and metadata): the
     source's content, the importance data and the encoders. A resume is allowed only when this is unchanged."""
-    h = hashlib.sha256(json.dumps([__version__, src.fingerprint(), backend, device]).encode())
+    h = hashlib.sha256(json.dumps([__version__, fingerprint, backend, device]).encode())
     if imatrix is not None:
         for name in sorted(imatrix.entries):
             entry = imatrix.entries[name]
@@ -264,8 +265,9 @@ def quantize(
     started = time.perf_counter()
     ctx = context(ctx)
     out = Path(output)
+    # described from the cache: the header is parsed once, when the weights are first read
     src = source if source is not None else open_source(plan.source, ctx.cache_dir)
-    if isinstance(src, GGUFModel) and any(out.resolve() == p.resolve() for p in src.shards):
+    if isinstance(src, GGUFModel | DescribedGGUF) and any(out.resolve() == p.resolve() for p in src.shards):
         raise DynqError(f"{out}: the output would overwrite the source; choose another name")
     if not plan.tensors:
         raise DynqError(f"{plan.source}: no tensors to quantize (a vocabulary-only file?)")
@@ -278,7 +280,8 @@ def quantize(
     check_imatrix(plan, imx, origin or "imatrix")
     backend, device = choose_backend(backend, ctx.device)
     kernels = get_backend(backend, ctx.threads, device)
-    cache = EncodeCache(src.fingerprint(), f"{backend}:{device}", ctx.cache_dir) if reuse_encoded else None
+    fingerprint = src.fingerprint()  # once: a checkpoint's reads every shard unless remembered
+    cache = EncodeCache(fingerprint, f"{backend}:{device}", ctx.cache_dir) if reuse_encoded else None
     ctx.logger.info("quantizing %s with %s on %s/%s: %d tensors, %.2f GiB", plan.source, plan.recipe.name, backend,
                     device, len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
     planned = {p.info.name: p for p in plan.tensors}
@@ -292,9 +295,7 @@ def quantize(
         if executor is not None:
             if not remote:
                 first = plan.tensors.index(p)
-                # the source's spec and fingerprint once: a checkpoint's fingerprint reads every shard
                 spec = str(Path(src.spec).resolve()) if Path(src.spec).exists() else src.spec
-                fingerprint = src.fingerprint()
                 threads = executor.task_threads or ctx.threads
                 tasks = (task for q in plan.tensors[first:]
                          for task in _tasks(q, spec, fingerprint, imx, backend, device, ctx.cache_dir,
@@ -326,7 +327,7 @@ def quantize(
         _add_own_metadata(writer, plan, imx, imatrix_file, f"{backend}:{device}")
 
     tensors = [OutputTensor(p.info, p.nbytes, p.qtype.ggml) for p in plan.tensors]
-    inputs = _inputs_key(src, imx, backend, device)
+    inputs = _inputs_key(fingerprint, imx, backend, device)
     files = write_gguf(out, plan.arch, tensors, encoded, metadata=metadata, split_max_size=split_max_size,
                        written=written, inputs=inputs, resume=resume, overwrite=overwrite)  # fmt: skip
     return QuantizeResult(plan, files, time.perf_counter() - started, peak_rss_bytes())

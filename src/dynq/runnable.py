@@ -13,13 +13,14 @@ from dynq.gguf_io.reader import GGUFModel
 from dynq.quantize import quantize
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import as_recipe
-from dynq.sources.checkpoint import HFCheckpoint
+from dynq.sources.checkpoint import HFCheckpoint, checkpoint_fingerprint
+from dynq.sources.described import DescribedGGUF
 from dynq.sources.open import SourceLike, gguf_path
 
 
 def runnable_file(source: SourceLike, ctx: RunContext) -> Path:
     """The GGUF file llama.cpp's runtime loads for `source`."""
-    if isinstance(source, GGUFModel):
+    if isinstance(source, GGUFModel | DescribedGGUF):
         return source.path
     if isinstance(source, HFCheckpoint) or (not isinstance(source, TensorSource) and Path(source).is_dir()):
         return f16_conversion(source, ctx=ctx)
@@ -33,9 +34,14 @@ def f16_conversion(source: HFCheckpoint | str | os.PathLike[str], *, ctx: RunCon
     runs the model (imatrix, profile, evaluation); written once into the cache under the checkpoint's content
     fingerprint."""
     ctx = context(ctx)
-    checkpoint = source if isinstance(source, HFCheckpoint) else HFCheckpoint(Path(source), ctx.cache_dir)
-    path = ctx.cache_dir / "checkpoints" / f"{checkpoint.directory.name}-{checkpoint.fingerprint()[:24]}-f16.gguf"
+    if isinstance(source, HFCheckpoint):
+        directory, fingerprint = source.directory, source.fingerprint()
+    else:  # the fingerprint comes from its memo: a conversion already made needs no converter run to be found
+        directory = Path(source)
+        fingerprint = checkpoint_fingerprint(directory, ctx.cache_dir)
+    path = ctx.cache_dir / "checkpoints" / f"{directory.name}-{fingerprint[:24]}-f16.gguf"
     if not path.exists():
+        checkpoint = source if isinstance(source, HFCheckpoint) else HFCheckpoint(directory, ctx.cache_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         quantize(resolve(as_recipe("f16"), checkpoint.inventory()), path, ctx=ctx, source=checkpoint)
     return path

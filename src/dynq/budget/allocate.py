@@ -38,7 +38,7 @@ from dynq.recipe.solved_recipe import solve_plan
 from dynq.recipe.target import pinned_by, solver_start
 from dynq.runnable import runnable_file
 from dynq.sources.checkpoint import HFCheckpoint
-from dynq.sources.open import SourceLike, open_described
+from dynq.sources.open import SourceLike, open_source
 
 ProfileLike = Profile | str | os.PathLike[str]
 
@@ -96,9 +96,10 @@ def _solver(source: SourceLike, prof: Profile, request: SolveRequest, ctx: RunCo
         [Mapping[str, float]], Solved]:  # fmt: skip
     """The solve for one model and request, as a function of per-kind weights on the profile's costs (a kind left
     out weighs 1)."""
-    opened = open_described(source, ctx.cache_dir)  # no weights are read: the description is enough
+    opened = open_source(source, ctx.cache_dir)  # no weights are read: the description is enough
     # A checkpoint was profiled as the F16 GGUF it converts to (what llama.cpp runs): check against that one.
-    prof.check_model(runnable_file(opened, ctx) if isinstance(opened, HFCheckpoint) else opened)
+    checked = open_source(runnable_file(opened, ctx), ctx.cache_dir) if isinstance(opened, HFCheckpoint) else opened
+    prof.check_model(checked)  # the conversion's fingerprint from its memo, not from a second parse
     inventory = opened.inventory()
     target = request.target
     target_bytes = target if isinstance(target, int) else parse_target(target, inventory.n_parameters)
@@ -267,14 +268,16 @@ def quantize_for(
     holds the profile's settings (dynq.profile's), `types` the solve's candidates."""
     ctx = context(ctx)
     imx = _read_once(imatrix)
+    opened = open_source(source, ctx.cache_dir)  # once, for all three steps: one parse, one fingerprint
     if profile is None:
         calib = text if text is not None else calibration_text(ctx.cache_dir)
-        chosen = measure_profile(runnable_file(source, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor,
+        chosen = measure_profile(runnable_file(opened, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor,
                                  **(measure or {}))  # fmt: skip
     else:
         chosen = as_profile(profile)
     request = SolveRequest(target, imx is not None, base, types, ties, name)
-    solved = _solver(source, chosen, request, ctx)({})
+    solved = _solver(opened, chosen, request, ctx)({})
     result = quantize(solved.plan, output, imatrix=imx, ctx=ctx, backend=backend, split_max_size=split_max_size,
-                      reuse_encoded=reuse_encoded, resume=resume, overwrite=overwrite, executor=executor)  # fmt: skip
+                      reuse_encoded=reuse_encoded, resume=resume, overwrite=overwrite, executor=executor,
+                      source=opened)  # fmt: skip
     return QuantizedFor(chosen, solved, result)

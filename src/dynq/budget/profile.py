@@ -58,6 +58,7 @@ from dynq.executors import Executor
 from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
+from dynq.sources.described import describe
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +108,17 @@ def profile(
     the same results."""
     ctx = context(ctx)
     path = Path(source_path)
-    model = GGUFModel(path)
-    tensors = profiled_tensors(model)
-    check_float_reference(model, tensors)
+    described = describe(path, str(path), ctx.cache_dir)  # a profile from the cache needs no parse of the header
+    tensors = profiled_tensors(described)
+    check_float_reference(described, tensors)
     method = _method(types, rows, group_blocks, probe_type, n_ctx, chunks)
-    model_ref = ModelRef(model.spec, model.fingerprint())
+    model_ref = ModelRef(described.spec, described.fingerprint())
     imx_ref, txt_ref = imatrix_ref(imatrix), text_ref(text.text, text.provenance)
     cached = cache_path(ctx.cache_dir, path.stem, cache_key(model_ref.fingerprint, imx_ref, txt_ref, method))
     if cached.exists():
         ctx.logger.info("profile of %s from the cache: %s", path, cached)
         return Profile.load(cached)
+    model = described.model
     backend = GgmlBackend(ctx.threads)
     groups = probe_groups(tensors, group_blocks)
     # the reference's predictions first: a text too short fails here, not after minutes of encoding

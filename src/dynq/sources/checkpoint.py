@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import struct
 import tempfile
 from collections.abc import Callable
@@ -216,12 +217,87 @@ def _check_config(path: Path) -> None:
         raise DynqError(f"{path}: not a JSON object; download it again")
 
 
+# The fingerprint memo: bump when what `_digest` reads changes.
+_MEMO_VERSION = 1
+
+
+def _fingerprinted(directory: Path) -> list[Path]:
+    """The files the fingerprint reads: the JSON files (config, index, tokenizer), then the shards."""
+    return sorted(directory.glob("*.json")) + sorted(directory.glob("*.safetensors"))
+
+
+def _digest(directory: Path) -> str:
+    """sha256 of the JSON files, every shard's header and evenly spaced windows of its data: the headers carry each
+    tensor's name, type, shape and byte range, the windows catch changed weights."""
+    digest = hashlib.sha256()
+    for path in _fingerprinted(directory):
+        digest.update(path.name.encode())
+        if path.suffix != ".safetensors":
+            digest.update(path.read_bytes())
+            continue
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            # a damaged file is named by the checkpoint's own checks; here it only must not crash or overread
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            digest.update(f.read(min(n, max(size - 8, 0))))
+            step = max(_WINDOW, size // _WINDOWS)
+            for start in range(0, size, step):
+                f.seek(start)
+                digest.update(f.read(_WINDOW))
+    return digest.hexdigest()
+
+
+def _memo_key(directory: Path, files: list[Path]) -> str:
+    """The directory and each fingerprinted file's name, size, modification time and inode: any change to a file
+    (or a file added or removed) makes another key, so a memo is never trusted for changed contents."""
+    h = hashlib.sha256(f"{_MEMO_VERSION}:{directory.resolve()}".encode())
+    for path in files:
+        st = path.stat()
+        h.update(f"\0{path.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}".encode())
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(directory: Path, cache: Path) -> str:
+    """The content fingerprint of the checkpoint in `directory` (what names its cached F16 conversion), remembered
+    under cache/fingerprints per file set, size and modification time: a hit reads no shard and builds no model.
+    A memo that cannot be read is recomputed, never trusted."""
+    try:
+        files = _fingerprinted(directory)
+        memo = cache / "fingerprints" / f"{_memo_key(directory, files)}.json"
+    except OSError:  # a file vanished while listing: the digest names the problem, or computes it anyway
+        return _digest(directory)
+    if not files:  # not a checkpoint (what opens it says so): nothing worth remembering
+        return _digest(directory)
+    try:
+        data = json.loads(memo.read_text())
+        if isinstance(data, dict) and data.get("version") == _MEMO_VERSION and _is_digest(data.get("fingerprint")):
+            return str(data["fingerprint"])
+    except (OSError, ValueError):
+        pass
+    fingerprint = _digest(directory)  # after the key: a file changed meanwhile leaves a memo under its old key
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": _MEMO_VERSION, "fingerprint": fingerprint}))
+        tmp.replace(memo)
+    except OSError:  # a read-only cache: computed again next time
+        pass
+    return fingerprint
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 class HFCheckpoint:
     """A Hugging Face checkpoint directory, read through llama.cpp's converter (see the module docstring)."""
 
     def __init__(self, directory: Path, cache: Path, spec: str | None = None) -> None:
         self.directory = directory
         self._spec = spec or str(directory)
+        self._cache = cache
+        self._fingerprint: str | None = None
         if not (directory / "config.json").is_file():
             raise DynqError(f"{directory}: no config.json; a Hugging Face checkpoint directory holds one")
         _check_config(directory / "config.json")
@@ -305,20 +381,7 @@ class HFCheckpoint:
             self._whole = None
 
     def fingerprint(self) -> str:
-        """sha256 of the JSON files (config, index, tokenizer), every shard's header and evenly spaced windows of its
-        data: the headers carry each tensor's name, type, shape and byte range, the windows catch changed weights."""
-        digest = hashlib.sha256()
-        for path in sorted(self.directory.glob("*.json")) + sorted(self.directory.glob("*.safetensors")):
-            digest.update(path.name.encode())
-            if path.suffix != ".safetensors":
-                digest.update(path.read_bytes())
-                continue
-            size = path.stat().st_size
-            with path.open("rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                digest.update(f.read(n))
-                step = max(_WINDOW, size // _WINDOWS)
-                for start in range(0, size, step):
-                    f.seek(start)
-                    digest.update(f.read(_WINDOW))
-        return digest.hexdigest()
+        """The checkpoint's content fingerprint (see `checkpoint_fingerprint`), computed at most once per instance."""
+        if self._fingerprint is None:
+            self._fingerprint = checkpoint_fingerprint(self.directory, self._cache)
+        return self._fingerprint

@@ -52,8 +52,16 @@ class DescribedGGUF:
         return self.fingerprint_
 
     @cached_property
+    def shards(self) -> list[Path]:
+        """Every file of the model (the shards of a split, or the one file), as `GGUFModel.shards`."""
+        return shard_paths(self.path)
+
+    @cached_property
     def model(self) -> GGUFModel:
-        return GGUFModel(self.path, spec=self.spec_)
+        """The file opened by gguf-py (parsed now, once), knowing its fingerprint from the description."""
+        model = GGUFModel(self.path, spec=self.spec_)
+        model.__dict__["_fingerprint"] = self.fingerprint_  # the file is the one described: no second reading
+        return model
 
     def metadata_fields(self) -> list[MetadataField]:
         return self.model.metadata_fields()

@@ -26,7 +26,9 @@ def gguf_path(spec: str | os.PathLike[str], cache: Path) -> Path:
 
 
 def open_source(spec: SourceLike, cache: Path) -> TensorSource:
-    """An opened source for `spec`; an already opened source is returned as it is."""
+    """An opened source for `spec`; an already opened source is returned as it is. A GGUF file comes described
+    from the cache (sources/described.py): its inventory and fingerprint are remembered per file, and its header is
+    parsed by gguf-py only when something reads weights or the full metadata, and then once."""
     if isinstance(spec, TensorSource):
         return spec
     text = str(spec)
@@ -34,12 +36,9 @@ def open_source(spec: SourceLike, cache: Path) -> TensorSource:
         return shapes.open_shapes(text)
     if Path(text).is_dir():
         return HFCheckpoint(Path(text), cache, spec=text)
-    return GGUFModel(gguf_path(text, cache), spec=text)
+    return describe(gguf_path(text, cache), text, cache)
 
 
-def open_described(spec: SourceLike, cache: Path) -> TensorSource:
-    """Like `open_source`, with a GGUF file's description from the cache (see sources/described.py): for what
-    plans and sizes, which needs no weights."""
-    if isinstance(spec, TensorSource) or str(spec).startswith(shapes.PREFIX) or Path(str(spec)).is_dir():
-        return open_source(spec, cache)
-    return describe(gguf_path(spec, cache), str(spec), cache)
+def open_gguf(spec: str | os.PathLike[str], cache: Path) -> GGUFModel:
+    """A GGUF model with weights, parsed now: a path or a cached zoo model."""
+    return GGUFModel(gguf_path(spec, cache), spec=str(spec))
