@@ -250,8 +250,10 @@ def streaming_writer(output: Path, arch: str, split_max_size: int = 0, *, inputs
         yield writer
     except OSError as e:
         kept = writer.abort(keep=True)
-        where = f"; the {kept} tensors written are kept in {writer.partial.dir} to resume" if kept else ""
-        raise DynqError(f"{output}: writing failed ({e.strerror or e}); nothing was left under that name{where}") from e
+        failed = f"writing failed ({e.strerror or e}); nothing was left under that name"
+        if kept:
+            raise ResumeRequired(output, f"{failed}; the {kept} tensors written are kept", writer.partial.dir) from e
+        raise DynqError(f"{output}: {failed}") from e
     except (KeyboardInterrupt, SystemExit):
         if kept := writer.abort(keep=True):
             log.warning("%s: interrupted; %d tensors are kept in %s, resume to continue", output, kept,
