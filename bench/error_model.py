@@ -88,7 +88,7 @@ def measure(
 ) -> MixResult:
     out = work / f"{plan.recipe.name}.gguf"
     started = time.perf_counter()
-    dynq.quantize(plan, out, imatrix=imatrix, ctx=ctx, reuse_encoded=True)
+    dynq.quantize(plan, out, imatrix=imatrix, ctx=ctx, reuse_encoded=True, overwrite=True)
     scores = dynq.evaluate(out, ref, n_ctx=512, chunks=chunks, ctx=ctx)
     out.unlink()
     return MixResult(plan.recipe.name, kind, plan.total_bytes, plan.bpw, predicted, scores.kld_mean,

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         counts[label] = expert_counts(imx)
         out = ctx.cache_dir / "moe-coverage" / f"{NAME}-{RECIPE}-{label.replace(' ', '-')}.gguf"
         started = time.perf_counter()
-        dynq.quantize(dynq.plan(ref, RECIPE, ctx=ctx), out, imatrix=imx, ctx=ctx)
+        dynq.quantize(dynq.plan(ref, RECIPE, ctx=ctx), out, imatrix=imx, ctx=ctx, overwrite=True)
         seconds = time.perf_counter() - started
         scores = dynq.evaluate(out, ref, chunks=args.eval_chunks, ctx=ctx)
         loops = loop_rate(generate(out, args.loop_tokens, ctx.threads)) if args.loop_tokens else float("nan")

@@ -84,7 +84,7 @@ def main() -> None:
         out = work / f"qwen2.5-coder-1.5b-{recipe}.gguf"
         # both recipes put most FFN tensors at IQ1_S: the second run reuses those encodings
         result = dynq.quantize(dynq.plan(reference, recipe, ctx=ctx), out, imatrix=imatrix, ctx=ctx,
-                               reuse_encoded=True)  # fmt: skip
+                               reuse_encoded=True, overwrite=True)  # fmt: skip
         plans.append(result.plan)
         say(data(out), f": {result.plan.total_bytes / 2**30:.3f} GiB, {result.plan.bpw:.3f} bpw, "
             f"in {result.seconds:.0f} s (peak RSS {result.peak_rss_bytes / 2**30:.2f} GiB)")  # fmt: skip
