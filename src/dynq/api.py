@@ -41,7 +41,7 @@ from dynq.errors import BadInput, DynqError, NotCached, OutputExists, ResumeRequ
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
 from dynq.executors import Executor, executor
-from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
+from dynq.gguf_io.imatrix import as_imatrix, read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
@@ -176,7 +176,7 @@ def profile(
     `resume` continues an interrupted profile of the same inputs from what it had measured. `executor`
     (`dynq.executor(ray=...)`, local processes or a Ray cluster) measures the errors and the probes there."""
     ctx = context(ctx)
-    imx = imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
+    imx = as_imatrix(imatrix)
     calib = text if text is not None else calibration(ctx=ctx)
     return _profile(runnable_file(source, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor, **settings)
 

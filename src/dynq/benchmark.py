@@ -25,7 +25,7 @@ from dynq.errors import DynqError
 from dynq.eval.bench import SOLVED, BenchRow, markdown_table, plot, read_bench, rows_as_dicts
 from dynq.eval.evaluate import evaluate
 from dynq.eval.loops import generate, loop_rate
-from dynq.gguf_io.imatrix import read_imatrix
+from dynq.gguf_io.imatrix import as_imatrix
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import summarize
 from dynq.llamacpp.tools import tool
@@ -108,7 +108,7 @@ def bench(
     if rows:
         ctx.logger.info("bench %s: %d rows kept from %s", stem, len(rows), files[1])
     judged = text if text is not None else evaluation_text(ctx.cache_dir)
-    imx = read_imatrix(imatrix) if imatrix is not None else None
+    imx = as_imatrix(imatrix)
     chosen = None
     if any(j.solve_at is not None for j in jobs):
         chosen = as_profile(profile) if profile is not None else measure_profile(

@@ -29,18 +29,15 @@ from dynq.core.source import TensorSource
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.executors import Executor
-from dynq.gguf_io.imatrix import read_imatrix
-from dynq.gguf_io.reader import GGUFModel
+from dynq.gguf_io.imatrix import ImatrixLike, as_imatrix
 from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write_gguf
 from dynq.kernels import KernelBackend, choose_backend, get_backend
 from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan
-from dynq.sources.described import DescribedGGUF
+from dynq.sources.described import GGUFFile
 from dynq.sources.open import open_source
 from dynq.version import __version__
 
-# What quantize takes for importance data: one already read, or a file (GGUF or .dat).
-ImatrixLike = Imatrix | str | os.PathLike[str]
 # Keys a quantizer writes itself rather than copying from the source.
 _REWRITTEN = ("general.file_type", "general.quantization_version")
 _REWRITTEN_PREFIXES = ("quantize.imatrix.", "dynq.")
@@ -267,12 +264,12 @@ def quantize(
     out = Path(output)
     # described from the cache: the header is parsed once, when the weights are first read
     src = source if source is not None else open_source(plan.source, ctx.cache_dir)
-    if isinstance(src, GGUFModel | DescribedGGUF) and any(out.resolve() == p.resolve() for p in src.shards):
+    if isinstance(src, GGUFFile) and any(out.resolve() == p.resolve() for p in src.shards):
         raise DynqError(f"{out}: the output would overwrite the source; choose another name")
     if not plan.tensors:
         raise DynqError(f"{plan.source}: no tensors to quantize (a vocabulary-only file?)")
     check_plan_matches(plan, src)
-    imx = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else read_imatrix(imatrix)
+    imx = as_imatrix(imatrix)
     origin = imx.path if imx is not None else None  # the file it was read from, named in messages and the output
     imatrix_file = Path(origin).name if origin is not None else None
     if imx is not None:

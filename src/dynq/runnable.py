@@ -9,18 +9,17 @@ from pathlib import Path
 from dynq.core.context import RunContext, context
 from dynq.core.source import TensorSource
 from dynq.errors import DynqError
-from dynq.gguf_io.reader import GGUFModel
 from dynq.quantize import quantize
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import as_recipe
 from dynq.sources.checkpoint import HFCheckpoint, checkpoint_fingerprint
-from dynq.sources.described import DescribedGGUF
+from dynq.sources.described import GGUFFile
 from dynq.sources.open import SourceLike, gguf_path
 
 
 def runnable_file(source: SourceLike, ctx: RunContext) -> Path:
     """The GGUF file llama.cpp's runtime loads for `source`."""
-    if isinstance(source, GGUFModel | DescribedGGUF):
+    if isinstance(source, GGUFFile):
         return source.path
     if isinstance(source, HFCheckpoint) or (not isinstance(source, TensorSource) and Path(source).is_dir()):
         return f16_conversion(source, ctx=ctx)

@@ -19,15 +19,14 @@ from dynq.budget.profile import profile as measure_profile
 from dynq.budget.profile_file import Profile, ProfileSettings, text_ref
 from dynq.calib.text import Text, calibration_text
 from dynq.core.context import RunContext, context
-from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import kind_of
 from dynq.core.units import parse_target
 from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult, evaluate
 from dynq.executors import Executor
-from dynq.gguf_io.imatrix import read_imatrix
-from dynq.quantize import ImatrixLike, QuantizeResult, quantize
+from dynq.gguf_io.imatrix import ImatrixLike, as_imatrix
+from dynq.quantize import QuantizeResult, quantize
 from dynq.recipe.plan import QuantPlan
 from dynq.recipe.presets import RecipeLike, as_recipe
 from dynq.recipe.refine import Refined, choice_key, scaled_costs
@@ -151,7 +150,7 @@ def refine(
     ctx = context(ctx)
     prof = as_profile(profile)
     calib = _profile_text(prof, text, ctx)
-    imx = _read_once(imatrix)
+    imx = as_imatrix(imatrix)
     solve_for = _solver(source, prof, SolveRequest(target, imx is not None, base, types, ties, name), ctx)
     kinds = sorted({kind_of(n) for n in prof.tensors})
     solved: dict[tuple[tuple[str, str], ...], Solved] = {}
@@ -173,11 +172,6 @@ def refine(
 
     search = search_weights(kinds, choose, measure, seconds=seconds)
     return RefinedSolve(solved[choice_key(search.choice)], search)
-
-
-def _read_once(imatrix: ImatrixLike | None) -> Imatrix | None:
-    """The imatrix read once for every step that uses it (it remembers its file for the output's metadata)."""
-    return imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
 
 
 def _profile_text(prof: Profile, text: Text | None, ctx: RunContext) -> Text:
@@ -267,7 +261,7 @@ def quantize_for(
     progress) and `executor` serve every step; `resume` continues an interrupted profile or quantize. `measure`
     holds the profile's settings (dynq.profile's), `types` the solve's candidates."""
     ctx = context(ctx)
-    imx = _read_once(imatrix)
+    imx = as_imatrix(imatrix)
     opened = open_source(source, ctx.cache_dir)  # once, for all three steps: one parse, one fingerprint
     if profile is None:
         calib = text if text is not None else calibration_text(ctx.cache_dir)

@@ -24,7 +24,7 @@ from dynq.kernels import KernelBackend
 from dynq.kernels.ggml import GgmlBackend
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
-from dynq.sources.described import DescribedGGUF
+from dynq.sources.described import GGUFFile
 
 # Candidates by default: every type llama-quantize writes for ordinary models. The ternary types (TQ1_0, TQ2_0) fit
 # only ternary-trained weights and MXFP4 only models trained in it; measuring them elsewhere costs encode time for
@@ -35,13 +35,13 @@ DEFAULT_TYPES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def profiled_tensors(model: GGUFModel | DescribedGGUF) -> list[TensorInfo]:
+def profiled_tensors(model: GGUFFile) -> list[TensorInfo]:
     """The tensors a default plan quantizes: every weight matrix except the keep-list (norms, router, 1-D)."""
     plan = resolve(load_recipe("uniform-q8_0"), model.inventory())
     return [p.info for p in plan.tensors if not p.kept]
 
 
-def check_float_reference(model: GGUFModel | DescribedGGUF, tensors: Sequence[TensorInfo]) -> None:
+def check_float_reference(model: GGUFFile, tensors: Sequence[TensorInfo]) -> None:
     stored = [t for t in tensors if t.dtype.name not in FLOATS]
     if stored:
         t = stored[0]

@@ -18,10 +18,9 @@ from typing import Any
 from dynq.core.context import RunContext, context
 from dynq.core.units import GIB
 from dynq.deploy.memory import ByteModel, SizedTensor, byte_model
-from dynq.gguf_io.reader import GGUFModel
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import RecipeLike, as_recipe
-from dynq.sources.described import DescribedGGUF
+from dynq.sources.described import GGUFFile
 from dynq.sources.open import SourceLike, open_source
 
 log = logging.getLogger(__name__)
@@ -453,7 +452,7 @@ def offload(
     opened = open_source(source, context(ctx).cache_dir)
     inventory = opened.inventory()
     plan = resolve(as_recipe(recipe), inventory) if recipe is not None else None
-    model_file = str(opened.path) if recipe is None and isinstance(opened, GGUFModel | DescribedGGUF) else None
+    model_file = str(opened.path) if recipe is None and isinstance(opened, GGUFFile) else None
     model = byte_model(inventory, plan)
     s = settings or Settings()
     tried = kv_types or (s.kv_type,)

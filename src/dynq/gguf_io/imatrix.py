@@ -17,6 +17,14 @@ from dynq.errors import DynqError
 from dynq.gguf_io.reader import field_value
 from dynq.gguf_io.writer import check_output_folder
 
+# What the calls that use importance data take: one already read, or a file (GGUF or .dat).
+ImatrixLike = Imatrix | str | os.PathLike[str]
+
+
+def as_imatrix(imatrix: ImatrixLike | None) -> Imatrix | None:
+    """Importance data read once, for every step that uses it (a read one remembers its file)."""
+    return imatrix if imatrix is None or isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
+
 
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     """Read an imatrix in GGUF or legacy .dat format (told apart by the GGUF magic)."""

@@ -104,9 +104,11 @@ class GGUFTensor:
 class GGUFModel:
     """A GGUF model on disk (one file or all shards of a split), read lazily."""
 
-    def __init__(self, path: str | Path, spec: str | None = None) -> None:
+    def __init__(self, path: str | Path, spec: str | None = None, fingerprint: str | None = None) -> None:
+        """`fingerprint`, when the caller already knows this file's (a description of it), is not computed again."""
         self.path = Path(path)
         self._spec = spec or str(self.path)
+        self._known_fingerprint = fingerprint
         self.shards = shard_paths(self.path)
         self.readers = [_open_reader(p) for p in self.shards]
         self._check_split()
@@ -202,6 +204,8 @@ class GGUFModel:
 
     @cached_property
     def _fingerprint(self) -> str:
+        if self._known_fingerprint is not None:
+            return self._known_fingerprint
         digest = hashlib.sha256()
         for reader in self.readers:
             digest.update(np.asarray(reader.data[: reader.data_offset]).tobytes())  # header, metadata, tensor infos

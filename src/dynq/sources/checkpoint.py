@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import struct
 import tempfile
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch
 import transformers
 
 from dynq.core.arrays import F32Array
+from dynq.core.atomic import atomic_write_text
 from dynq.core.qtypes import qtype
 from dynq.core.source import MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
@@ -278,9 +278,7 @@ def checkpoint_fingerprint(directory: Path, cache: Path) -> str:
     fingerprint = _digest(directory)  # after the key: a file changed meanwhile leaves a memo under its old key
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": _MEMO_VERSION, "fingerprint": fingerprint}))
-        tmp.replace(memo)
+        atomic_write_text(memo, json.dumps({"version": _MEMO_VERSION, "fingerprint": fingerprint}))
     except OSError:  # a read-only cache: computed again next time
         pass
     return fingerprint

@@ -59,9 +59,7 @@ class DescribedGGUF:
     @cached_property
     def model(self) -> GGUFModel:
         """The file opened by gguf-py (parsed now, once), knowing its fingerprint from the description."""
-        model = GGUFModel(self.path, spec=self.spec_)
-        model.__dict__["_fingerprint"] = self.fingerprint_  # the file is the one described: no second reading
-        return model
+        return GGUFModel(self.path, spec=self.spec_, fingerprint=self.fingerprint_)
 
     def metadata_fields(self) -> list[MetadataField]:
         return self.model.metadata_fields()
@@ -95,6 +93,10 @@ def _opened(model: GGUFModel) -> DescribedGGUF:
     described = DescribedGGUF(model.path, model.spec, model.inventory(), model.fingerprint())
     described.__dict__["model"] = model  # already open: loading from it needs no second parse
     return described
+
+
+# A GGUF file on disk, parsed by gguf-py or described from the cache: both have `path`, `shards` and the source calls.
+GGUFFile = GGUFModel | DescribedGGUF
 
 
 def describe(path: Path, spec: str, cache: Path) -> DescribedGGUF:
