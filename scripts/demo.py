@@ -19,8 +19,8 @@ from rich.panel import Panel
 from rich.text import Text
 
 import dynq
-from dynq.cli_render import draw_comparison
-from dynq.cli_text import data, line
+from dynq.cli.render import draw_comparison
+from dynq.cli.text import data, line
 from dynq.llamacpp.runtime import llama
 
 MODEL = "zoo:qwen2.5-coder-1.5b"

@@ -26,10 +26,11 @@ from rich.console import Console, RenderableType
 from rich.text import Text
 from typer.testing import CliRunner
 
-from dynq import api, cli_deploy
-from dynq.cli_offload import draw_offload
-from dynq.cli_render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
-from dynq.cli_text import clean, data, line
+from dynq import api
+from dynq.cli import deploy as cli_deploy
+from dynq.cli.offload import draw_offload
+from dynq.cli.render import draw_comparison, draw_imatrix_coverage, draw_plan, draw_summary
+from dynq.cli.text import clean, data, line
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.core.units import GIB
 from dynq.deploy.offload import Hardware, offload
@@ -223,7 +224,7 @@ def test_draw_offload(hostile_gguf: Path, capsys: pytest.CaptureFixture[str]) ->
     assert_inert(command)
 
 
-# --- cli_deploy: streamed completions, paths, template problems ---------------------------------------------
+# --- cli/deploy: streamed completions, paths, template problems ---------------------------------------------
 
 PIECES = ["Hello [/] ", "\x1b", "[31mred", "\x1b]8;;http://x", "\x07 \u202e", "\x9b2J", "[link=https://x]y[/link]\r"]
 
@@ -231,7 +232,8 @@ PIECES = ["Hello [/] ", "\x1b", "[31mred", "\x1b]8;;http://x", "\x07 \u202e", "\
 class FakeRunner:
     """A model that answers with hostile text, token piece by token piece."""
 
-    def __init__(self, path: Path, *args: object, **kwargs: object) -> None:
+    def __init__(self, model: str, **kwargs: object) -> None:
+        self.path = Path(model)
         self.offload = Offload(0, "[/]reason\x1b[31m")
 
     def __enter__(self) -> FakeRunner:
@@ -254,8 +256,8 @@ class FakeRunner:
 
 @pytest.fixture
 def deploy_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[typer.Typer]:
-    monkeypatch.setattr(cli_deploy, "Runner", FakeRunner)
-    monkeypatch.setattr(cli_deploy, "_model_file", lambda spec: Path("/m/[/x]") / spec)
+    monkeypatch.setattr(api, "runner", FakeRunner)
+    monkeypatch.setattr(api, "gguf_file", lambda spec: Path("/m/[/x]") / spec)
     app = typer.Typer()
     cli_deploy.register(app)
     yield app
@@ -286,12 +288,12 @@ def test_merge_split_and_export_print_paths_as_data(
     files = [folder / f"m[bold]\x1b[31m-0000{i}-of-00002.gguf" for i in (1, 2)]
     for f in files:
         f.write_bytes(b"GGUF")
-    monkeypatch.setattr(cli_deploy, "merge", lambda *a, **k: ShardsWritten(files[:1], 3, 100))
-    monkeypatch.setattr(cli_deploy, "split", lambda *a, **k: ShardsWritten(files, 3, 100))
+    monkeypatch.setattr(api, "merge", lambda *a, **k: ShardsWritten(files[:1], 3, 100))
+    monkeypatch.setattr(api, "split", lambda *a, **k: ShardsWritten(files, 3, 100))
     problem = "[/]the template says \x1b[31m[link=https://x]y[/link]"
     modelfile = Modelfile("", None, problems=[problem])
     monkeypatch.setattr(
-        cli_deploy, "export_ollama", lambda *a, **k: OllamaExport(files[0], folder / "Model[/]file", modelfile)
+        api, "export_ollama", lambda *a, **k: OllamaExport(files[0], folder / "Model[/]file", modelfile)
     )
     runner = CliRunner()
     for args in (
@@ -457,13 +459,11 @@ LOOP_TEXTS = [*HOSTILE, "  [/]\x1b[31m[link=https://x]y\n", "x\x1b]8;;http://x\x
 @pytest.mark.parametrize("as_json", [False, True])
 def test_cli_loops(hostile_dir: Path, monkeypatch: pytest.MonkeyPatch, as_json: bool) -> None:
     """A tiny model's output cannot be steered: `generate` answers with hostile continuations instead."""
-    from dynq import cli as cli_module
-
     model = hostile_dir / "m[bold]\x1b]8;;x\x07.gguf"
     runs = [Continuation("prose", "[/]p\x1b[2J", mode, text, 4, i % 3 == 0, 1 if i % 3 == 1 else None)
             for i, text in enumerate(LOOP_TEXTS) for mode in ("greedy", "sampled")]  # fmt: skip
     seen: list[Path] = []
-    monkeypatch.setattr(cli_module, "generate", lambda path, *a, **k: seen.append(path) or runs)
+    monkeypatch.setattr(api, "loops", lambda path, *a, **k: seen.append(path) or runs)
     stdout = cli(["loops", str(model), "--tokens", "4", *(["--json"] if as_json else [])]).stdout
     assert seen == [model]
     if as_json:

@@ -1,7 +1,7 @@
-"""The public Python API, re-exported by the `dynq` package: a facade over the rooms that do the work. The CLI only
-parses options, asks for what must be fetched or built, and draws. `quantize` (quantize.py), `offload`
-(deploy/offload.py), `card` (card.py) and the size budget's `solve`, `refine`, `verify` and `quantize_for`
-(budget/allocate.py) are exported as they are.
+"""The public Python API, re-exported by the `dynq` package: a facade over the rooms that do the work. Every command
+of the CLI is a call here; the CLI only parses options, fetches what is missing, draws, and words typed errors in its
+flags. `quantize`, `offload`, `card`, `split`, `merge`, `export_ollama`, `bench` and the size budget's `solve`,
+`refine`, `verify` and `quantize_for` are exported as they are.
 
 Every call takes keyword-only options and an optional `RunContext` (threads, device, cache folder, progress
 callback, logger); none of them touches the network or a compiler except `fetch` and `build_tools`, which exist
@@ -27,36 +27,55 @@ from dynq.budget.allocate import (
     solve,
     verify,
 )
+from dynq.budget.profile import DEFAULTS as PROFILE_DEFAULTS
 from dynq.budget.profile import profile as _profile
 from dynq.budget.profile_file import Profile, ProfileSettings
 from dynq.calib.collector import collect_imatrix as _collect
-from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts
-from dynq.card import ModelCard, card
+from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts, read_texts, texts_cached
+from dynq.card import DEFAULT_VRAM, ModelCard, card
 from dynq.core.context import Progress, RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
 from dynq.core.source import TensorSource
-from dynq.deploy.offload import Hardware, OffloadPlan, Settings, offload
+from dynq.deploy.memory import KV_TYPES
+from dynq.deploy.offload import (
+    AUTO_KV_TYPES,
+    DEFAULT_CPU_BANDWIDTH,
+    Hardware,
+    OffloadPlan,
+    Placement,
+    Settings,
+    offload,
+)
+from dynq.deploy.ollama import Message, OllamaExport, export_ollama
+from dynq.deploy.run import Generation, Runner, Sampling
+from dynq.deploy.shards import ShardsWritten, merge, split
 from dynq.errors import BadInput, DynqError, NotCached, OutputExists, ResumeRequired, VersionMismatch
+from dynq.eval.bench import BenchRow
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
+from dynq.eval.loops import Continuation, loop_rate
+from dynq.eval.loops import generate as _generate
 from dynq.executors import Executor, executor
 from dynq.gguf_io.imatrix import as_imatrix, read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
 from dynq.llamacpp.tools import build_tools as _build_tools
+from dynq.llamacpp.tools import tools_built as _tools_built
 from dynq.llamacpp.tools import tools_dir
 from dynq.quantize import QuantizeResult, quantize
-from dynq.recipe.coverage import TensorCoverage, imatrix_coverage
+from dynq.recipe.coverage import TensorCoverage, coverage_summary, imatrix_coverage
+from dynq.recipe.llama_args import llama_quantize_command
 from dynq.recipe.plan import QuantPlan, resolve
-from dynq.recipe.presets import RecipeLike, as_recipe
+from dynq.recipe.presets import RecipeLike, as_recipe, preset_names
 from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.runnable import f16_conversion, runnable_file
 from dynq.sources import shapes, zoo
 from dynq.sources.described import DescribedGGUF
-from dynq.sources.open import SourceLike, open_gguf
+from dynq.sources.open import SourceLike, gguf_path, open_gguf
 from dynq.sources.open import open_source as _open_source
+from dynq.sources.synthetic import write_synthetic
 from dynq.version import __version__
 
 TEXTS = "texts"  # what `fetch` takes for the built-in calibration and evaluation texts
@@ -184,7 +203,7 @@ def profile(
 def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -> list[TensorCoverage]:
     """What `imatrix` covers of `quant_plan`; raises DynqError if it was made for another model."""
     imx = imatrix if isinstance(imatrix, Imatrix) else read_imatrix(imatrix)
-    return imatrix_coverage(quant_plan, imx, "imatrix" if isinstance(imatrix, Imatrix) else str(imatrix))
+    return imatrix_coverage(quant_plan, imx, imx.path or "imatrix")
 
 
 def inspect(source: SourceLike, *, ctx: RunContext | None = None) -> FileSummary:
@@ -197,62 +216,71 @@ def inspect(source: SourceLike, *, ctx: RunContext | None = None) -> FileSummary
     return summarize(open_gguf(model, context(ctx).cache_dir))  # the summary reads the whole header: parsed now
 
 
+def needs_fetch(name: str, *, ctx: RunContext | None = None) -> bool:
+    """Whether `fetch(name)` has yet to run: a `zoo:NAME` model or the `texts` not in the cache. False for anything
+    that needs nothing fetched (a path, a checkpoint folder, `shapes:NAME`)."""
+    cache = context(ctx).cache_dir
+    if name == TEXTS:
+        return not texts_cached(cache)
+    return name.startswith(zoo.PREFIX) and not zoo.zoo_model(name).path(cache).exists()
+
+
+def tools_built(*, ctx: RunContext | None = None) -> bool:
+    """Whether `build_tools` has built llama.cpp's tools into the cache (the llama.cpp mixes of `bench` need them)."""
+    return _tools_built(context(ctx).cache_dir)
+
+
+def gguf_file(model: str | os.PathLike[str], *, ctx: RunContext | None = None) -> Path:
+    """The GGUF file a path or a cached `zoo:NAME` names (for a split model, the shard given)."""
+    return gguf_path(model, context(ctx).cache_dir)
+
+
+def presets() -> list[Recipe]:
+    """The shipped recipes (each with its `name` and `description`)."""
+    return [as_recipe(name) for name in preset_names()]
+
+
+def zoo_models() -> list[str]:
+    """The `zoo:NAME` models `fetch` can download."""
+    return [zoo.PREFIX + name for name in zoo.names()]
+
+
+def shape_inventories() -> list[str]:
+    """The `shapes:NAME` inventories (real models' tensor names and shapes, no weights) `plan` and `offload` take."""
+    return [shapes.PREFIX + name for name in shapes.inventory_names()]
+
+
+def runner(model: str | os.PathLike[str], *, n_ctx: int = 4096, n_gpu_layers: int | None = None,
+           seed: int | None = None, ctx: RunContext | None = None) -> Runner:  # fmt: skip
+    """`model` (a GGUF path, any shard of a split, or a cached `zoo:NAME`) loaded in llama.cpp with `n_ctx` tokens of
+    context and, unless `n_gpu_layers` says, the offload planner's GPU layers. `.complete(prompt, Sampling(),
+    on_token)` streams a continuation, `.chat(messages, ...)` answers through the file's chat template; close it
+    (or use `with`)."""
+    ctx = context(ctx)
+    return Runner(gguf_file(model, ctx=ctx), n_ctx, ctx.threads, n_gpu_layers, seed)
+
+
+def loops(model: str | os.PathLike[str], *, tokens: int = 256, ctx: RunContext | None = None) -> list[Continuation]:
+    """Greedy and sampled continuations of fixed prompts, `tokens` each, with where each ended; `loop_rate` of them
+    is the share that fell into endless repetition."""
+    ctx = context(ctx)
+    return _generate(gguf_file(model, ctx=ctx), tokens, ctx.threads)
+
+
+# fmt: off
 __all__ = [
-    "TEXTS",
-    "BadInput",
-    "BenchResult",
-    "DynqError",
-    "EvalResult",
-    "Executor",
-    "FileSummary",
-    "Hardware",
-    "Imatrix",
-    "ModelCard",
-    "NotCached",
-    "OffloadPlan",
-    "OutputExists",
-    "Profile",
-    "ProfileLike",
-    "Progress",
-    "QType",
-    "QuantPlan",
-    "QuantizeResult",
-    "QuantizedFor",
-    "Recipe",
-    "RefinedSolve",
-    "ResumeRequired",
-    "RunContext",
-    "Settings",
-    "Solved",
-    "TensorSource",
-    "Text",
-    "Verified",
-    "VersionMismatch",
+    "AUTO_KV_TYPES", "DEFAULT_CPU_BANDWIDTH", "DEFAULT_VRAM", "KV_TYPES", "PROFILE_DEFAULTS", "TEXTS",
+    "BadInput", "BenchResult", "BenchRow", "Continuation", "DynqError", "EvalResult", "Executor", "FileSummary",
+    "Generation", "Hardware", "Imatrix", "Message", "ModelCard", "NotCached", "OffloadPlan", "OllamaExport",
+    "OutputExists", "Placement", "Profile", "ProfileLike", "Progress", "QType", "QuantPlan", "QuantizeResult",
+    "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext", "Runner", "Sampling", "Settings",
+    "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text", "Verified", "VersionMismatch",
     "__version__",
-    "bench",
-    "build_tools",
-    "calibration",
-    "card",
-    "collect_imatrix",
-    "coverage",
-    "evaluate",
-    "evaluation",
-    "executor",
-    "f16_conversion",
-    "fetch",
-    "inspect",
-    "offload",
-    "open_source",
-    "plan",
-    "profile",
-    "qtype",
-    "quantize",
-    "quantize_for",
-    "read_imatrix",
-    "recipe",
-    "recipe_from_dict",
-    "refine",
-    "save_imatrix",
-    "solve",
-    "verify",
+    "bench", "build_tools", "calibration", "card", "collect_imatrix", "coverage", "coverage_summary", "evaluate",
+    "evaluation", "executor", "export_ollama", "f16_conversion", "fetch", "gguf_file", "inspect",
+    "llama_quantize_command", "loop_rate", "loops", "merge", "needs_fetch", "offload", "open_source", "plan",
+    "presets", "profile", "qtype", "quantize", "quantize_for", "read_imatrix", "read_texts", "recipe",
+    "recipe_from_dict", "refine", "runner", "save_imatrix", "shape_inventories", "solve", "split", "tools_built",
+    "verify", "write_synthetic", "zoo_models",
 ]
+# fmt: on

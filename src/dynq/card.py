@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from dynq.core.atomic import atomic_write_text
+from dynq.core.atomic import atomic_write_text, check_output_folder
 from dynq.core.context import RunContext, context
 from dynq.core.sizes import census
 from dynq.core.tensors import TensorClass
@@ -37,7 +37,6 @@ from dynq.deploy.shards import model_stem
 from dynq.errors import DynqError, OutputExists
 from dynq.eval.bench import BenchRow, pareto_front, read_bench
 from dynq.gguf_io.reader import GGUFModel
-from dynq.gguf_io.writer import check_output_folder
 from dynq.inspect import FileSummary, summarize
 from dynq.recipe.rules import Recipe, recipe_from_dict
 from dynq.sources.open import gguf_path

@@ -18,6 +18,7 @@ from pathlib import Path
 from dynq.budget.profile import profile as measure_profile
 from dynq.budget.profile_file import Profile, ProfileSettings, text_ref
 from dynq.calib.text import Text, calibration_text
+from dynq.core.atomic import atomic_write_text, check_output_folder
 from dynq.core.context import RunContext, context
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import kind_of
@@ -33,7 +34,7 @@ from dynq.recipe.refine import Refined, choice_key, scaled_costs
 from dynq.recipe.refine import refine as search_weights
 from dynq.recipe.rules import Recipe
 from dynq.recipe.solve import Solution
-from dynq.recipe.solved_recipe import solve_plan
+from dynq.recipe.solved_recipe import recipe_yaml, solve_plan
 from dynq.recipe.target import pinned_by, solver_start
 from dynq.runnable import runnable_file
 from dynq.sources.checkpoint import HFCheckpoint
@@ -51,6 +52,11 @@ class Solved:
     solution: Solution
     target_bytes: int
     predicted_kld: float
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the recipe as YAML (atomically); `dynq.recipe(path)` reads it back to the same recipe."""
+        check_output_folder(Path(path))
+        return atomic_write_text(path, recipe_yaml(self.recipe))
 
 
 @dataclass(frozen=True)

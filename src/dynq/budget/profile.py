@@ -40,6 +40,7 @@ from dynq.budget.profile_file import (
     ModelRef,
     Probe,
     Profile,
+    ProfileSettings,
     TensorProfile,
     cache_key,
     cache_path,
@@ -68,6 +69,10 @@ ROWS = 128
 GROUP_BLOCKS = 4
 N_CTX = 256
 CHUNKS = 1
+PROBE_TYPE = "Q2_K"
+DEFAULTS = ProfileSettings(
+    types=DEFAULT_TYPES, rows=ROWS, group_blocks=GROUP_BLOCKS, probe_type=PROBE_TYPE, n_ctx=N_CTX, chunks=CHUNKS
+)
 
 
 def _method(types: Sequence[str], rows: int, group_blocks: int, probe_type: str, n_ctx: int, chunks: int) -> Method:
@@ -93,7 +98,7 @@ def profile(
     types: Sequence[str] = DEFAULT_TYPES,
     rows: int = ROWS,
     group_blocks: int = GROUP_BLOCKS,
-    probe_type: str = "Q2_K",
+    probe_type: str = PROBE_TYPE,
     n_ctx: int = N_CTX,
     chunks: int = CHUNKS,
     ctx: RunContext | None = None,

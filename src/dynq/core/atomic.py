@@ -8,6 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from dynq.errors import DynqError
+
+
+def check_output_folder(path: Path) -> None:
+    """Say before any work, not after it, that the folder an output goes into is missing."""
+    if not path.parent.is_dir():
+        raise DynqError(f"{path}: the output directory {path.parent} does not exist; create it first")
+
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

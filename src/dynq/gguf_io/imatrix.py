@@ -11,11 +11,10 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from dynq.core.arrays import F32Array
-from dynq.core.atomic import atomic_path, atomic_write_bytes
+from dynq.core.atomic import atomic_path, atomic_write_bytes, check_output_folder
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import field_value
-from dynq.gguf_io.writer import check_output_folder
 
 # What the calls that use importance data take: one already read, or a file (GGUF or .dat).
 ImatrixLike = Imatrix | str | os.PathLike[str]

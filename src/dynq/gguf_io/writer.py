@@ -24,6 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from dynq.core.arrays import U8Array
+from dynq.core.atomic import check_output_folder
 from dynq.core.source import MetadataField
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError, OutputExists, ResumeRequired
@@ -41,12 +42,6 @@ def copy_metadata(fields: Iterable[MetadataField], writer: GGUFWriter, drop: Cal
         writer.add_key_value(f.key, f.value, f.vtype, f.sub_type)
         if f.key == "general.alignment":
             writer.data_alignment = int(f.value)
-
-
-def check_output_folder(path: Path) -> None:
-    """Say before any work, not after it, that the folder an output goes into is missing."""
-    if not path.parent.is_dir():
-        raise DynqError(f"{path}: the output directory {path.parent} does not exist; create it first")
 
 
 @dataclass(frozen=True)

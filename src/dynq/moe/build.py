@@ -22,11 +22,11 @@ import numpy as np
 from gguf import GGUFReader
 
 from dynq.calib.text import Text
+from dynq.core.atomic import check_output_folder
 from dynq.core.context import RunContext, context
 from dynq.errors import DynqError
 from dynq.eval.evaluate import perplexity
 from dynq.gguf_io.reader import GGUFModel
-from dynq.gguf_io.writer import check_output_folder
 from dynq.moe import layout as lay
 from dynq.moe.activations import ffn_inputs
 from dynq.moe.convert import MOE_ARCH, SOURCE_ARCH, BlockExperts, block_ffn, check_source, write_relaid

@@ -14,11 +14,10 @@ import numpy as np
 from gguf import GGUFWriter, TokenType
 from gguf import quantize as gguf_quantize
 
-from dynq.core.atomic import atomic_path
+from dynq.core.atomic import atomic_path, check_output_folder
 from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
-from dynq.gguf_io.writer import check_output_folder
 from dynq.sources.shapes import (
     DeepSeek2Config,
     DenseConfig,

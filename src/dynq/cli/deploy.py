@@ -10,20 +10,15 @@ from typing import Annotated
 
 import typer
 
-from dynq.card import DEFAULT_VRAM, card
-from dynq.cli_shell import THREADS, ensure_source, err, progress_bar, run_context, say
-from dynq.cli_text import clean, data, line
+from dynq import api
+from dynq.cli.shell import THREADS, ensure_source, err, progress_bar, run_context, say
+from dynq.cli.text import clean, data, line
 from dynq.core.units import parse_size
-from dynq.deploy.ollama import Message, export_ollama
-from dynq.deploy.run import Generation, Runner, Sampling
-from dynq.deploy.shards import merge, split
 from dynq.errors import DynqError
-from dynq.paths import cache_dir
-from dynq.sources.open import gguf_path
 
 
 def _model_file(spec: str) -> Path:
-    return gguf_path(ensure_source(spec), cache_dir())
+    return api.gguf_file(ensure_source(spec))
 
 
 def _stream(piece: str) -> None:
@@ -33,7 +28,7 @@ def _stream(piece: str) -> None:
     sys.stdout.flush()
 
 
-def _stats(g: Generation) -> None:
+def _stats(g: api.Generation) -> None:
     end = "end of text" if g.stopped else "token budget"
     err.print(line(f"{g.n_prompt} prompt tokens in {g.prompt_seconds:.2f} s; {g.n_tokens} tokens at "
                    f"{g.tokens_per_s:.1f} tok/s; stopped at {end}", style="dim"), soft_wrap=True)  # fmt: skip
@@ -55,7 +50,7 @@ def run(
     top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0: off)")] = 0,
     repeat_penalty: Annotated[float, typer.Option(help="repetition penalty (1.0: off)")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed (default: random)")] = None,
-    ctx: Annotated[int, typer.Option(help="context size in tokens")] = 4096,
+    n_ctx: Annotated[int, typer.Option("--ctx", help="context size in tokens")] = 4096,
     threads: Annotated[int, typer.Option(help="llama.cpp threads")] = THREADS,
     n_gpu_layers: Annotated[
         int | None, typer.Option("--n-gpu-layers", "-ngl", help="layers on the GPU (default: the offload planner's)")
@@ -64,15 +59,15 @@ def run(
     """Run a model on llama.cpp: continue a prompt, or chat through the file's own chat template; tokens stream."""
     if prompt is None and not chat:
         raise DynqError("nothing to do: give a prompt with -p, or --chat to talk")
-    if max_tokens < 1 or ctx < 8:
+    if max_tokens < 1 or n_ctx < 8:
         raise DynqError("--max-tokens must be at least 1 and --ctx at least 8")
-    sampling = Sampling(temperature, min_p, top_p, top_k, repeat_penalty, max_tokens)
-    path = _model_file(model)
-    with err.status(line("loading ", data(path.name))):
-        runner = Runner(path, ctx, threads, n_gpu_layers, seed)
+    sampling = api.Sampling(temperature, min_p, top_p, top_k, repeat_penalty, max_tokens)
+    ensure_source(model)
+    with err.status(line("loading ", data(model))):
+        runner = api.runner(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, seed=seed, ctx=run_context(threads))
     with runner:
         layers = runner.offload.n_gpu_layers
-        err.print(line(data(path.name), f": GPU layers {'all' if layers < 0 else layers} (",
+        err.print(line(data(runner.path.name), f": GPU layers {'all' if layers < 0 else layers} (",
                        data(runner.offload.reason), f"); temperature {temperature:g}, min_p {min_p:g}", style="dim"),
                   soft_wrap=True)  # fmt: skip
         if not chat:
@@ -82,7 +77,7 @@ def run(
             _stream("\n")
             _stats(done)
             return
-        messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        messages: list[api.Message] = [{"role": "system", "content": system}] if system else []
         if prompt is not None:
             messages.append({"role": "user", "content": prompt})
             done = runner.chat(messages, sampling, _stream)
@@ -111,7 +106,7 @@ def merge_command(
 ) -> None:
     """Merge llama.cpp split shards into one GGUF; tensor bytes are copied unchanged."""
     with progress_bar("merging") as on_step:
-        result = merge(shard, output, overwrite=force, ctx=run_context(progress=on_step))
+        result = api.merge(shard, output, overwrite=force, ctx=run_context(progress=on_step))
     counts = f": {result.n_tensors} tensors, {result.tensor_bytes:,} tensor bytes"
     say("wrote ", data(result.files[0]), counts)
 
@@ -128,7 +123,7 @@ def split_command(
     """Split a GGUF into llama.cpp shards (llama-gguf-split's format); tensor bytes are copied unchanged."""
     size = parse_size(max_size) if max_size is not None else None
     with progress_bar("splitting") as on_step:
-        result = split(
+        result = api.split(
             model, output, max_size=size, n_shards=shards, overwrite=force, ctx=run_context(progress=on_step)
         )
     for f in result.files:
@@ -146,7 +141,7 @@ def export_ollama_command(
 ) -> None:
     """Write one GGUF (shards merged) and a Modelfile with the model's chat template, sampling and stop tokens."""
     with progress_bar("exporting") as on_step:
-        result = export_ollama(_model_file(model), output, temperature=temperature, min_p=min_p, link=link,
+        result = api.export_ollama(_model_file(model), output, temperature=temperature, min_p=min_p, link=link,
                                overwrite=force, ctx=run_context(progress=on_step))  # fmt: skip
     m = result.content
     if m.family is None:
@@ -168,16 +163,16 @@ def card_command(
     ] = None,
     vram: Annotated[
         list[str] | None,
-        typer.Option(help=f"GPU memory to plan llama.cpp offload for (repeat; default {', '.join(DEFAULT_VRAM)})"),
+        typer.Option(help=f"GPU memory to plan llama.cpp offload for (repeat; default {', '.join(api.DEFAULT_VRAM)})"),
     ] = None,
-    ctx: Annotated[int, typer.Option(help="context length (tokens) the run commands plan for")] = 4096,
+    n_ctx: Annotated[int, typer.Option("--ctx", help="context length (tokens) the run commands plan for")] = 4096,
     force: Annotated[bool, typer.Option("--force", help="replace an existing card")] = False,
 ) -> None:
     """Write a Hugging Face model card (README.md) from what the GGUF records: source model, recipe, bits per weight
     per tensor class, imatrix provenance, measured quality, llama.cpp and Ollama instructions."""
-    if ctx < 1:
+    if n_ctx < 1:
         raise DynqError("--ctx must be positive")
-    written = card(_model_file(model), output=output, bench=bench, vram=vram or DEFAULT_VRAM, ctx_len=ctx,
+    written = api.card(_model_file(model), output=output, bench=bench, vram=vram or api.DEFAULT_VRAM, ctx_len=n_ctx,
                    overwrite=force, ctx=run_context())  # fmt: skip
     for note in written.notes:  # notes quote the file's metadata and llama.cpp's errors
         err.print(line("left out: ", data(note), style="yellow"), soft_wrap=True)

@@ -10,19 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dynq.cli_shell import ensure_source, out
-from dynq.cli_text import clean, data, line
+from dynq import api
+from dynq.cli.shell import ensure_source, out
+from dynq.cli.text import clean, data, line
 from dynq.core.units import GIB, parse_memory
-from dynq.deploy.memory import KV_TYPES
-from dynq.deploy.offload import (
-    AUTO_KV_TYPES,
-    DEFAULT_CPU_BANDWIDTH,
-    Hardware,
-    OffloadPlan,
-    Placement,
-    Settings,
-    offload,
-)
 from dynq.errors import DynqError
 
 
@@ -30,14 +21,14 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
 
-def _experts(p: Placement) -> str:
+def _experts(p: api.Placement) -> str:
     if p.n_cpu_moe is not None:
         rest = f" + {len(p.override_tensors) - 1} -ot" if len(p.override_tensors) > 1 else ""
         return f"--n-cpu-moe {p.n_cpu_moe}{rest}"
     return " ".join(f"-ot {o}" for o in p.override_tensors) or "-"
 
 
-def _placements(plan: OffloadPlan) -> Table:
+def _placements(plan: api.OffloadPlan) -> Table:
     table = Table(title="placements (GiB; tokens/s predicted for decode)", title_justify="left")
     for col in ("plan", "-ngl", "experts on CPU", "-ts", "GPU", "CPU", "fits", "tokens/s"):
         table.add_column(col, justify="left" if col in ("plan", "experts on CPU") else "right", overflow="fold")
@@ -51,7 +42,7 @@ def _placements(plan: OffloadPlan) -> Table:
     return table
 
 
-def draw_offload(console: Console, plan: OffloadPlan) -> None:
+def draw_offload(console: Console, plan: api.OffloadPlan) -> None:
     m, s = plan.model, plan.settings
     blocks = m.block_bytes
     console.print(
@@ -98,36 +89,37 @@ def register(app: typer.Typer) -> None:
         ] = None,
         gpus: Annotated[int, typer.Option(help="number of GPUs (layer split)")] = 1,
         ram: Annotated[str | None, typer.Option(help="system memory, e.g. 128GB (default: not checked)")] = None,
-        ctx: Annotated[int, typer.Option(help="context length (tokens)")] = 4096,
+        n_ctx: Annotated[int, typer.Option("--ctx", help="context length (tokens)")] = 4096,
         kv_type: Annotated[
             str | None,
             typer.Option(
                 help="KV cache type: "
-                + "|".join(KV_TYPES)
+                + "|".join(api.KV_TYPES)
                 + " (default: f16, or the first of "
-                + "/".join(AUTO_KV_TYPES)
+                + "/".join(api.AUTO_KV_TYPES)
                 + " that fits)"
             ),
         ] = None,
         ubatch: Annotated[int, typer.Option(help="llama.cpp ubatch size (compute buffer)")] = 512,
         gpu_bw: Annotated[float | None, typer.Option(help="GPU bandwidth in GB/s (default: by VRAM size)")] = None,
-        cpu_bw: Annotated[float, typer.Option(help="system memory bandwidth in GB/s")] = DEFAULT_CPU_BANDWIDTH / 1e9,
+        cpu_bw: Annotated[float, typer.Option(help="system memory bandwidth in GB/s")] = api.DEFAULT_CPU_BANDWIDTH
+        / 1e9,
         op_offload: Annotated[bool, typer.Option(help="llama.cpp's op offload (prompt batches on the GPU)")] = True,
         as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     ) -> None:
         """Recommended --n-gpu-layers and expert placement, with predicted decode speed and the llama.cpp command."""
-        if gpus < 1 or ctx < 1 or ubatch < 1:
+        if gpus < 1 or n_ctx < 1 or ubatch < 1:
             raise DynqError("--gpus, --ctx and --ubatch must be positive")
-        hw = Hardware(
+        hw = api.Hardware(
             vram=parse_memory(vram),
             n_gpus=gpus,
             ram=parse_memory(ram) if ram else None,
             gpu_bandwidth=gpu_bw * 1e9 if gpu_bw else None,
             cpu_bandwidth=cpu_bw * 1e9,
         )
-        settings = Settings(ctx=ctx, kv_type=(kv_type or "f16").lower(), n_ubatch=ubatch, op_offload=op_offload)
-        kv_types = None if kv_type else AUTO_KV_TYPES
-        plan = offload(ensure_source(source), hw, recipe=recipe, settings=settings, kv_types=kv_types)
+        settings = api.Settings(ctx=n_ctx, kv_type=(kv_type or "f16").lower(), n_ubatch=ubatch, op_offload=op_offload)
+        kv_types = None if kv_type else api.AUTO_KV_TYPES
+        plan = api.offload(ensure_source(source), hw, recipe=recipe, settings=settings, kv_types=kv_types)
         if as_json:
             sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
         else:

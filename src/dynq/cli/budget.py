@@ -8,14 +8,13 @@ from typing import Annotated
 import typer
 
 from dynq import api
-from dynq.budget import profile as probe
-from dynq.calib.text import read_texts
-from dynq.cli_shell import THREADS, elsewhere, ensure_source, ensure_texts, err, progress_bar, run_context, say
-from dynq.cli_text import data
-from dynq.core.atomic import atomic_write_text
+from dynq.cli.shell import THREADS, elsewhere, ensure_source, ensure_texts, err, progress_bar, run_context, say
+from dynq.cli.text import data
+from dynq.core.atomic import check_output_folder
 from dynq.core.units import GIB, MIB
-from dynq.gguf_io.writer import check_output_folder
-from dynq.recipe.solved_recipe import recipe_yaml
+from dynq.errors import DynqError
+
+DEFAULTS = api.PROFILE_DEFAULTS
 
 
 def profile_command(
@@ -23,11 +22,13 @@ def profile_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="profile file to write (JSON)")],
     imatrix: Annotated[str | None, typer.Option(help="importance matrix of the model (GGUF or .dat)")] = None,
     text: Annotated[list[Path] | None, typer.Option(help="calibration text file(s); default: the built-in set")] = None,
-    ctx: Annotated[int, typer.Option(help="tokens per probe chunk")] = probe.N_CTX,
-    chunks: Annotated[int, typer.Option(help="chunks each probe is judged on")] = probe.CHUNKS,
-    rows: Annotated[int, typer.Option(help="rows sampled per tensor for the encode errors")] = probe.ROWS,
-    group_blocks: Annotated[int, typer.Option(help="blocks probed together per tensor kind")] = probe.GROUP_BLOCKS,
-    probe_type: Annotated[str, typer.Option(help="the type a probe puts its tensors at")] = "Q2_K",
+    n_ctx: Annotated[int, typer.Option("--ctx", help="tokens per probe chunk")] = DEFAULTS["n_ctx"],
+    chunks: Annotated[int, typer.Option(help="chunks each probe is judged on")] = DEFAULTS["chunks"],
+    rows: Annotated[int, typer.Option(help="rows sampled per tensor for the encode errors")] = DEFAULTS["rows"],
+    group_blocks: Annotated[int, typer.Option(help="blocks probed together per tensor kind")] = DEFAULTS[
+        "group_blocks"
+    ],
+    probe_type: Annotated[str, typer.Option(help="the type a probe puts its tensors at")] = DEFAULTS["probe_type"],
     threads: Annotated[int, typer.Option(help="threads")] = THREADS,
     resume: Annotated[bool, typer.Option(help="continue an interrupted profile from what it had measured")] = False,
     ray: Annotated[
@@ -41,10 +42,10 @@ def profile_command(
     check_output_folder(output)
     if not text:
         ensure_texts()
-    calib = read_texts(text) if text else api.calibration()
+    calib = api.read_texts(text) if text else api.calibration()
     with elsewhere(ray, processes) as executor, progress_bar("profiling") as on_step:
         result = api.profile(ensure_source(source), imatrix=imatrix, text=calib, rows=rows, group_blocks=group_blocks,
-                             probe_type=probe_type, n_ctx=ctx, chunks=chunks, resume=resume, executor=executor,
+                             probe_type=probe_type, n_ctx=n_ctx, chunks=chunks, resume=resume, executor=executor,
                              ctx=run_context(threads, progress=on_step))  # fmt: skip
     result.save(output)
     seconds = result.seconds
@@ -85,10 +86,10 @@ def solve_command(
     measures best on calibration text."""
     check_output_folder(output)
     if refine > 0 and imatrix is None:
-        raise api.DynqError("--refine quantizes the mixes it measures: give the --imatrix they will be made with")
+        raise DynqError("--refine quantizes the mixes it measures: give the --imatrix they will be made with")
     if (verify or refine > 0) and not text:
         ensure_texts()
-    calib = read_texts(text) if text else None
+    calib = api.read_texts(text) if text else None
     if refine > 0:
         with progress_bar("refining") as on_step:
             refined = api.refine(ensure_source(source), profile, target, imatrix=imatrix, text=calib, seconds=refine,
@@ -100,7 +101,7 @@ def solve_command(
     else:
         solved = api.solve(ensure_source(source), profile, target, has_imatrix=imatrix is not None, base=base,
                            types=types, ties=tie or (), name=name, ctx=run_context())  # fmt: skip
-    atomic_write_text(output, recipe_yaml(solved.recipe))
+    solved.save(output)
     plan, s = solved.plan, solved.solution
     proof = "optimal" if s.exact else f"within {s.gap:.3g} of the optimum"
     proof += " for the refined kind weights" if refine > 0 else ""

@@ -3,11 +3,13 @@ the explicit set-up steps (fetching a zoo model or the texts) a command performs
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -24,12 +26,9 @@ from rich.progress import (
 from rich.text import Text
 
 from dynq import api
-from dynq.calib.text import texts_cached
-from dynq.cli_text import clean, line
+from dynq.cli.text import clean, line
 from dynq.core.context import Progress as Step
 from dynq.core.context import ProgressFn, RunContext, default_threads
-from dynq.paths import cache_dir
-from dynq.sources import zoo
 
 THREADS = default_threads()
 # Piped output (files, CI logs) gets a wide table instead of rich's 80-column default.
@@ -95,20 +94,18 @@ def elsewhere(ray: str | None, processes: int) -> Iterator[api.Executor | None]:
 
 
 def run_context(threads: int = THREADS, device: str | None = None, progress: ProgressFn | None = None) -> RunContext:
-    return RunContext(threads=threads, device=device, cache_dir=cache_dir(), progress=progress)
+    return RunContext(threads=threads, device=device, progress=progress)
 
 
 def ensure_source(spec: str) -> str:
     """A zoo model is fetched before the library opens it (the library never downloads); others pass through."""
-    if spec.startswith(zoo.PREFIX):
-        model = zoo.zoo_model(spec)
-        if not model.path(cache_dir()).exists():
-            fetch(spec)
+    if api.needs_fetch(spec):
+        fetch(spec)
     return spec
 
 
 def ensure_texts() -> None:
-    if not texts_cached(cache_dir()):
+    if api.needs_fetch(api.TEXTS):
         with err.status("fetching the built-in calibration and evaluation texts"):
             api.fetch(api.TEXTS, ctx=run_context())
 
@@ -121,3 +118,7 @@ def fetch(name: str) -> Path:
 def say(*parts: str | Text, console: Console = out) -> None:
     """One line of the program's words (str) and data pieces (`data(...)`): all of it plain text, never markup."""
     console.print(line(*parts), highlight=False, soft_wrap=True)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")

@@ -8,14 +8,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dynq.cli_text import data, line
+from dynq import api
+from dynq.cli.text import data, line
 from dynq.core.importance import Imatrix
 from dynq.core.sizes import ClassStats
 from dynq.core.tensors import TensorClass
 from dynq.core.units import GIB, MIB
-from dynq.inspect import FileSummary
-from dynq.recipe.coverage import TensorCoverage
-from dynq.recipe.plan import QuantPlan
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -46,7 +44,7 @@ def census_table(counts: Mapping[str, int], nbytes: Mapping[str, int], title: st
     return table
 
 
-def draw_plan(console: Console, plan: QuantPlan, coverage: list[TensorCoverage] | None, tensors: bool) -> None:
+def draw_plan(console: Console, plan: api.QuantPlan, coverage: list[api.TensorCoverage] | None, tensors: bool) -> None:
     if tensors:
         cov = {c.name: c for c in coverage or []}
         table = Table(title=line("plan: ", data(plan.recipe.name), " on ", data(plan.source)), title_justify="left")
@@ -78,7 +76,7 @@ def draw_plan(console: Console, plan: QuantPlan, coverage: list[TensorCoverage] 
         console.print(line(f"{len(needing)} tensors need an importance matrix (llama.cpp refuses them without one)"))
 
 
-def draw_summary(console: Console, s: FileSummary) -> None:
+def draw_summary(console: Console, s: api.FileSummary) -> None:
     files = f"{len(s.shards)} file{'s' if len(s.shards) > 1 else ''}"
     console.print(line(data(s.path, "bold"), f" ({files}, {s.file_bytes:,} bytes)"))
     meta = Table(title="metadata", title_justify="left", show_header=False)
@@ -101,7 +99,7 @@ _SHORT = {TensorClass.ROUTED_EXPERTS: "experts", TensorClass.SHARED_EXPERTS: "sh
           TensorClass.OTHER: "other"}  # fmt: skip
 
 
-def draw_comparison(console: Console, plans: list[QuantPlan]) -> None:
+def draw_comparison(console: Console, plans: list[api.QuantPlan]) -> None:
     classes = [c for c in TensorClass if c is not TensorClass.OTHER and any(c in p.by_class() for p in plans)]
     title = line("recipes on ", data(plans[0].source), " (bpw per tensor class)") if plans else line("recipes")
     table = Table(title=title, title_justify="left")
