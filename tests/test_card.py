@@ -20,7 +20,7 @@ from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError, OutputExists
 from dynq.eval.bench import read_bench
 from dynq.gguf_io.reader import GGUFModel
-from dynq.sources.synthetic import write_synthetic
+from dynq.lab.synthetic import write_synthetic
 from runs import quantize_to
 
 RECIPE = "dyn-q2_k_xl"  # needs no imatrix; one is given anyway, for its provenance

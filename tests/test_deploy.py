@@ -17,8 +17,8 @@ from dynq.deploy.shards import count_shards, max_size_for, merge, split
 from dynq.errors import DynqError
 from dynq.gguf_io import writer
 from dynq.gguf_io.reader import GGUFModel, field_value
+from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.runtime import LlamaRuntime
-from dynq.sources.synthetic import write_synthetic
 
 cli = CliRunner()
 

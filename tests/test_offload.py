@@ -27,8 +27,8 @@ from dynq.deploy.offload import (
 )
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
+from dynq.lab.synthetic import write_synthetic
 from dynq.sources.shapes import DenseConfig, dense_tensors, shape_inventory
-from dynq.sources.synthetic import write_synthetic
 
 runner = CliRunner()
 

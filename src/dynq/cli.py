@@ -38,13 +38,13 @@ from dynq.eval.bench import BenchRow
 from dynq.eval.loops import generate, loop_rate
 from dynq.gguf_io.imatrix import read_imatrix
 from dynq.gguf_io.writer import check_output_folder
+from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.tools import tools_built
 from dynq.paths import cache_dir
 from dynq.recipe.coverage import coverage_summary, imatrix_coverage
 from dynq.recipe.llama_args import llama_quantize_command
 from dynq.recipe.presets import load_recipe, preset_names
 from dynq.sources import shapes, zoo
-from dynq.sources.synthetic import write_synthetic
 
 app = typer.Typer(
     help="Dynamic low-bit GGUF quantization: plan every tensor's type, then quantize, evaluate and deploy.",
