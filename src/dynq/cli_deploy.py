@@ -177,7 +177,7 @@ def card_command(
     per tensor class, imatrix provenance, measured quality, llama.cpp and Ollama instructions."""
     if ctx < 1:
         raise DynqError("--ctx must be positive")
-    written = card(_model_file(model), output=output, bench=bench, vram=vram or DEFAULT_VRAM, ctx_len=ctx,
+    written = card(_model_file(model), output=output, bench=bench, vram=vram or DEFAULT_VRAM, n_ctx=ctx,
                    overwrite=force, ctx=run_context())  # fmt: skip
     for note in written.notes:  # notes quote the file's metadata and llama.cpp's errors
         err.print(line("left out: ", data(note), style="yellow"), soft_wrap=True)
