@@ -23,8 +23,8 @@ from pathlib import Path
 import dynq
 from dynq.core.units import MIB
 from dynq.deploy.memory import byte_model
+from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.runtime import llama_log
-from dynq.sources.synthetic import write_synthetic
 
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|compute) buffer size =\s+([0-9.]+) MiB")
 ZOO = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")

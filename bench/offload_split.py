@@ -162,7 +162,7 @@ def table(rows: list[Row], settings: Settings, note: str) -> str:
             "Each placement is the one `dynq offload MODEL --vram V` chooses, run as its own command line "
             "(llama-perplexity in place of llama-cli) with a local ggml-rpc-server (CPU backend) as the GPU: "
             "`--rpc`, `--load-mode none` (no mmap), `--no-repack`, `-fit off`, "
-            f"n_ctx {settings.ctx}, ubatch {settings.n_ubatch}, "
+            f"n_ctx {settings.n_ctx}, ubatch {settings.n_ubatch}, "
             f"{settings.kv_type} KV cache, flash attention on. Sizes in MiB as llama.cpp logs them (two decimals); "
             "error = (dynq - llama.cpp) / llama.cpp. Model and KV are the byte model per device; the GPU compute "
             "column is the planner's allowance (activations plus one block's CPU weights staged for prompt batches), "
@@ -188,7 +188,7 @@ def main() -> None:
     cases = [*CASES, *(tuple(c.rsplit("=", 1)) for c in args.cases)]
     ctx = dynq.RunContext(threads=2)
     build_tools(ctx.cache_dir, RPC)
-    settings = Settings(ctx=args.ctx, n_ubatch=args.ubatch)
+    settings = Settings(n_ctx=args.ctx, n_ubatch=args.ubatch)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "eval.txt"

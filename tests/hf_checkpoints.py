@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 
 import dynq
 from dynq.errors import DynqError
+from dynq.lab.hf_export import export_tokenizer
 from dynq.paths import cache_dir
-from dynq.sources.hf_export import export_tokenizer
 
 TOKENIZER_SOURCE = "zoo:qwen2.5-coder-0.5b"  # the smallest zoo model with the Qwen2.5 tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

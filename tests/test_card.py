@@ -20,7 +20,7 @@ from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.errors import DynqError, OutputExists
 from dynq.eval.bench import read_bench
 from dynq.gguf_io.reader import GGUFModel
-from dynq.sources.synthetic import write_synthetic
+from dynq.lab.synthetic import write_synthetic
 from runs import quantize_to
 
 RECIPE = "dyn-q2_k_xl"  # needs no imatrix; one is given anyway, for its provenance
@@ -214,6 +214,7 @@ def test_a_file_dynq_did_not_write(tmp_path: Path, tiny_gguf: Path) -> None:
     assert [n.split(":")[0] for n in bare.notes] == ["no offload plan", "no Ollama Modelfile"]
     assert "no Ollama Modelfile: tiny.gguf: llama.cpp could not read" in bare.notes[1]  # by name: the card is public
     assert "llama-server -m tiny.gguf -c 4096" in bare.text and "Left out of this card:" in bare.text
+    assert "llama-server -m tiny.gguf -c 8192" in dynq.card(tiny_gguf, output=tmp_path / "8k.md", n_ctx=8192).text
     assert sum(int(r[3].replace(",", "")) for r in table_after(bare.text, "| tensor class |")[:-1]) == tensor_bytes(
         tiny_gguf
     )

@@ -38,7 +38,7 @@ from dynq.deploy.ollama import Modelfile, OllamaExport, ollama_name
 from dynq.deploy.run import Generation, Offload
 from dynq.deploy.shards import ShardsWritten
 from dynq.eval.loops import Continuation
-from dynq.sources.synthetic import write_synthetic
+from dynq.lab.synthetic import write_synthetic
 from tiny_models import llama_tensors
 
 T = GGMLQuantizationType

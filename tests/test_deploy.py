@@ -17,8 +17,8 @@ from dynq.deploy.shards import count_shards, max_size_for, merge, split
 from dynq.errors import DynqError
 from dynq.gguf_io import writer
 from dynq.gguf_io.reader import GGUFModel, field_value
+from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.runtime import LlamaRuntime
-from dynq.sources.synthetic import write_synthetic
 
 cli = CliRunner()
 
@@ -298,7 +298,7 @@ def test_gpu_offload_takes_the_planners_layers(tmp_path: Path, monkeypatch: pyte
     # all of it fits; 20 MB beside the reserve: some blocks, experts split (which Llama cannot do)
     for free in (2**30, GPU_RESERVE + 20_000_000):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i, free=free: (free, 2 * free))
-        plan = plan_offload(model, Hardware(vram=free), Settings(ctx=256))
+        plan = plan_offload(model, Hardware(vram=free), Settings(n_ctx=256))
         # llama-cpp-python cannot place single tensors (-ot): the best whole-layer placement stands in
         want = plan.alternatives[0] if plan.best.override_tensors else plan.best
         got = run.gpu_offload(source, 256)

@@ -14,7 +14,7 @@ import dynq
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.gguf_io.imatrix import write_imatrix_gguf
 from dynq.gguf_io.reader import GGUFModel
-from dynq.sources.synthetic import write_synthetic
+from dynq.lab.synthetic import write_synthetic
 
 # every family of encoder: 1-bit and 2-bit grids, K-quants, IQ4, legacy, floats
 RECIPE = {

@@ -11,7 +11,7 @@ import pytest
 
 import dynq
 from dynq.cli import in_flags
-from dynq.sources.synthetic import write_synthetic
+from dynq.lab.synthetic import write_synthetic
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dynq"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")

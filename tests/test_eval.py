@@ -9,7 +9,7 @@ import pytest
 import dynq
 from dynq.eval.metrics import Scores, kld_estimate, kld_full
 from dynq.eval.reference import CompactReference, log_softmax
-from dynq.sources.synthetic import write_synthetic
+from dynq.lab.synthetic import write_synthetic
 from runs import quantize_to
 
 REF = np.array([[2.0, 1.0, 0.0, -1.0, -3.0], [0.5, 0.0, 0.0, 0.0, 0.0]], np.float32)

@@ -14,10 +14,10 @@ import pytest
 
 import dynq
 from dynq.deploy.shards import merge, split
+from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.converter import converter_dir
 from dynq.llamacpp.tools import tool
 from dynq.paths import cache_dir
-from dynq.sources.synthetic import write_synthetic
 
 ZOO = "zoo:smollm2-135m"
 

@@ -1,5 +1,5 @@
 """The tiny Hugging Face checkpoints the converter tests are built on (tests/hf_checkpoints.py), and the export of a
-zoo GGUF as a checkpoint (dynq.sources.hf_export): what they hold, and that transformers reads them back."""
+zoo GGUF as a checkpoint (dynq.lab.hf_export): what they hold, and that transformers reads them back."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dynq.errors import DynqError
-from dynq.sources.hf_export import export_checkpoint
+from dynq.lab.hf_export import export_checkpoint
 from hf_checkpoints import (
     FP8_BLOCK,
     FP8_CONFIG,

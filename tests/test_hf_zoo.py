@@ -11,9 +11,9 @@ from gguf import GGUFReader
 
 import dynq
 from dynq.eval.loops import generate
+from dynq.lab.hf_export import export_checkpoint
 from dynq.llamacpp.converter import convert
 from dynq.paths import cache_dir
-from dynq.sources.hf_export import export_checkpoint
 from runs import TWO_THREADS, quantize_to
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]

@@ -21,8 +21,8 @@ from dynq.deploy.ollama import export_ollama
 from dynq.errors import DynqError
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.reader import GGUFModel
+from dynq.lab.synthetic import write_synthetic
 from dynq.recipe.presets import load_recipe
-from dynq.sources.synthetic import write_synthetic
 from fuzzing import gguf_layout
 from test_deploy import CHATML, with_chat_template
 from tiny_models import llama_tensors, write_gguf

@@ -21,7 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"gguf_io", "pypi"}),  # file formats; package downloads
     frozenset({"llamacpp"}),  # llama.cpp from the one pinned release: its runtime, tools and converter
     frozenset({"sources", "calib", "encode_cache"}),  # opening, fetching, collecting importance
-    frozenset({"quantize", "inspect"}),
+    frozenset({"quantize", "inspect", "lab"}),  # streaming a plan; describing a file; test and bench models
     frozenset({"eval", "deploy", "runnable"}),  # judging, running and shipping quants; the GGUF a source runs as
     frozenset({"moe", "card", "budget"}),  # models built from models; model cards; the size budget (profile, solve)
     frozenset({"benchmark"}),  # recipes, llama.cpp mixes and solved mixes measured side by side
@@ -84,6 +84,14 @@ def test_no_import_runs_up_or_across(module: str) -> None:
 def test_the_cli_speaks_only_to_the_public_api(module: str) -> None:
     allowed = {m for m in modules() if any(m == a or m.startswith(a + ".") for a in CLI_MAY_IMPORT)} | {"dynq"}
     assert imports(modules()[module]) - allowed == set()
+
+
+def test_only_the_api_and_the_cli_import_lab() -> None:
+    """`lab` (models built for tests, benches and the demo) sits low enough for the API to re-export, but nothing a
+    quantization runs through may need it."""
+    users = {m for m, path in modules().items() if any(unit_of(t) == "lab" for t in imports(path))}
+    allowed = {m for m in users if unit_of(m) in {"lab", "api", "__init__", "cli"}}
+    assert users - allowed == set()
 
 
 def test_the_check_catches_an_upward_arrow(tmp_path: Path) -> None:

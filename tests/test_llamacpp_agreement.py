@@ -15,9 +15,9 @@ import dynq
 from dynq.calib.collector import collect_imatrix
 from dynq.eval.evaluate import evaluate
 from dynq.gguf_io.imatrix import read_imatrix
+from dynq.lab.synthetic import N_VOCAB, write_synthetic
 from dynq.llamacpp.compare import llama_imatrix, llama_kld, llama_kld_base
 from dynq.paths import cache_dir
-from dynq.sources.synthetic import N_VOCAB, write_synthetic
 from runs import TWO_THREADS, quantize_to
 
 pytestmark = pytest.mark.slow

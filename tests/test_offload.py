@@ -27,8 +27,8 @@ from dynq.deploy.offload import (
 )
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
+from dynq.lab.synthetic import write_synthetic
 from dynq.sources.shapes import DenseConfig, dense_tensors, shape_inventory
-from dynq.sources.synthetic import write_synthetic
 
 runner = CliRunner()
 
@@ -169,7 +169,7 @@ def test_more_vram_is_never_slower() -> None:
 def test_dense_model_gets_no_expert_overrides() -> None:
     tensors, meta = dense_tensors(DenseConfig("llama", 32, 4096, 14336, 32, 8, 32000, 8192))
     bm = byte_model(ModelInventory("llama-8b", "llama", tuple(tensors), meta))
-    plan = plan_offload(bm, Hardware(8 * GIB), Settings(ctx=8192))
+    plan = plan_offload(bm, Hardware(8 * GIB), Settings(n_ctx=8192))
     assert not plan.best.override_tensors and plan.best.fits_vram
     assert 0 < plan.best.n_gpu_layers < 33  # 16 GB of BF16 weights do not fit in 8 GiB
 
@@ -182,7 +182,7 @@ def test_device_shares_add_up_to_the_model(vram_gib: int) -> None:
     best, bm, s = plan.best, plan.model, plan.settings
     assert not bm.tied_output and best.experts_on_cpu > 0
     assert sum(best.gpu_weights) + best.cpu_weights == bm.file_bytes
-    assert sum(best.gpu_kv) + best.cpu_kv == bm.kv_total(s.ctx, s.kv_type, s.n_ubatch)
+    assert sum(best.gpu_kv) + best.cpu_kv == bm.kv_total(s.n_ctx, s.kv_type, s.n_ubatch)
     assert best.gpu_bytes[0] > sum(best.gpu_weights) + sum(best.gpu_kv)  # plus compute and the CUDA reserve
 
 
@@ -192,6 +192,7 @@ def test_placement_json_has_the_promised_keys() -> None:
     data = json.loads(result.stdout)
     assert {"n_gpu_layers", "override_tensors", "gpu_bytes", "cpu_bytes", "predicted_tokens_per_s"} <= set(data)
     assert data["n_gpu_layers"] == 62 and data["gpu_bytes"] <= 80 * GIB
+    assert data["ctx"] == 4096  # Settings.n_ctx, written under the key the JSON has always had
 
 
 def test_offload_on_a_synthetic_moe_file(tmp_path: Path) -> None:

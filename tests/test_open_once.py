@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 import dynq
 from dynq.cli import app
 from dynq.gguf_io.reader import GGUFModel
+from dynq.lab.synthetic import write_synthetic
 from dynq.paths import cache_dir
 from dynq.sources import checkpoint
-from dynq.sources.synthetic import write_synthetic
 
 
 @pytest.fixture

@@ -28,8 +28,8 @@ from dynq.eval.evaluate import evaluate
 from dynq.executors import Serial
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
+from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.runtime import LlamaRuntime
-from dynq.sources.synthetic import write_synthetic
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
 TEXT = Text(CALIB, "test-calib")

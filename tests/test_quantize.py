@@ -18,11 +18,11 @@ from dynq.core.importance import ImatrixEntry
 from dynq.core.qtypes import quantizable_qtypes
 from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_gguf
 from dynq.gguf_io.reader import GGUFModel
+from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.runtime import LlamaRuntime
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
 from dynq.recipe.rules import recipe_from_dict
-from dynq.sources.synthetic import write_synthetic
 from runs import TWO_THREADS, quantize_to
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dynq.gguf_io.partial import PartialOutput, partial_dir
-from dynq.sources.synthetic import write_synthetic
+from dynq.lab.synthetic import write_synthetic
 from runs import measurements
 
 RECIPE = "uniform-q4_k"

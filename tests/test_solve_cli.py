@@ -15,9 +15,9 @@ import dynq
 from dynq.cli import app
 from dynq.core.units import parse_target
 from dynq.errors import DynqError
+from dynq.lab.synthetic import write_synthetic
 from dynq.recipe.solved_recipe import recipe_yaml
 from dynq.recipe.target import pinned_by
-from dynq.sources.synthetic import write_synthetic
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
 FAST = ["--ctx", "64", "--chunks", "1", "--rows", "32", "--group-blocks", "2"]

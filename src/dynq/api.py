@@ -61,6 +61,7 @@ from dynq.gguf_io.imatrix import as_imatrix, read_imatrix, write_imatrix_dat, wr
 from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
+from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.tools import build_tools as _build_tools
 from dynq.llamacpp.tools import tools_built as _tools_built
 from dynq.llamacpp.tools import tools_dir
@@ -75,7 +76,6 @@ from dynq.sources import shapes, zoo
 from dynq.sources.described import DescribedGGUF
 from dynq.sources.open import SourceLike, gguf_path, open_gguf
 from dynq.sources.open import open_source as _open_source
-from dynq.sources.synthetic import write_synthetic
 from dynq.version import __version__
 
 TEXTS = "texts"  # what `fetch` takes for the built-in calibration and evaluation texts

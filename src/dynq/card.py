@@ -141,11 +141,11 @@ def _said(e: DynqError, model: GGUFModel) -> str:
     return text
 
 
-def _offload_plans(model: GGUFModel, vram: Sequence[int], ctx_len: int, notes: list[str]) -> list[GpuPlan]:
+def _offload_plans(model: GGUFModel, vram: Sequence[int], n_ctx: int, notes: list[str]) -> list[GpuPlan]:
     plans = []
     for v in vram:
         try:
-            plan = offload(model, Hardware(vram=v), settings=Settings(ctx=ctx_len), kv_types=AUTO_KV_TYPES)
+            plan = offload(model, Hardware(vram=v), settings=Settings(n_ctx=n_ctx), kv_types=AUTO_KV_TYPES)
         except DynqError as e:  # the same gap for every size: say it once
             notes.append(f"no offload plan: {_said(e, model)}")
             return []
@@ -290,10 +290,10 @@ def _gpu_row(g: GpuPlan) -> list[str]:
             f"{b.cpu_bytes / GIB:.2f}", _code(g.plan.settings.kv_type, cell=True), speed]  # fmt: skip
 
 
-def _llama_section(first: str, plans: Sequence[GpuPlan], ctx_len: int) -> list[str]:
+def _llama_section(first: str, plans: Sequence[GpuPlan], n_ctx: int) -> list[str]:
     if not plans:
-        return _fence(_plain_command("llama-server", first, ctx_len), "sh")
-    out = [f"Placements by dynq's offload planner (`dynq offload FILE --vram SIZE`) for a {ctx_len}-token "
+        return _fence(_plain_command("llama-server", first, n_ctx), "sh")
+    out = [f"Placements by dynq's offload planner (`dynq offload FILE --vram SIZE`) for a {n_ctx}-token "
            "context; speeds are its predictions from memory bandwidth, not measurements; system RAM is not checked.",
            ""]  # fmt: skip
     header = ["GPU", "-ngl", "expert tensors on CPU", "GPU GiB", "CPU GiB", "KV cache", "tokens/s (predicted)"]
@@ -309,12 +309,12 @@ def _llama_section(first: str, plans: Sequence[GpuPlan], ctx_len: int) -> list[s
     return out + (["", *planner_notes] if planner_notes else [])  # fmt: skip
 
 
-def _run_section(model: GGUFModel, plans: Sequence[GpuPlan], mf: Modelfile | None, ctx_len: int) -> list[str]:
+def _run_section(model: GGUFModel, plans: Sequence[GpuPlan], mf: Modelfile | None, n_ctx: int) -> list[str]:
     first, n_files = model.shards[0].name, len(model.shards)
     out = ["## How to run it", "", "### llama.cpp", ""]
     if n_files > 1:
         out += [f"The model is split into {n_files} files; llama.cpp loads them all from the first.", ""]
-    out += [*_llama_section(first, plans, ctx_len), "", "### Ollama", ""]
+    out += [*_llama_section(first, plans, n_ctx), "", "### Ollama", ""]
     if mf is None:
         return [*out, "No Modelfile: see the notes below."]
     export = _code(shlex.join(["dynq", "export-ollama", first, "-o", "DIR"]))
@@ -323,20 +323,20 @@ def _run_section(model: GGUFModel, plans: Sequence[GpuPlan], mf: Modelfile | Non
     return [*out, f"{export} {does} and writes this Modelfile beside it; then {create}.", "", *_fence(mf.text)]
 
 
-def _plain_command(binary: str, model_file: str, ctx_len: int) -> str:
+def _plain_command(binary: str, model_file: str, n_ctx: int) -> str:
     """The llama.cpp command when no offload plan could be made: llama.cpp's own defaults place the layers."""
-    return shlex.join([binary, "-m", model_file, "-c", str(ctx_len)])
+    return shlex.join([binary, "-m", model_file, "-c", str(n_ctx)])
 
 
 def render_card(model: GGUFModel, *, bench: Sequence[BenchRow] = (), bench_origin: str = "",
-                vram: Sequence[int] = (), ctx_len: int = 4096) -> tuple[str, str | None, list[str]]:  # fmt: skip
+                vram: Sequence[int] = (), n_ctx: int = 4096) -> tuple[str, str | None, list[str]]:  # fmt: skip
     """The card's markdown for `model`, the recipe it records (None: none) and what it had to leave out."""
     notes: list[str] = []
     s = summarize(model)
     name, recipe = _recipe(model, notes)
     by_dynq = model.field("dynq.version") is not None
     has_imatrix = any(model.field(k) is not None for k in ("dynq.imatrix.datasets", "quantize.imatrix.dataset"))
-    plans = _offload_plans(model, vram, ctx_len, notes)
+    plans = _offload_plans(model, vram, n_ctx, notes)
     mf = _modelfile(model, model_stem(model.path) + ".gguf", notes)
     title = _md(model.field("general.name") or model_stem(model.path))
     written = f"by dynq {_md(model.field('dynq.version'))}" if by_dynq else "by a tool other than dynq"
@@ -351,7 +351,7 @@ def render_card(model: GGUFModel, *, bench: Sequence[BenchRow] = (), bench_origi
     lines += [*_imatrix_section(model, by_dynq), ""]
     if bench:
         lines += [*_bench_section(bench, bench_origin, name, s), ""]
-    lines += [*_run_section(model, plans, mf, ctx_len), ""]
+    lines += [*_run_section(model, plans, mf, n_ctx), ""]
     lines += ["## Provenance", "",
               f"Quantized {written}; the recipe, the importance matrix's provenance and the version are read from "
               f"the file's `dynq.*` metadata. This card was written by `dynq card` (dynq {__version__})."]  # fmt: skip
@@ -373,7 +373,7 @@ def card(
     output: str | os.PathLike[str] | None = None,
     bench: str | os.PathLike[str] | None = None,
     vram: Sequence[int | str] = DEFAULT_VRAM,
-    ctx_len: int = 4096,
+    n_ctx: int = 4096,
     overwrite: bool = False,
     ctx: RunContext | None = None,
 ) -> ModelCard:
@@ -392,7 +392,7 @@ def card(
     rows = read_bench(bench) if bench is not None else []
     sizes = [v if isinstance(v, int) else parse_memory(v) for v in vram]
     text, recipe, notes = render_card(model, bench=rows, bench_origin=Path(bench).name if bench else "",
-                                      vram=sizes, ctx_len=ctx_len)  # fmt: skip
+                                      vram=sizes, n_ctx=n_ctx)  # fmt: skip
     for n in notes:
         ctx.logger.info("%s: %s", path, n)
     _write_new(path, text, overwrite)

@@ -172,7 +172,7 @@ def card_command(
     per tensor class, imatrix provenance, measured quality, llama.cpp and Ollama instructions."""
     if n_ctx < 1:
         raise DynqError("--ctx must be positive")
-    written = api.card(_model_file(model), output=output, bench=bench, vram=vram or api.DEFAULT_VRAM, ctx_len=n_ctx,
+    written = api.card(_model_file(model), output=output, bench=bench, vram=vram or api.DEFAULT_VRAM, n_ctx=n_ctx,
                    overwrite=force, ctx=run_context())  # fmt: skip
     for note in written.notes:  # notes quote the file's metadata and llama.cpp's errors
         err.print(line("left out: ", data(note), style="yellow"), soft_wrap=True)

@@ -56,8 +56,8 @@ def draw_offload(console: Console, plan: api.OffloadPlan) -> None:
     console.print(
         line("KV cache (", data(s.kv_type), f"{', MLA' if m.attention.mla else ''}): "
              + "/".join(f"{v:,}" for v in sorted(kv))
-             + f" bytes per token per block; {_gib(m.kv_total(s.ctx, s.kv_type, s.n_ubatch))} GiB at {s.ctx} tokens; "
-             f"compute buffer allowance {_gib(m.compute_bytes(s.ctx, s.n_ubatch, True))} GiB")
+             + f" bytes per token per block; {_gib(m.kv_total(s.n_ctx, s.kv_type, s.n_ubatch))} GiB at {s.n_ctx} "
+             f"tokens; compute buffer allowance {_gib(m.compute_bytes(s.n_ctx, s.n_ubatch, True))} GiB")
     )  # fmt: skip
     console.print(_placements(plan))
     rule, best = plan.rule_of_thumb, plan.best
@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
             gpu_bandwidth=gpu_bw * 1e9 if gpu_bw else None,
             cpu_bandwidth=cpu_bw * 1e9,
         )
-        settings = api.Settings(ctx=n_ctx, kv_type=(kv_type or "f16").lower(), n_ubatch=ubatch, op_offload=op_offload)
+        settings = api.Settings(n_ctx=n_ctx, kv_type=(kv_type or "f16").lower(), n_ubatch=ubatch, op_offload=op_offload)
         kv_types = None if kv_type else api.AUTO_KV_TYPES
         plan = api.offload(ensure_source(source), hw, recipe=recipe, settings=settings, kv_types=kv_types)
         if as_json:

@@ -50,8 +50,8 @@ class Attention:
     window: int
     mla: bool
 
-    def cells(self, block: int, ctx: int, n_ubatch: int) -> int:
-        full = _pad(ctx)
+    def cells(self, block: int, n_ctx: int, n_ubatch: int) -> int:
+        full = _pad(n_ctx)
         return _pad(min(full, self.window + n_ubatch)) if self.sliding[block] else full
 
 
@@ -176,30 +176,30 @@ class ByteModel:
         a = self.attention
         return _row_bytes(t, a.k_per_token[block]) + _row_bytes(t, a.v_per_token[block])
 
-    def kv_bytes(self, block: int, ctx: int, kv_type: str, n_ubatch: int) -> int:
-        return self.kv_bytes_per_token(block, kv_type) * self.attention.cells(block, ctx, n_ubatch)
+    def kv_bytes(self, block: int, n_ctx: int, kv_type: str, n_ubatch: int) -> int:
+        return self.kv_bytes_per_token(block, kv_type) * self.attention.cells(block, n_ctx, n_ubatch)
 
-    def kv_total(self, ctx: int, kv_type: str, n_ubatch: int) -> int:
-        return sum(self.kv_bytes(b, ctx, kv_type, n_ubatch) for b in range(self.n_blocks))
+    def kv_total(self, n_ctx: int, kv_type: str, n_ubatch: int) -> int:
+        return sum(self.kv_bytes(b, n_ctx, kv_type, n_ubatch) for b in range(self.n_blocks))
 
     def output_activations(self, n_ubatch: int) -> int:
         """Logits of a full ubatch (llama.cpp reserves the graph with every token an output) and the normed input."""
         return n_ubatch * (self.n_vocab + 2 * self.n_embd) * F32_BYTES
 
-    def block_activations(self, ctx: int, n_ubatch: int) -> int:
-        """One block's live intermediates with flash attention (no ctx x ubatch score matrix per head)."""
+    def block_activations(self, n_ctx: int, n_ubatch: int) -> int:
+        """One block's live intermediates with flash attention (no n_ctx x ubatch score matrix per head)."""
         a = self.attention
         k, v = max(a.k_per_token), max(a.v_per_token)
         attn = n_ubatch * (2 * self.n_embd + 2 * (k + v) + 2 * a.q_per_token) * F32_BYTES
-        attn += _pad(ctx) * n_ubatch * 2  # the f16 mask
+        attn += _pad(n_ctx) * n_ubatch * 2  # the f16 mask
         ffn = n_ubatch * (2 * self.n_ff + 2 * self.n_embd) * F32_BYTES
         moe = n_ubatch * (3 * self.n_ff_exp * self.n_expert_used + 3 * self.n_expert) * F32_BYTES
         return attn + max(ffn, moe)
 
-    def compute_bytes(self, ctx: int, n_ubatch: int, with_output: bool) -> int:
+    def compute_bytes(self, n_ctx: int, n_ubatch: int, with_output: bool) -> int:
         """The compute-buffer allowance of one backend for ubatches of `n_ubatch` tokens."""
-        u = min(n_ubatch, _pad(ctx))
-        layer = self.block_activations(ctx, u)
+        u = min(n_ubatch, _pad(n_ctx))
+        layer = self.block_activations(n_ctx, u)
         return max(layer, self.output_activations(u)) if with_output else layer
 
 

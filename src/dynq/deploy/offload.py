@@ -70,7 +70,7 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Settings:
-    ctx: int = 4096
+    n_ctx: int = 4096
     kv_type: str = "f16"
     n_ubatch: int = 512
     op_offload: bool = True  # llama.cpp's default: prompt batches run on the GPU, CPU weights staged in
@@ -150,10 +150,10 @@ class OffloadPlan:
                 "blocks": list(m.block_bytes),
                 "routed_experts": list(m.expert_bytes),
                 "kv_per_token": [m.kv_bytes_per_token(b, s.kv_type) for b in range(m.n_blocks)],
-                "kv_total": m.kv_total(s.ctx, s.kv_type, s.n_ubatch),
-                "compute_allowance": m.compute_bytes(s.ctx, s.n_ubatch, True),
+                "kv_total": m.kv_total(s.n_ctx, s.kv_type, s.n_ubatch),
+                "compute_allowance": m.compute_bytes(s.n_ctx, s.n_ubatch, True),
             },
-            "ctx": s.ctx,
+            "ctx": s.n_ctx,  # the key `dynq offload --json` has always written
             "kv_type": s.kv_type,
             "rule_of_thumb": self.rule_of_thumb.to_dict(),
             "alternatives": [p.to_dict() for p in self.alternatives],
@@ -180,9 +180,9 @@ class _Planner:
     def __init__(self, model: ByteModel, hw: Hardware, settings: Settings) -> None:
         self.m, self.hw, self.s = model, hw, settings
         n = model.n_blocks
-        self.kv = [model.kv_bytes(b, settings.ctx, settings.kv_type, settings.n_ubatch) for b in range(n)]
-        self.kv_read = [model.kv_bytes_per_token(b, settings.kv_type) * _pad_ctx(settings.ctx) for b in range(n)]
-        self.act_gpu = model.compute_bytes(settings.ctx, settings.n_ubatch, with_output=True)
+        self.kv = [model.kv_bytes(b, settings.n_ctx, settings.kv_type, settings.n_ubatch) for b in range(n)]
+        self.kv_read = [model.kv_bytes_per_token(b, settings.kv_type) * _pad_ctx(settings.n_ctx) for b in range(n)]
+        self.act_gpu = model.compute_bytes(settings.n_ctx, settings.n_ubatch, with_output=True)
         self.act_cpu = self.act_gpu
         self.experts = [(b, t) for b in range(n) for t in model.blocks[b] if t.routed_expert]
 
@@ -323,8 +323,8 @@ def _read(t: SizedTensor, expert_fraction: float) -> int:
     return int(t.nbytes * expert_fraction) if t.routed_expert else t.nbytes
 
 
-def _pad_ctx(ctx: int) -> int:
-    return (ctx + 255) // 256 * 256
+def _pad_ctx(n_ctx: int) -> int:
+    return (n_ctx + 255) // 256 * 256
 
 
 def _split(loads: list[int], capacities: list[int]) -> list[int] | None:
@@ -379,12 +379,12 @@ def plan_offload(
         f"system memory bandwidth {hw.cpu_bandwidth / 1e9:.0f} GB/s; "
         + ("RAM not checked" if hw.ram is None else f"RAM {hw.ram / GIB:.0f} GiB"),
         f"decode reaches {hw.efficiency:.0%} of peak bandwidth; per token: every dense weight, "
-        f"{model.n_expert_used}/{model.n_expert} of the routed experts, the KV cache of a full {s.ctx}-token window"
+        f"{model.n_expert_used}/{model.n_expert} of the routed experts, the KV cache of a full {s.n_ctx}-token window"
         if model.is_moe
         else f"decode reaches {hw.efficiency:.0%} of peak bandwidth; per token: every weight and the KV cache of a "
-        f"full {s.ctx}-token window",
-        f"KV cache {s.kv_type} (K and V), context {s.ctx}, ubatch {s.n_ubatch}, flash attention; compute buffer "
-        f"{model.compute_bytes(s.ctx, s.n_ubatch, True) / GIB:.2f} GiB per backend"
+        f"full {s.n_ctx}-token window",
+        f"KV cache {s.kv_type} (K and V), context {s.n_ctx}, ubatch {s.n_ubatch}, flash attention; compute buffer "
+        f"{model.compute_bytes(s.n_ctx, s.n_ubatch, True) / GIB:.2f} GiB per backend"
         + (", plus one block's CPU-resident weights staged on GPU 0 for prompt batches (op offload)"
            if s.op_offload else ""),
     )  # fmt: skip
@@ -422,7 +422,7 @@ def expert_args(p: Placement) -> list[str]:
 
 
 def llama_command(model_file: str, p: Placement, s: Settings, binary: str = "llama-cli") -> str:
-    args = [binary, "-m", model_file, "-ngl", str(p.n_gpu_layers), "-c", str(s.ctx), *expert_args(p)]
+    args = [binary, "-m", model_file, "-ngl", str(p.n_gpu_layers), "-c", str(s.n_ctx), *expert_args(p)]
     if p.tensor_split:
         args += ["-ts", ",".join(map(str, p.tensor_split))]
     if s.kv_type != "f16":

@@ -76,7 +76,7 @@ def gpu_offload(path: Path, n_ctx: int) -> Offload:
     n_gpus = torch.cuda.device_count()
     free = min(torch.cuda.mem_get_info(i)[0] for i in range(n_gpus))
     hardware = Hardware(vram=free, n_gpus=n_gpus)
-    plan = plan_offload(byte_model(GGUFModel(path).inventory()), hardware, Settings(ctx=n_ctx))
+    plan = plan_offload(byte_model(GGUFModel(path).inventory()), hardware, Settings(n_ctx=n_ctx))
     best = plan.best
     if best.override_tensors:
         # llama-cpp-python's Llama has no tensor overrides (-ot): take the best placement by whole layers

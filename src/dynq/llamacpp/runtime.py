@@ -125,8 +125,8 @@ class LlamaRuntime:
             self._keep.append(cb)
             cparams.cb_eval = cb
             cparams.cb_eval_user_data = None
-        self.ctx = L.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
+        self.llama_ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.llama_ctx:
             L.llama_model_free(self.model)
             raise DynqError(f"{path}: llama.cpp could not create a context (n_ctx {n_ctx})")
         self.n_ctx = n_ctx
@@ -175,7 +175,7 @@ class LlamaRuntime:
         chunk = list(tokens)
         if self.add_bos:
             chunk[0] = self.bos
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        L.llama_memory_clear(L.llama_get_memory(self.llama_ctx), True)
         batch = L.llama_batch_init(len(chunk), 0, 1)
         try:
             for i, tok in enumerate(chunk):
@@ -187,22 +187,22 @@ class LlamaRuntime:
                 # skips the last block's rows for tokens without output, and their activations are never seen
                 batch.logits[i] = outputs is None or outputs.start <= i < outputs.stop
             batch.n_tokens = len(chunk)
-            rc = L.llama_decode(self.ctx, batch)
+            rc = L.llama_decode(self.llama_ctx, batch)
             if rc != 0:
                 raise DynqError(f"llama_decode failed with code {rc}")
         finally:
             L.llama_batch_free(batch)
         if not self.want_logits:
             return None
-        ptr = L.llama_get_logits(self.ctx)
+        ptr = L.llama_get_logits(self.llama_ctx)
         rows = len(chunk) if outputs is None else len(range(len(chunk))[outputs])
         return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).copy()
 
     def close(self) -> None:
         L = self._L
         if getattr(self, "ctx", None):
-            L.llama_free(self.ctx)
-            self.ctx = None
+            L.llama_free(self.llama_ctx)
+            self.llama_ctx = None
         if getattr(self, "model", None):
             L.llama_model_free(self.model)
             self.model = None
