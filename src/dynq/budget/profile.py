@@ -51,6 +51,7 @@ from dynq.core.atomic import atomic_write_text
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
+from dynq.core.records import RecordFormat
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError, ResumeRequired
 from dynq.eval.evaluate import reference_predictions
@@ -164,6 +165,19 @@ def profile(
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What the progress file holds: the profile's cache key, the errors per tensor and the probes so far."""
+
+    key: str
+    errors: dict[str, dict[str, float]]
+    probes: tuple[Probe, ...]
+
+
+# Version 1 added the version key; a progress file from before it is the same record without one.
+PROGRESS_FORMAT = RecordFormat(Measured, "profile progress file", 1, "delete its folder to start over", unversioned=1)
+
+
 @dataclasses.dataclass
 class ProfileProgress:
     """What a profile has measured so far (errors per tensor, probes), kept as JSON written to a temporary name and
@@ -179,18 +193,17 @@ class ProfileProgress:
             return
         try:
             data = json.loads(self.path.read_text())
-            if data["key"] != self.key:
-                raise DynqError(f"{self.path}: kept by a profile of other inputs; delete its folder to start over")
-            self.errors = {n: {t: float(e) for t, e in per.items()} for n, per in data["errors"].items()}
-            self.probes = [Probe(p["group"], tuple(p["tensors"]), float(p["kld"]), float(p["seconds"]))
-                           for p in data["probes"]]  # fmt: skip
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except ValueError as e:  # torn or not text
             raise DynqError(f"{self.path}: unreadable ({e}); delete its folder to start over") from None
+        found = PROGRESS_FORMAT.from_record(data, str(self.path))
+        if found.key != self.key:
+            raise DynqError(f"{self.path}: kept by a profile of other inputs; delete its folder to start over")
+        self.errors, self.probes = found.errors, list(found.probes)
         log.info("%s: resuming after %d tensors and %d probes", self.path, len(self.errors), len(self.probes))
 
     def save(self) -> None:
-        probes = [{**dataclasses.asdict(p), "tensors": list(p.tensors)} for p in self.probes]
-        atomic_write_text(self.path, json.dumps({"key": self.key, "errors": self.errors, "probes": probes}))
+        record = PROGRESS_FORMAT.to_record(Measured(self.key, self.errors, tuple(self.probes)))
+        atomic_write_text(self.path, json.dumps(record))
 
 
 def _measure(
