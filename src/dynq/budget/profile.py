@@ -30,7 +30,6 @@ from dynq.budget.distortion import (
     probe_groups,
     probe_qtype,
     profiled_tensors,
-    reference_model,
     tensor_errors,
 )
 from dynq.budget.probes import LiveProbes
@@ -60,6 +59,7 @@ from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
 from dynq.sources.described import describe
+from dynq.sources.ref import SourceRef
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,8 @@ def _measure(
     errors = progress.errors
     todo = [info for info in tensors if info.name not in errors]
     if executor is not None:
-        tasks = (ErrorsTask.of(model, info, imatrix, method.types, method.rows, method.probe_type, method.seed)
+        ref = SourceRef.of(model, ctx.cache_dir)
+        tasks = (ErrorsTask.of(ref, info, imatrix, method.types, method.rows, method.probe_type, method.seed)
                  for info in todo)  # fmt: skip
         for i, (info, found) in enumerate(zip(todo, executor.ordered(errors_task, tasks), strict=True)):
             ctx.report("profile-errors", len(tensors) - len(todo) + i, len(tensors), "tensors", info.name)
@@ -288,9 +289,9 @@ def _run_probes(
     done = {p.group for p in probes}
     if executor is not None:
         left = [(g, typed) for g, typed in todo if g not in done]
-        tasks = (ProbeTask(str(path.resolve()), model.fingerprint(), str(ctx.cache_dir), g, tuple(typed),
-                           _entries(imatrix, [t.name for t, _ in typed]), text, method.n_ctx, method.chunks,
-                           executor.task_threads or ctx.threads) for g, typed in left)  # fmt: skip
+        ref = SourceRef.of(model, ctx.cache_dir)
+        tasks = (ProbeTask(ref, g, tuple(typed), _entries(imatrix, [t.name for t, _ in typed]), text, method.n_ctx,
+                           method.chunks, executor.task_threads or ctx.threads) for g, typed in left)  # fmt: skip
         for i, probe in enumerate(executor.ordered(probe_task, tasks)):
             ctx.report("profile-probes", len(todo) - len(left) + i, len(todo), "probes", probe.group)
             probes.append(probe)
@@ -313,12 +314,10 @@ def _run_probes(
 
 @dataclasses.dataclass(frozen=True)
 class ProbeTask:
-    """One probe as a worker runs it: the reference by path and fingerprint, the group and its probe types, the
-    importance of the group's tensors, the calibration text and the evaluation settings."""
+    """One probe as a worker runs it: the reference (reopened and checked by its `SourceRef`), the group and its
+    probe types, the importance of the group's tensors, the calibration text and the evaluation settings."""
 
-    path: str
-    fingerprint: str
-    cache_dir: str
+    source: SourceRef
     group: str
     typed: tuple[tuple[TensorInfo, QType], ...]
     imatrix: Imatrix | None
@@ -335,16 +334,17 @@ def _entries(imatrix: Imatrix | None, names: Sequence[str]) -> Imatrix | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _live(path: str, fingerprint: str, cache_dir: str, text: Text, n_ctx: int, chunks: int, threads: int) -> LiveProbes:
+def _live(source: SourceRef, text: Text, n_ctx: int, chunks: int, threads: int) -> LiveProbes:
     """This worker's open copy of the reference to degrade and restore, kept for the worker's life (a copy a dead
     worker left is removed by the next one made in that folder)."""
-    ctx = RunContext(threads=threads, cache_dir=Path(cache_dir))
-    return LiveProbes(reference_model(path, fingerprint), Path(path), text, n_ctx, chunks, ctx)
+    ctx = RunContext(threads=threads, cache_dir=Path(source.cache_dir))
+    model = source.reopen_gguf()
+    return LiveProbes(model, model.path, text, n_ctx, chunks, ctx)
 
 
 def probe_task(task: ProbeTask) -> Probe:
     """A worker's side of a `ProbeTask`."""
     started = time.perf_counter()
-    live = _live(task.path, task.fingerprint, task.cache_dir, task.text, task.n_ctx, task.chunks, task.threads)
+    live = _live(task.source, task.text, task.n_ctx, task.chunks, task.threads)
     kld = live.kld(list(task.typed), task.imatrix, GgmlBackend(task.threads))
     return Probe(task.group, tuple(t.name for t, _ in task.typed), kld, time.perf_counter() - started)
