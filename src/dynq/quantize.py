@@ -36,6 +36,7 @@ from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan
 from dynq.sources.described import GGUFFile
 from dynq.sources.open import open_source
+from dynq.sources.ref import SourceRef
 from dynq.version import __version__
 
 # Keys a quantizer writes itself rather than copying from the source.
@@ -105,26 +106,16 @@ def encoded_parts(
 
 @dataclass(frozen=True)
 class EncodeTask:
-    """One tensor, or one expert of a 3-D one, as a worker encodes it: the worker reopens the source by its spec and
-    checks its fingerprint, so only this description travels and only the encoded bytes come back."""
+    """One tensor, or one expert of a 3-D one, as a worker encodes it: the worker reopens the source by its reference
+    (which checks its fingerprint), so only this description travels and only the encoded bytes come back."""
 
-    source: str
-    fingerprint: str
-    cache_dir: str
+    source: SourceRef
     planned: PlannedTensor
     expert: int | None
     importance: F32Array | None
     backend: str
     device: str
     threads: int  # the executor's threads per task
-
-
-@functools.lru_cache(maxsize=2)
-def _reopened(spec: str, fingerprint: str, cache_dir: str) -> TensorSource:
-    source = open_source(spec, Path(cache_dir))
-    if source.fingerprint() != fingerprint:
-        raise DynqError(f"{spec}: this worker's copy differs from the driver's; give every node the same files")
-    return source
 
 
 @functools.lru_cache(maxsize=4)
@@ -134,7 +125,7 @@ def _task_kernels(backend: str, device: str, threads: int) -> KernelBackend:
 
 def encode_task(task: EncodeTask) -> U8Array:
     """A worker's side of an `EncodeTask`."""
-    source = _reopened(task.source, task.fingerprint, task.cache_dir)
+    source = task.source.reopen()
     name = task.planned.info.name
     values = source.load(name) if task.expert is None else source.load_expert(name, task.expert)
     kernels = _task_kernels(task.backend, task.device, task.threads)
@@ -144,13 +135,12 @@ def encode_task(task: EncodeTask) -> U8Array:
     return encoded.reshape(-1)
 
 
-def _tasks(p: PlannedTensor, spec: str, fingerprint: str, imatrix: Imatrix | None, backend: str, device: str,
-           cache_dir: Path, threads: int) -> list[EncodeTask]:  # fmt: skip
+def _tasks(p: PlannedTensor, source: SourceRef, imatrix: Imatrix | None, backend: str, device: str,
+           threads: int) -> list[EncodeTask]:  # fmt: skip
     importance = importance_rows(p.info, imatrix)
 
     def task(e: int | None) -> EncodeTask:
-        row = importance_row(importance, e or 0)
-        return EncodeTask(spec, fingerprint, str(cache_dir), p, e, row, backend, device, threads)
+        return EncodeTask(source, p, e, importance_row(importance, e or 0), backend, device, threads)
 
     return [task(None)] if n_matrices(p.info) == 1 else [task(e) for e in range(n_matrices(p.info))]
 
@@ -292,11 +282,10 @@ def quantize(
         if executor is not None:
             if not remote:
                 first = plan.tensors.index(p)
-                spec = str(Path(src.spec).resolve()) if Path(src.spec).exists() else src.spec
+                ref = SourceRef.of(src, ctx.cache_dir, fingerprint)
                 threads = executor.task_threads or ctx.threads
                 tasks = (task for q in plan.tensors[first:]
-                         for task in _tasks(q, spec, fingerprint, imx, backend, device, ctx.cache_dir,
-                                            threads))  # fmt: skip
+                         for task in _tasks(q, ref, imx, backend, device, threads))  # fmt: skip
                 remote.append(executor.ordered(encode_task, tasks))
             n_mat = n_matrices(p.info)
             return next(remote[0]) if n_mat == 1 else ChunkedBytes([lambda: next(remote[0])] * n_mat, p.nbytes)

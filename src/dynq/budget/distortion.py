@@ -5,7 +5,6 @@ imatrix-weighted encode error per candidate type on sampled rows, and the probe 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -25,6 +24,7 @@ from dynq.kernels.ggml import GgmlBackend
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
 from dynq.sources.described import GGUFFile
+from dynq.sources.ref import SourceRef
 
 # Candidates by default: every type llama-quantize writes for ordinary models. The ternary types (TQ1_0, TQ2_0) fit
 # only ternary-trained weights and MXFP4 only models trained in it; measuring them elsewhere costs encode time for
@@ -151,11 +151,10 @@ def tensor_errors(
 
 @dataclass(frozen=True)
 class ErrorsTask:
-    """One tensor's encode errors as a worker measures them: it reopens the reference by path and checks its
-    fingerprint; the imatrix travels as this tensor's entry only."""
+    """One tensor's encode errors as a worker measures them: it reopens the reference by its `SourceRef` (which checks
+    its fingerprint); the imatrix travels as this tensor's entry only."""
 
-    path: str
-    fingerprint: str
+    source: SourceRef
     info: TensorInfo
     imatrix: Imatrix | None
     types: tuple[str, ...]
@@ -164,26 +163,17 @@ class ErrorsTask:
     seed: int
 
     @staticmethod
-    def of(model: GGUFModel, info: TensorInfo, imatrix: Imatrix | None, types: Sequence[str], rows: int,
+    def of(source: SourceRef, info: TensorInfo, imatrix: Imatrix | None, types: Sequence[str], rows: int,
            probe_type: str, seed: int) -> ErrorsTask:  # fmt: skip
         entry = imatrix.entries.get(info.name) if imatrix is not None else None
         own = Imatrix({info.name: entry}) if entry is not None else None
-        return ErrorsTask(str(model.path.resolve()), model.fingerprint(), info, own, tuple(types), rows, probe_type,
-                          seed)  # fmt: skip
-
-
-@functools.lru_cache(maxsize=2)
-def reference_model(path: str, fingerprint: str) -> GGUFModel:
-    model = GGUFModel(path)
-    if model.fingerprint() != fingerprint:
-        raise DynqError(f"{path}: this worker's copy differs from the driver's; give every node the same files")
-    return model
+        return ErrorsTask(source, info, own, tuple(types), rows, probe_type, seed)
 
 
 def errors_task(task: ErrorsTask) -> dict[str, float]:
     """A worker's side of an `ErrorsTask` (llama.cpp's encoders, one thread: a task has one CPU)."""
-    return tensor_errors(reference_model(task.path, task.fingerprint), task.info, task.imatrix, task.types, task.rows,
-                         GgmlBackend(1), task.probe_type, task.seed)  # fmt: skip
+    return tensor_errors(task.source.reopen_gguf(), task.info, task.imatrix, task.types, task.rows, GgmlBackend(1),
+                         task.probe_type, task.seed)  # fmt: skip
 
 
 def _relative(x: F32Array, y: F32Array, w: F32Array) -> float:

@@ -30,7 +30,6 @@ from dynq.budget.distortion import (
     probe_groups,
     probe_qtype,
     profiled_tensors,
-    reference_model,
     tensor_errors,
 )
 from dynq.budget.probes import LiveProbes
@@ -52,6 +51,7 @@ from dynq.core.atomic import atomic_write_text
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
+from dynq.core.records import RecordFormat
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError, ResumeRequired
 from dynq.eval.evaluate import reference_predictions
@@ -60,6 +60,7 @@ from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
 from dynq.sources.described import describe
+from dynq.sources.ref import SourceRef
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,19 @@ def profile(
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What the progress file holds: the profile's cache key, the errors per tensor and the probes so far."""
+
+    key: str
+    errors: dict[str, dict[str, float]]
+    probes: tuple[Probe, ...]
+
+
+# Version 1 added the version key; a progress file from before it is the same record without one.
+PROGRESS_FORMAT = RecordFormat(Measured, "profile progress file", 1, "delete its folder to start over", unversioned=1)
+
+
 @dataclasses.dataclass
 class ProfileProgress:
     """What a profile has measured so far (errors per tensor, probes), kept as JSON written to a temporary name and
@@ -184,18 +198,17 @@ class ProfileProgress:
             return
         try:
             data = json.loads(self.path.read_text())
-            if data["key"] != self.key:
-                raise DynqError(f"{self.path}: kept by a profile of other inputs; delete its folder to start over")
-            self.errors = {n: {t: float(e) for t, e in per.items()} for n, per in data["errors"].items()}
-            self.probes = [Probe(p["group"], tuple(p["tensors"]), float(p["kld"]), float(p["seconds"]))
-                           for p in data["probes"]]  # fmt: skip
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except ValueError as e:  # torn or not text
             raise DynqError(f"{self.path}: unreadable ({e}); delete its folder to start over") from None
+        found = PROGRESS_FORMAT.from_record(data, str(self.path))
+        if found.key != self.key:
+            raise DynqError(f"{self.path}: kept by a profile of other inputs; delete its folder to start over")
+        self.errors, self.probes = found.errors, list(found.probes)
         log.info("%s: resuming after %d tensors and %d probes", self.path, len(self.errors), len(self.probes))
 
     def save(self) -> None:
-        probes = [{**dataclasses.asdict(p), "tensors": list(p.tensors)} for p in self.probes]
-        atomic_write_text(self.path, json.dumps({"key": self.key, "errors": self.errors, "probes": probes}))
+        record = PROGRESS_FORMAT.to_record(Measured(self.key, self.errors, tuple(self.probes)))
+        atomic_write_text(self.path, json.dumps(record))
 
 
 def _measure(
@@ -217,7 +230,8 @@ def _measure(
     errors = progress.errors
     todo = [info for info in tensors if info.name not in errors]
     if executor is not None:
-        tasks = (ErrorsTask.of(model, info, imatrix, method.types, method.rows, method.probe_type, method.seed)
+        ref = SourceRef.of(model, ctx.cache_dir)
+        tasks = (ErrorsTask.of(ref, info, imatrix, method.types, method.rows, method.probe_type, method.seed)
                  for info in todo)  # fmt: skip
         for i, (info, found) in enumerate(zip(todo, executor.ordered(errors_task, tasks), strict=True)):
             ctx.report("profile-errors", len(tensors) - len(todo) + i, len(tensors), "tensors", info.name)
@@ -280,9 +294,9 @@ def _run_probes(
     done = {p.group for p in probes}
     if executor is not None:
         left = [(g, typed) for g, typed in todo if g not in done]
-        tasks = (ProbeTask(str(path.resolve()), model.fingerprint(), str(ctx.cache_dir), g, tuple(typed),
-                           _entries(imatrix, [t.name for t, _ in typed]), text, method.n_ctx, method.chunks,
-                           executor.task_threads or ctx.threads) for g, typed in left)  # fmt: skip
+        ref = SourceRef.of(model, ctx.cache_dir)
+        tasks = (ProbeTask(ref, g, tuple(typed), _entries(imatrix, [t.name for t, _ in typed]), text, method.n_ctx,
+                           method.chunks, executor.task_threads or ctx.threads) for g, typed in left)  # fmt: skip
         for i, probe in enumerate(executor.ordered(probe_task, tasks)):
             ctx.report("profile-probes", len(todo) - len(left) + i, len(todo), "probes", probe.group)
             probes.append(probe)
@@ -305,12 +319,10 @@ def _run_probes(
 
 @dataclasses.dataclass(frozen=True)
 class ProbeTask:
-    """One probe as a worker runs it: the reference by path and fingerprint, the group and its probe types, the
-    importance of the group's tensors, the calibration text and the evaluation settings."""
+    """One probe as a worker runs it: the reference (reopened and checked by its `SourceRef`), the group and its
+    probe types, the importance of the group's tensors, the calibration text and the evaluation settings."""
 
-    path: str
-    fingerprint: str
-    cache_dir: str
+    source: SourceRef
     group: str
     typed: tuple[tuple[TensorInfo, QType], ...]
     imatrix: Imatrix | None
@@ -327,16 +339,17 @@ def _entries(imatrix: Imatrix | None, names: Sequence[str]) -> Imatrix | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _live(path: str, fingerprint: str, cache_dir: str, text: Text, n_ctx: int, chunks: int, threads: int) -> LiveProbes:
+def _live(source: SourceRef, text: Text, n_ctx: int, chunks: int, threads: int) -> LiveProbes:
     """This worker's open copy of the reference to degrade and restore, kept for the worker's life (a copy a dead
     worker left is removed by the next one made in that folder)."""
-    ctx = RunContext(threads=threads, cache_dir=Path(cache_dir))
-    return LiveProbes(reference_model(path, fingerprint), Path(path), text, n_ctx, chunks, ctx)
+    ctx = RunContext(threads=threads, cache_dir=Path(source.cache_dir))
+    model = source.reopen_gguf()
+    return LiveProbes(model, model.path, text, n_ctx, chunks, ctx)
 
 
 def probe_task(task: ProbeTask) -> Probe:
     """A worker's side of a `ProbeTask`."""
     started = time.perf_counter()
-    live = _live(task.path, task.fingerprint, task.cache_dir, task.text, task.n_ctx, task.chunks, task.threads)
+    live = _live(task.source, task.text, task.n_ctx, task.chunks, task.threads)
     kld = live.kld(list(task.typed), task.imatrix, GgmlBackend(task.threads))
     return Probe(task.group, tuple(t.name for t, _ in task.typed), kld, time.perf_counter() - started)

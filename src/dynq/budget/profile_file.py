@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -21,8 +21,9 @@ import numpy as np
 
 from dynq.core.atomic import atomic_write_text
 from dynq.core.importance import Imatrix
+from dynq.core.records import RecordFormat, to_data
 from dynq.core.source import TensorSource
-from dynq.errors import DynqError, VersionMismatch
+from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
 from dynq.version import __version__
 
@@ -122,19 +123,7 @@ class Profile:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": PROFILE_VERSION,
-            "dynq": __version__,
-            "model": asdict(self.model),
-            "imatrix": None
-            if self.imatrix is None
-            else {**asdict(self.imatrix), "datasets": list(self.imatrix.datasets)},
-            "text": asdict(self.text),
-            "method": {**asdict(self.method), "types": list(self.method.types)},
-            "tensors": {n: asdict(t) for n, t in self.tensors.items()},
-            "probes": [{**asdict(p), "tensors": list(p.tensors)} for p in self.probes],
-            "seconds": dict(self.seconds),
-        }
+        return PROFILE_FORMAT.to_record(self, dynq=__version__)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON under a temporary name and rename it, so a reader never sees half a file."""
@@ -151,41 +140,11 @@ class Profile:
             raise DynqError(f"{p}: cannot read profile ({e.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DynqError(f"{p}: not a dynq profile (not JSON); run `dynq profile` again") from None
-        return profile_from_dict(data, str(p))
+        return PROFILE_FORMAT.from_record(data, str(p))
 
 
-def profile_from_dict(data: Any, where: str) -> Profile:
-    if not isinstance(data, dict) or "version" not in data or "tensors" not in data:
-        raise DynqError(f"{where}: not a dynq profile; run `dynq profile` again")
-    if data["version"] != PROFILE_VERSION:
-        raise VersionMismatch(
-            f"{where}: profile version {data['version']!r}, this dynq reads version {PROFILE_VERSION}; "
-            "run `dynq profile` again"
-        )
-    try:
-        imx = data["imatrix"]
-        method = data["method"]
-        return Profile(
-            model=ModelRef(str(data["model"]["spec"]), str(data["model"]["fingerprint"])),
-            imatrix=None
-            if imx is None
-            else ImatrixRef(tuple(map(str, imx["datasets"])), int(imx["chunk_count"]), str(imx["sha256"])),
-            text=TextRef(str(data["text"]["provenance"]), str(data["text"]["sha256"])),
-            method=Method(**{**method, "types": tuple(map(str, method["types"]))}),
-            tensors={str(n): _tensor_profile(t) for n, t in data["tensors"].items()},
-            probes=tuple(
-                Probe(str(p["group"]), tuple(map(str, p["tensors"])), float(p["kld"]), float(p["seconds"]))
-                for p in data["probes"]
-            ),
-            seconds={str(k): float(v) for k, v in data["seconds"].items()},
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DynqError(f"{where}: damaged dynq profile ({type(e).__name__}: {e}); run `dynq profile` again") from None
-
-
-def _tensor_profile(t: Any) -> TensorProfile:
-    errors = {str(k): float(v) for k, v in t["errors"].items()}
-    return TensorProfile(str(t["group"]), float(t["sensitivity"]), errors)
+# The profile file: `{"version": 1, "dynq": WRITER, <Profile's fields>}`; the writer's dynq version is for people.
+PROFILE_FORMAT = RecordFormat(Profile, "dynq profile", PROFILE_VERSION, "run `dynq profile` again", header=("dynq",))
 
 
 def imatrix_digest(imatrix: Imatrix) -> str:
@@ -217,7 +176,7 @@ def cache_key(fingerprint: str, imatrix: ImatrixRef | None, text: TextRef, metho
         "model": fingerprint,
         "imatrix": None if imatrix is None else imatrix.sha256,
         "text": text.sha256,
-        "method": {**asdict(method), "types": list(method.types)},
+        "method": to_data(method),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynq.core.records import RecordFormat
 from dynq.errors import DynqError
 
 SOLVED = "solved@"  # the name of a solver row
@@ -102,8 +103,12 @@ def place_labels(ax: Any, points: Sequence[tuple[str, float, float]]) -> None:
             text.remove()
 
 
+# Each row carries its version (the file stays a plain list of rows); a row from before version 1 has none.
+ROW_FORMAT = RecordFormat(BenchRow, "dynq bench row", 1, "pass the .json file `dynq bench` wrote", unversioned=1)
+
+
 def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict[str, object]]:
-    return [asdict(r) for r in rows]
+    return [ROW_FORMAT.to_record(r) for r in rows]
 
 
 def read_bench(path: str | os.PathLike[str]) -> list[BenchRow]:
@@ -114,13 +119,6 @@ def read_bench(path: str | os.PathLike[str]) -> list[BenchRow]:
         raise DynqError(f"{path}: cannot read the bench results ({e.strerror or e})") from e
     except ValueError as e:
         raise DynqError(f"{path}: not JSON ({e}); pass the .json file `dynq bench` wrote") from e
-    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+    if not isinstance(raw, list):
         raise DynqError(f"{path}: not dynq bench results (expected a list of rows with name, maker, bytes, ...)")
-    try:
-        rows = [BenchRow(**r) for r in raw]
-    except TypeError as e:
-        raise DynqError(f"{path}: a row is not a dynq bench row ({e})") from e
-    for r in rows:
-        if not isinstance(r.name, str) or not all(isinstance(getattr(r, k), int | float) for k in ("bytes", "bpw")):
-            raise DynqError(f"{path}: row {r.name!r} has a non-text name or a non-numeric size")
-    return rows
+    return [ROW_FORMAT.from_record(r, f"{path}, row {i + 1}") for i, r in enumerate(raw)]

@@ -17,9 +17,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from dynq.errors import DynqError
+from dynq.core.records import RecordFormat, from_data, to_data
+from dynq.errors import BadInput, DynqError
 
 JOURNAL_VERSION = 1
 _READ_CHUNK = 16 << 20
@@ -44,6 +45,10 @@ class RunHeader:
     inputs: str
     tensors: int
     shard_headers: tuple[str, ...]
+
+
+# The journal's first line is this record; the lines after it are WrittenTensor's fields, unversioned.
+_HEADER = RecordFormat(RunHeader, "dynq resume journal", JOURNAL_VERSION, "the run starts over")
 
 
 def partial_dir(output: Path) -> Path:
@@ -106,14 +111,14 @@ class PartialOutput:
         with self.journal_path.open("rb") as f:
             for raw in f:
                 try:
-                    entry: dict[str, Any] = json.loads(raw)
+                    entry = json.loads(raw)
                     if header is None:
-                        if entry.get("version") != JOURNAL_VERSION:
-                            return None, []
-                        header = RunHeader(str(entry["inputs"]), int(entry["tensors"]), tuple(entry["shard_headers"]))
+                        header = _HEADER.from_record(entry, str(self.journal_path))
                         continue
-                    t = WrittenTensor(**entry)
-                except (ValueError, KeyError, TypeError):
+                    t = from_data(WrittenTensor, entry, str(self.journal_path))
+                except (ValueError, BadInput):
+                    if header is None:  # another version's journal, or not one: nothing of it is kept
+                        return None, []
                     break
                 if t.index != len(written):
                     break
@@ -124,10 +129,9 @@ class PartialOutput:
         """A new journal for this run that keeps `kept` (the verified prefix of a previous one)."""
         tmp = self.journal_path.with_suffix(".tmp")
         with tmp.open("w") as f:
-            f.write(json.dumps({"version": JOURNAL_VERSION, "inputs": header.inputs, "tensors": header.tensors,
-                                "shard_headers": list(header.shard_headers)}) + "\n")  # fmt: skip
+            f.write(json.dumps(_HEADER.to_record(header)) + "\n")
             for t in kept:
-                f.write(json.dumps(t.__dict__) + "\n")
+                f.write(json.dumps(to_data(t)) + "\n")
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.journal_path)
@@ -136,7 +140,7 @@ class PartialOutput:
     def record(self, tensor: WrittenTensor) -> None:
         """Called after the tensor's bytes were synced."""
         assert self._journal is not None
-        self._journal.write(json.dumps(tensor.__dict__) + "\n")
+        self._journal.write(json.dumps(to_data(tensor)) + "\n")
         self._journal.flush()
         os.fsync(self._journal.fileno())
 

@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum, auto
+from io import BufferedWriter
 from pathlib import Path
 from typing import BinaryIO
 
@@ -97,10 +99,25 @@ class _Kept:
         f.seek(self.nbytes, os.SEEK_CUR)
 
 
+class WriterState(Enum):
+    """Where a StreamingWriter is (as gguf-py's writer keeps its own): each call is allowed in one state only."""
+
+    DECLARING = auto()  # metadata and tensor infos are added
+    WRITING = auto()  # headers on disk: the declared tensors are written (or kept) in order
+    FINISHED = auto()  # every file renamed into place
+    ABORTED = auto()  # closed, the partial folder kept for a resume or removed
+
+
+class WriterStateError(RuntimeError):
+    """A StreamingWriter call out of order. Only dynq's own code drives the writer, so this is a bug in dynq, not in a
+    user's input: a RuntimeError with its traceback, not a DynqError the CLI would print as the user's problem."""
+
+
 class StreamingWriter:
     """Declare every tensor, then `begin`, then `write` (or `keep`) them in the same order; `finish` renames the files
-    into place. The files grow in the output's partial folder with a journal (see `partial.py`); with `resume`, the
-    verified tensors of an interrupted run of the same `inputs` are kept, and `resumed` says how many."""
+    into place, `abort` gives up. The files grow in the output's partial folder with a journal (see `partial.py`);
+    with `resume`, the verified tensors of an interrupted run of the same `inputs` are kept, and `resumed` says how
+    many. `state` says which calls are allowed; any other is refused with a WriterStateError."""
 
     def __init__(self, output: Path, arch: str, split_max_size: int = 0, *, inputs: str = "", resume: bool = False,
                  overwrite: bool = True) -> None:  # fmt: skip
@@ -122,14 +139,27 @@ class StreamingWriter:
         self.scratch = self.partial.dir / "header"
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch.mkdir()
-        self.writer = GGUFWriter(self.scratch / output.name, arch, split_max_size=split_max_size)
+        self.scratch_file = self.scratch / output.name  # where gguf-py writes the headers (one name per shard)
+        self.writer = GGUFWriter(self.scratch_file, arch, split_max_size=split_max_size)
         self.names: list[str] = []
         self.paths: list[Path] = []
         self.kept: list[WrittenTensor] = []
         self.resumed = 0
         self._next = 0
+        self.state = WriterState.DECLARING
+
+    def _expect(self, state: WriterState, call: str) -> None:
+        if self.state is not state:
+            raise WriterStateError(f"{self.output}: {call}() while {self.state.name}; it is allowed while {state.name}")
+
+    def _files(self) -> list[BufferedWriter]:
+        """gguf-py's open files, one per shard (open from `begin` until `finish` or `abort`)."""
+        if self.writer.fout is None:
+            raise WriterStateError(f"{self.output}: the files are not open")
+        return self.writer.fout
 
     def declare(self, info: TensorInfo, nbytes: int, ggml_type: GGMLQuantizationType) -> None:
+        self._expect(WriterState.DECLARING, "declare")
         # A uint8 byte shape; gguf-py converts it back to the element shape from the type.
         rows = info.n_elements // info.row_length
         byte_shape = [*reversed(info.shape[1:]), nbytes // rows] if rows else [nbytes]
@@ -139,13 +169,13 @@ class StreamingWriter:
     def begin(self) -> None:
         """Write headers, metadata and tensor infos of every shard (into the scratch folder), then put each shard in
         place: the fresh one, or with `resume` the previous one cut back to its last verified tensor."""
+        self._expect(WriterState.DECLARING, "begin")
         self.writer.write_header_to_file()
         self.writer.write_kv_data_to_file()
         self.writer.write_ti_data_to_file()
-        assert self.writer.path is not None and self.writer.fout is not None
-        scratch_paths = self.writer.format_shard_names(self.writer.path)
+        scratch_paths = self.writer.format_shard_names(self.scratch_file)
         self.paths = [self.partial.dir / p.name for p in scratch_paths]
-        header_ends = [f.tell() for f in self.writer.fout]
+        header_ends = [f.tell() for f in self._files()]
         hashes = []
         for path, end in zip(scratch_paths, header_ends, strict=True):
             with path.open("rb") as f:
@@ -170,15 +200,16 @@ class StreamingWriter:
             if not ends:
                 fresh.replace(path)  # the open file follows the rename
                 continue
-            self.writer.fout[shard].close()
+            self._files()[shard].close()
             previous = path.open("r+b")
             previous.truncate(max(ends))
             previous.seek(end)
-            self.writer.fout[shard] = previous  # type: ignore[call-overload]  # r+b: read and write
+            self._files()[shard] = previous  # type: ignore[call-overload]  # r+b: read and write
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.partial.start_journal(header, kept)
         self.kept = kept
         self.resumed = len(kept)
+        self.state = WriterState.WRITING
         if kept:
             log.info("%s: resuming after %d verified tensors", self.output, len(kept))
 
@@ -188,17 +219,24 @@ class StreamingWriter:
 
     def keep(self) -> None:
         """Step over the next tensor: a resumed run's verified bytes are already there."""
+        self._expect(WriterState.WRITING, "keep")
+        if self._next >= len(self.kept):
+            raise WriterStateError(f"{self.output}: keep() of tensor {self._next + 1}, but {len(self.kept)} were kept")
         t = self.kept[self._next]
         self.writer.write_tensor_data(_Kept(t.end - t.start, t.start))  # type: ignore[arg-type]  # duck-typed
         self._next += 1
 
     def write(self, data: U8Array | ChunkedBytes) -> None:
         """The next tensor's bytes: an array, or chunks written one at a time; synced, then journaled."""
+        self._expect(WriterState.WRITING, "write")
+        if not self.resumed <= self._next < len(self.names):
+            raise WriterStateError(
+                f"{self.output}: write() of tensor {self._next + 1}; {self.resumed} kept, {len(self.names)} declared"
+            )
         shard = self._shard_of_next()
         recorded = _Recorded(data)
         self.writer.write_tensor_data(recorded)  # type: ignore[arg-type]  # duck-typed: nbytes and tofile
-        assert self.writer.fout is not None
-        fout = self.writer.fout[shard]
+        fout = self._files()[shard]
         fout.flush()
         os.fsync(fout.fileno())
         self.partial.record(WrittenTensor(self._next, self.names[self._next], shard, recorded.start,
@@ -207,6 +245,9 @@ class StreamingWriter:
 
     def finish(self) -> list[Path]:
         """Flush, sync and rename every shard to its final name; returns the final paths."""
+        self._expect(WriterState.WRITING, "finish")
+        if self._next != len(self.names):
+            raise WriterStateError(f"{self.output}: finish() after {self._next} of {len(self.names)} tensors")
         self.writer.close()
         final = []
         for path in self.paths:
@@ -216,11 +257,16 @@ class StreamingWriter:
             path.replace(target)
             final.append(target)
         self.partial.remove()
+        self.state = WriterState.FINISHED
         return final
 
     def abort(self, keep: bool) -> int:
         """Close the files; keep the partial folder for a resume if asked and any tensor is in it, or if an earlier
-        run left it (a failed resume loses nothing), else remove it. Returns how many tensors are kept."""
+        run left it (a failed resume loses nothing), else remove it. Returns how many tensors are kept. Allowed before
+        `finish` has succeeded (also when it failed half-way), once."""
+        if self.state in (WriterState.FINISHED, WriterState.ABORTED):
+            raise WriterStateError(f"{self.output}: abort() while {self.state.name}")
+        self.state = WriterState.ABORTED
         try:
             self.writer.close()
         finally:

@@ -13,12 +13,15 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from dynq.core.arrays import F32Array
 from dynq.core.atomic import atomic_write_text
 from dynq.core.qtypes import qtype
+from dynq.core.records import RecordFormat
 from dynq.core.source import MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
+from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel, shard_paths
 
 _VERSION = 1
@@ -75,18 +78,32 @@ class DescribedGGUF:
             self.model.release(name)
 
 
+@dataclass(frozen=True)
+class _Memo:
+    """What is remembered of a file; a tensor is [name, shape, stored type]."""
+
+    arch: str
+    fingerprint: str
+    metadata: dict[str, Any]
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+# A memo of another version or a damaged one is never an error: the file is described again.
+_FORMAT = RecordFormat(_Memo, "description memo", _VERSION, "it is rebuilt")
+
+
 def _to_json(inventory: ModelInventory, fingerprint: str) -> str:
-    tensors = [[t.name, list(t.shape), t.dtype.name] for t in inventory.tensors]
-    return json.dumps({"version": _VERSION, "arch": inventory.arch, "fingerprint": fingerprint,
-                       "metadata": dict(inventory.metadata), "tensors": tensors})  # fmt: skip
+    tensors = tuple((t.name, t.shape, t.dtype.name) for t in inventory.tensors)
+    return json.dumps(_FORMAT.to_record(_Memo(inventory.arch, fingerprint, dict(inventory.metadata), tensors)))
 
 
 def _from_json(text: str, spec: str) -> tuple[ModelInventory, str] | None:
-    data = json.loads(text)
-    if data.get("version") != _VERSION:
+    try:
+        memo = _FORMAT.from_record(json.loads(text), spec)
+        tensors = tuple(TensorInfo(n, s, qtype(d)) for n, s, d in memo.tensors)
+    except DynqError:  # another version, damaged, or a type this dynq does not know
         return None
-    tensors = tuple(TensorInfo(n, tuple(s), qtype(d)) for n, s, d in data["tensors"])
-    return ModelInventory(spec, data["arch"], tensors, data["metadata"]), data["fingerprint"]
+    return ModelInventory(spec, memo.arch, tensors, memo.metadata), memo.fingerprint
 
 
 def _opened(model: GGUFModel) -> DescribedGGUF:
