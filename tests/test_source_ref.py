@@ -18,10 +18,10 @@ from dynq.calib.text import Text
 from dynq.errors import DynqError
 from dynq.executors import LocalProcesses, Serial
 from dynq.gguf_io.reader import GGUFModel
+from dynq.lab.synthetic import write_synthetic
 from dynq.quantize import EncodeTask
 from dynq.sources.described import describe
 from dynq.sources.ref import SourceRef
-from dynq.sources.synthetic import write_synthetic
 from tiny_models import llama_tensors, write_gguf
 
 T = TypeVar("T")
