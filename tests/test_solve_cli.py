@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -179,3 +181,31 @@ def test_bench_solver_rows_at_a_mix_size(made: dict[str, Path]) -> None:
     assert 0.99 * rows["Q4_K_M"]["bytes"] <= rows["solved@Q4_K_M"]["bytes"] <= rows["Q4_K_M"]["bytes"]
     assert "| solved@Q4_K_M | dynq |" in (out / "tiny.md").read_text()
     assert (out / "tiny.png").stat().st_size > 1000
+
+
+def test_quantize_target_runs_every_step_on_the_threads_asked(
+    made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`quantize --target --threads 1`: the solve and the quantize each get one thread (the solve step used to get
+    the default count)."""
+    from dynq.budget import allocate
+
+    seen: dict[str, int] = {}
+
+    def spy(step: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def called(*args: Any, **kwargs: Any) -> Any:
+            ctx = kwargs.get("ctx") if "ctx" in kwargs else args[-1]
+            seen[step] = ctx.threads
+            return real(*args, **kwargs)
+
+        return called
+
+    monkeypatch.setattr(allocate, "_solver", spy("solve", allocate._solver))
+    monkeypatch.setattr(allocate, "quantize", spy("quantize", allocate.quantize))
+    low, high = sizes(made)
+    out = made["dir"] / "threads.gguf"
+    ran = runner.invoke(app, ["quantize", str(made["tiny"]), "--target", str((low + high) // 2), "--profile",
+                              str(made["profile"]), "--imatrix", str(made["imatrix"]), "--threads", "1", "-o",
+                              str(out)])  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    assert seen == {"solve": 1, "quantize": 1}
