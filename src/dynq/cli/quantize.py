@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from dynq import api
 from dynq.cli.render import draw_comparison, draw_plan, draw_summary
@@ -147,8 +148,6 @@ def quantize(
 
 def presets() -> None:
     """List the shipped recipes, shape inventories and zoo models."""
-    from rich.table import Table
-
     table = Table(title="recipes", title_justify="left")
     table.add_column("name")
     table.add_column("description")
