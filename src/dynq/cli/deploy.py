@@ -142,7 +142,7 @@ def export_ollama_command(
     """Write one GGUF (shards merged) and a Modelfile with the model's chat template, sampling and stop tokens."""
     with progress_bar("exporting") as on_step:
         result = api.export_ollama(_model_file(model), output, temperature=temperature, min_p=min_p, link=link,
-                               overwrite=force, ctx=run_context(progress=on_step))  # fmt: skip
+                                   overwrite=force, ctx=run_context(progress=on_step))  # fmt: skip
     m = result.content
     if m.family is None:
         err.print(line("no chat template dynq can translate; see the comment in the Modelfile", style="yellow"))
