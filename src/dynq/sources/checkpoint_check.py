@@ -321,8 +321,9 @@ _SAME_NAMES = frozenset({None, "fp8"})
 def stored_as_built(config: Mapping[str, Any]) -> bool:
     """Whether the checkpoint stores each parameter under the name transformers builds it with."""
     quantization = config.get("quantization_config")
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-    return quantization is None or method in _SAME_NAMES
+    if quantization is None:
+        return True
+    return isinstance(quantization, dict) and quantization.get("quant_method") in _SAME_NAMES
 
 
 def check_against_model(
