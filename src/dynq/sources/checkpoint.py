@@ -233,9 +233,9 @@ class HFCheckpoint:
 
     def _open(self, directory: Path, cache: Path) -> None:
         """Check the folder as a whole, then run the converter up to (not including) computing any tensor."""
+        conversion = load_conversion(cache)  # a missing converter is named before the checkpoint is looked at
         config, weights = check_checkpoint(directory)
         check_against_model(directory, weights, _expected_shapes(directory), stored_as_built(config))
-        conversion = load_conversion(cache)
         try:
             hparams = conversion.ModelBase.load_hparams(directory, False)
             arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
