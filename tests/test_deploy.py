@@ -147,7 +147,7 @@ def test_split_and_merge_refuse_bad_requests(tiny_gguf: Path, tmp_path: Path) ->
 def test_a_failed_split_leaves_nothing(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def failing_write(self: object, data: np.ndarray) -> None:
+    def failing_write(self: object, data: np.ndarray, made_from: object = None) -> None:
         calls.append(1)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,9 +171,22 @@ def patched(source: Path, target: Path, kind: str, value: int, which: int = 0) -
 
 def test_an_offset_that_wraps_past_2_64_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
     bad = patched(tiny_gguf, tmp_path / "wrap.gguf", "tensor offset", 2**64 - 32, which=3)
-    with pytest.raises(DynqError, match="truncated"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gguf-py's uint64 sum wraps: no RuntimeWarning may escape
+        with pytest.raises(DynqError, match="past the end of the file"):
+            GGUFModel(bad)
+    done = cli("inspect", str(bad))
+    assert_one_line_error(done, "starts at byte 1844674407370955", "past the end of the file")
+    assert done.stderr.count("\n") == 1, done.stderr  # the error line alone: no warning above it
+
+
+def test_tensors_sharing_bytes_are_refused(tiny_gguf: Path, tmp_path: Path) -> None:
+    """N16: two tensors whose byte ranges overlap (llama.cpp refuses such a file too)."""
+    bad = patched(tiny_gguf, tmp_path / "overlap.gguf", "tensor offset", 0, which=3)
+    with pytest.raises(DynqError, match="overlap"):
         GGUFModel(bad)
-    assert_one_line_error(cli("inspect", str(bad)), "truncated")
+    assert_one_line_error(cli("quantize", str(bad), "-r", "q8_0", "-o", str(tmp_path / "o.gguf")), "overlap")
+    assert not (tmp_path / "o.gguf").exists()
 
 
 def test_an_empty_dimension_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
