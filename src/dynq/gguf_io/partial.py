@@ -168,7 +168,8 @@ def verified_prefix(written: list[WrittenTensor], shard_paths: list[Path]) -> li
     kept: list[WrittenTensor] = []
     try:
         for t in written:
-            if t.shard >= len(shard_paths) or not shard_paths[t.shard].is_file():
+            # a journal edited by hand may say anything: a shard or a range no run writes ends the kept part
+            if not 0 <= t.shard < len(shard_paths) or not 0 <= t.start <= t.end or not shard_paths[t.shard].is_file():
                 break
             if t.shard not in handles:
                 handles[t.shard] = shard_paths[t.shard].open("rb")
