@@ -41,6 +41,7 @@ test: setup
 fuzz: setup
 	$(PY) tests/fuzzing.py --cases 100000 --kinds gguf,imatrix-gguf,imatrix-dat,recipe --seed 1
 	$(PY) tests/fuzzing.py --cases 2000 --kinds checkpoint --seed 1
+	$(PY) tests/fuzzing.py --cases 10000 --kinds shards --seed 1
 
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts bench

@@ -1,5 +1,6 @@
-"""Structure-aware fuzzing of what dynq reads from strangers: GGUF models, imatrix files (GGUF and .dat), recipes and
-Hugging Face checkpoints (config.json, safetensors headers, and the folder's layout: tests/fuzz_checkpoint.py).
+"""Structure-aware fuzzing of what dynq reads from strangers: GGUF models, imatrix files (GGUF and .dat), recipes,
+Hugging Face checkpoints (config.json, safetensors headers, and the folder's layout: tests/fuzz_checkpoint.py) and
+split models' shard sets (fuzz_shards.py).
 
 Each case mutates a valid file where its structure is (a count, a string length, an array type, a tensor dimension,
 type or offset, a cut at a section boundary, a YAML value of the wrong kind...) and runs what a user would run on it.
@@ -9,7 +10,7 @@ size at start plus `--memory-mib`, so a declared size of 2^60 bytes that gets al
 be broken that is accepted (an index naming a file outside the checkpoint, a missing shard) or one known to be valid
 that is refused.
 
-    .venv/bin/python tests/fuzzing.py --cases 20000 [--kinds gguf,imatrix-gguf,imatrix-dat,recipe,checkpoint]
+    .venv/bin/python tests/fuzzing.py --cases 20000 [--kinds gguf,imatrix-gguf,imatrix-dat,recipe,checkpoint,shards]
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ from dynq.gguf_io.reader import GGUFModel
 from dynq.quantize import check_imatrix
 from dynq.recipe.presets import load_recipe
 from fuzz_checkpoint import fresh_copy, layout_case, make_seeds, rewrite
+from fuzz_shards import ShardSeeds, check_shard_set, shard_set_case
 from tiny_models import llama_tensors, write_gguf
 
-KINDS = ("gguf", "imatrix-gguf", "imatrix-dat", "recipe", "checkpoint")
+KINDS = ("gguf", "imatrix-gguf", "imatrix-dat", "recipe", "checkpoint", "shards")
 CASE_SECONDS = 5
 CTX = dynq.RunContext(threads=1)
 
@@ -319,6 +321,7 @@ class Fuzzer:
             started = time.perf_counter()
             dynq.open_source(str(self.seeds.single), ctx=CTX)
             self.checkpoint_seconds = max(CASE_SECONDS, math.ceil(4 * (time.perf_counter() - started)))
+        self.shard_seeds = ShardSeeds.make(work) if "shards" in kinds else None
         self.count = 0
 
     def _file(self, name: str, data: bytes) -> Path:
@@ -409,9 +412,23 @@ class Fuzzer:
             rewrite(weights, changed)
         return "model.safetensors: " + what
 
+    def shards(self) -> Result:
+        assert self.shard_seeds is not None
+        seeds = self.shard_seeds
+
+        def binary(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+            return mutate_binary(data, gguf_layout(data), rng)
+
+        path, what = shard_set_case(self.work, seeds, self.rng, binary)
+        self.count += 1
+        merge = self.count % 5 == 0
+        return judged("shards", what, lambda: check_shard_set(path, self._out(), seeds.n_tensors, merge))
+
     def case(self, kind: str) -> Result:
         if kind == "gguf":
             return self.gguf()
+        if kind == "shards":
+            return self.shards()
         if kind.startswith("imatrix"):
             return self.imatrix(dat=kind == "imatrix-dat")
         if kind == "recipe":

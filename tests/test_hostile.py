@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,9 +171,92 @@ def patched(source: Path, target: Path, kind: str, value: int, which: int = 0) -
 
 def test_an_offset_that_wraps_past_2_64_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
     bad = patched(tiny_gguf, tmp_path / "wrap.gguf", "tensor offset", 2**64 - 32, which=3)
-    with pytest.raises(DynqError, match="truncated"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gguf-py's uint64 sum wraps: no RuntimeWarning may escape
+        with pytest.raises(DynqError, match="past the end of the file"):
+            GGUFModel(bad)
+    done = cli("inspect", str(bad))
+    assert_one_line_error(done, "starts at byte 1844674407370955", "past the end of the file")
+    assert done.stderr.count("\n") == 1, done.stderr  # the error line alone: no warning above it
+
+
+def test_tensors_sharing_bytes_are_refused(tiny_gguf: Path, tmp_path: Path) -> None:
+    """N16: two tensors whose byte ranges overlap (llama.cpp refuses such a file too)."""
+    bad = patched(tiny_gguf, tmp_path / "overlap.gguf", "tensor offset", 0, which=3)
+    with pytest.raises(DynqError, match="overlap"):
         GGUFModel(bad)
-    assert_one_line_error(cli("inspect", str(bad)), "truncated")
+    assert_one_line_error(cli("quantize", str(bad), "-r", "q8_0", "-o", str(tmp_path / "o.gguf")), "overlap")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+# --- shard sets: complete or refused -----------------------------------------------------------------------------
+
+
+def shards_of(folder: Path, stem: str, per_shard: int) -> list[Path]:
+    """The tiny model written by gguf-py as shards of `per_shard` tensors."""
+    folder.mkdir(exist_ok=True)
+    write_gguf(folder / f"{stem}.gguf", llama_tensors(), split_max_tensors=per_shard)
+    return sorted(folder.glob(f"{stem}-*-of-*.gguf"))
+
+
+def test_a_shard_set_with_tensors_missing_is_refused(tmp_path: Path) -> None:
+    """N7: shard 1 of a split cut after 12 tensors and shard 2 of one cut after 15, renamed into one set: names and
+    split numbers agree, 3 of the 21 tensors are in neither."""
+    early, late = shards_of(tmp_path / "a", "a", 12), shards_of(tmp_path / "b", "b", 15)
+    assert len(early) == len(late) == 2
+    mixed = [tmp_path / "C-00001-of-00002.gguf", tmp_path / "C-00002-of-00002.gguf"]
+    mixed[0].write_bytes(early[0].read_bytes())
+    mixed[1].write_bytes(late[1].read_bytes())
+    with pytest.raises(DynqError, match=r"split\.tensors\.count=21, but its 2 shards hold 18 tensors"):
+        GGUFModel(mixed[1])
+    with pytest.raises(DynqError, match=r"split\.tensors\.count"):
+        dynq.merge(mixed[0], tmp_path / "merged.gguf")
+    out = tmp_path / "q.gguf"
+    assert_one_line_error(cli("quantize", str(mixed[0]), "-r", "q8_0", "-o", str(out)), "split.tensors.count")
+    assert not out.exists() and not (tmp_path / "merged.gguf").exists()
+
+
+@pytest.mark.parametrize("name", ["Z-00001-of-00000.gguf", "Z-00003-of-00002.gguf", "Z-00000-of-00002.gguf"])
+def test_a_shard_name_that_numbers_no_shard(name: str, tiny_gguf: Path, tmp_path: Path) -> None:
+    """N11: `-00001-of-00000` was an IndexError in inspect, merge and quantize."""
+    path = tmp_path / name
+    path.write_bytes(tiny_gguf.read_bytes())
+    with pytest.raises(DynqError, match="which no split has"):
+        GGUFModel(path)
+    with pytest.raises(DynqError, match="which no split has"):
+        dynq.merge(path, tmp_path / "m.gguf")
+    assert_one_line_error(cli("inspect", str(path)), "which no split has")
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "missing"])
+def test_a_shard_that_is_not_a_file(kind: str, tmp_path: Path) -> None:
+    """N11: a shard that is a directory (or a pipe, or absent) is one line naming it, and nothing hangs."""
+    shards = shards_of(tmp_path, "m", 12)
+    shards[1].unlink()
+    if kind == "directory":
+        shards[1].mkdir()
+    elif kind == "fifo":
+        os.mkfifo(shards[1])
+    expected = {"directory": "is a directory", "fifo": "not a regular file", "missing": "missing shard"}[kind]
+    with pytest.raises(DynqError, match=expected):
+        GGUFModel(shards[0])
+    out = tmp_path / "q.gguf"
+    assert_one_line_error(cli("quantize", str(shards[0]), "-r", "q8_0", "-o", str(out)), expected)
+    assert not out.exists()
+
+
+def test_split_metadata_must_match_the_names(tmp_path: Path) -> None:
+    """A shard under a plain name, and shards of two splits with other shard counts, are refused."""
+    two, three = shards_of(tmp_path / "two", "t", 12), shards_of(tmp_path / "three", "h", 8)
+    lone = tmp_path / "lone.gguf"
+    lone.write_bytes(two[0].read_bytes())
+    with pytest.raises(DynqError, match=r"split metadata \(split.no=0, split.count=2\) makes it one shard"):
+        GGUFModel(lone)
+    mixed = [tmp_path / "M-00001-of-00002.gguf", tmp_path / "M-00002-of-00002.gguf"]
+    mixed[0].write_bytes(two[0].read_bytes())
+    mixed[1].write_bytes(three[1].read_bytes())
+    with pytest.raises(DynqError, match=r"split\.no=1, split\.count=3, but its name makes it shard 2 of 2"):
+        GGUFModel(mixed[0])
 
 
 def test_an_empty_dimension_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from dynq.deploy.offload import (
 from dynq.deploy.ollama import Message, OllamaExport, export_ollama
 from dynq.deploy.run import Generation, Runner, Sampling
 from dynq.deploy.shards import ShardsWritten, merge, split
-from dynq.errors import BadInput, DynqError, NotCached, OutputExists, ResumeRequired, VersionMismatch
+from dynq.errors import BadInput, DynqError, LeftoverRun, NotCached, OutputExists, ResumeRequired, VersionMismatch
 from dynq.eval.bench import BenchRow
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
@@ -271,10 +271,10 @@ def loops(model: str | os.PathLike[str], *, tokens: int = 256, ctx: RunContext |
 __all__ = [
     "AUTO_KV_TYPES", "DEFAULT_CPU_BANDWIDTH", "DEFAULT_VRAM", "KV_TYPES", "PROFILE_DEFAULTS", "TEXTS",
     "BadInput", "BenchResult", "BenchRow", "Continuation", "DynqError", "EvalResult", "Executor", "FileSummary",
-    "Generation", "Hardware", "Imatrix", "Message", "ModelCard", "NotCached", "OffloadPlan", "OllamaExport",
-    "OutputExists", "Placement", "Profile", "ProfileLike", "Progress", "QType", "QuantPlan", "QuantizeResult",
-    "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext", "Runner", "Sampling", "Settings",
-    "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text", "Verified", "VersionMismatch",
+    "Generation", "Hardware", "Imatrix", "LeftoverRun", "Message", "ModelCard", "NotCached", "OffloadPlan",
+    "OllamaExport", "OutputExists", "Placement", "Profile", "ProfileLike", "Progress", "QType", "QuantPlan",
+    "QuantizeResult", "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext", "Runner", "Sampling",
+    "Settings", "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text", "Verified", "VersionMismatch",
     "__version__",
     "bench", "build_tools", "calibration", "card", "collect_imatrix", "coverage", "coverage_summary", "evaluate",
     "evaluation", "executor", "export_ollama", "f16_conversion", "fetch", "gguf_file", "inspect",
