@@ -126,6 +126,12 @@ def test_all_zero_rows_and_tensors_encode_as_zeros(recipe: str, tmp_path: Path) 
 
 RECIPES = {
     "huge block range": ('rules: [{match: ffn, type: Q4_K, blocks: "0-1000000000"}]\n', "block number too large"),
+    # each full range is 65,537 set entries; 400 such rules once took 4.4 GB (probe N4): the fifth is refused first
+    "many full block ranges": (
+        "rules:\n" + "".join(f"- {{match: zz{i}, type: Q8_0, blocks: 0-65536}}\n" for i in range(400)),
+        r"r\.yaml, rule 4: block ranges '0-65536' bring the recipe to more than 262,144 selected blocks",
+    ),
+    "one range given twice": ('rules: [{match: ffn, type: Q4_K, blocks: "0-65536,0-65536"}]\n', "overlap"),
     "alias expansion": (
         "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
         "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nrules: [{match: ffn, type: Q4_K, note: *c}]\n",
