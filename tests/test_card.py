@@ -171,12 +171,21 @@ def test_bench_rows_with_this_file_marked(quant: Path, tmp_path: Path) -> None:
     assert "measured on another model or another build" in other
 
 
+ROW = {"name": "q", "maker": "dynq", "bytes": 1, "bpw": 4.5, "ppl": 9.0, "kld_mean": 0.1, "kld_p99": 0.5,
+       "top1": 0.9, "loop_rate": 0.0, "quantize_seconds": 1.0}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("{not json", "not JSON"),
         ('{"name": "x"}', "not dynq bench results"),
         ('[{"name": "x"}]', "not a dynq bench row"),
+        # probe N11: each of these was a traceback
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than any such file is"),
+        (json.dumps([ROW | {"ppl": "abc"}]), "row 1: not a dynq bench row: ppl must be a number, not 'abc'"),
+        (json.dumps([ROW | {"maker": ["a"]}]), "row 1: not a dynq bench row: maker must be text, not a list"),
+        (json.dumps([ROW, ROW | {"kld_mean": "x"}]), "row 2: not a dynq bench row: kld_mean must be a number"),
     ],
 )
 def test_bad_bench_files_are_refused(tmp_path: Path, content: str, message: str) -> None:
