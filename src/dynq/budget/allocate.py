@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from dynq.recipe.plan import QuantPlan
 from dynq.recipe.presets import RecipeLike, as_recipe
 from dynq.recipe.refine import Refined, choice_key, scaled_costs
 from dynq.recipe.refine import refine as search_weights
-from dynq.recipe.rules import Recipe
+from dynq.recipe.rules import Recipe, compile_pattern
 from dynq.recipe.solve import Solution
 from dynq.recipe.solved_recipe import recipe_yaml, solve_plan
 from dynq.recipe.target import pinned_by, solver_start
@@ -101,6 +100,7 @@ def _solver(source: SourceLike, prof: Profile, request: SolveRequest, ctx: RunCo
         [Mapping[str, float]], Solved]:  # fmt: skip
     """The solve for one model and request, as a function of per-kind weights on the profile's costs (a kind left
     out weighs 1)."""
+    patterns = [compile_pattern(t, f"tie {i + 1}") for i, t in enumerate(request.ties)]  # before any work
     opened = open_source(source, ctx.cache_dir)  # no weights are read: the description is enough
     # A checkpoint was profiled as the F16 GGUF it converts to (what llama.cpp runs): check against that one.
     checked = open_source(runnable_file(opened, ctx), ctx.cache_dir) if isinstance(opened, HFCheckpoint) else opened
@@ -113,7 +113,6 @@ def _solver(source: SourceLike, prof: Profile, request: SolveRequest, ctx: RunCo
     pinned = pinned_by(base, inventory) if base is not None else {}
     wanted = [qtype(t) for t in (request.types if request.types is not None else prof.method.types)]
     label = request.name or f"solved-{target if isinstance(target, str) else target_bytes}"
-    patterns = [re.compile(t) for t in request.ties]
     measured = prof.costs()
 
     def solve_for(weights: Mapping[str, float]) -> Solved:

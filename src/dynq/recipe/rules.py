@@ -187,7 +187,7 @@ class Recipe:
         return d
 
 
-def _compile(pattern: object, where: str) -> re.Pattern[str]:
+def compile_pattern(pattern: object, where: str) -> re.Pattern[str]:
     if not isinstance(pattern, str) or not pattern:
         raise BadInput(f"{where}: 'match' must be a non-empty regular expression string")
     try:
@@ -197,7 +197,7 @@ def _compile(pattern: object, where: str) -> re.Pattern[str]:
 
 
 def _compile_all(patterns: Iterable[str], where: str) -> tuple[re.Pattern[str], ...]:
-    return tuple(_compile(p, where) for p in patterns)
+    return tuple(compile_pattern(p, where) for p in patterns)
 
 
 def _names(keys: Iterable[object]) -> str:
@@ -243,7 +243,7 @@ def _rule(index: int, raw: object, where: str, room: int = MAX_RECIPE_BLOCKS) ->
         raise BadInput(f"{at}: 'optional' must be true or false")
     return Rule(
         index=index,
-        pattern=_compile(raw["match"], at),
+        pattern=compile_pattern(raw["match"], at),
         qtype=_type(raw["type"], at),
         blocks=BlockSpec.parse(str(blocks), at, room) if blocks is not None else None,
         when=When(when) if when is not None else None,
