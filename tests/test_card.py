@@ -26,9 +26,9 @@ from runs import quantize_to
 RECIPE = "dyn-q2_k_xl"  # needs no imatrix; one is given anyway, for its provenance
 # Rich markup, a terminal colour escape, an OSC 8 hyperlink, a bidi override, and markdown that would link, shout,
 # open HTML and split a table cell.
-NAME = "[/]\x1b[31mred[link=x]y[/link] \x1b]8;;http://evil\x07click\u202e <b>*hi*</b> [md](http://evil) a|b"
+NAME = "[/]\x1b[31mred[link=x]y[/link] \x1b]8;;http://evil\x07click\u202e\u200f <b>*hi*</b> [md](http://evil) a|b"
 DATASET = "calib [link=y] text\x1b[2J"
-CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def relabelled(source: Path, target: Path, strings: dict[str, str]) -> Path:

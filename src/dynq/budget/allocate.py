@@ -17,7 +17,7 @@ from pathlib import Path
 from dynq.budget.profile import profile as measure_profile
 from dynq.budget.profile_file import Profile, ProfileSettings, text_ref
 from dynq.calib.text import Text, calibration_text
-from dynq.core.atomic import atomic_write_text, check_output_folder
+from dynq.core.atomic import atomic_write_text, check_new_output
 from dynq.core.context import RunContext, context
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import kind_of
@@ -52,9 +52,10 @@ class Solved:
     target_bytes: int
     predicted_kld: float
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the recipe as YAML (atomically); `dynq.recipe(path)` reads it back to the same recipe."""
-        check_output_folder(Path(path))
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the recipe as YAML (atomically); `dynq.recipe(path)` reads it back to the same recipe. An existing
+        file is replaced only with `overwrite`."""
+        check_new_output(Path(path), overwrite)
         return atomic_write_text(path, recipe_yaml(self.recipe))
 
 

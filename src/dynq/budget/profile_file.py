@@ -26,7 +26,7 @@ from dynq.core.jsonfile import read_json
 from dynq.core.qtypes import FLOATS, quantizable_qtypes
 from dynq.core.records import RecordFormat, to_data
 from dynq.core.source import TensorSource
-from dynq.errors import BadInput, DynqError
+from dynq.errors import BadInput, DynqError, OutputExists
 from dynq.gguf_io.reader import GGUFModel
 from dynq.version import __version__
 
@@ -136,10 +136,13 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return PROFILE_FORMAT.to_record(self, dynq=__version__)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the JSON under a temporary name and rename it, so a reader never sees half a file."""
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the JSON under a temporary name and rename it, so a reader never sees half a file. An existing file
+        is replaced only with `overwrite`."""
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not overwrite:
+            raise OutputExists(out)
         return atomic_write_text(out, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
 
     @staticmethod
