@@ -17,6 +17,8 @@ import pytest
 from gguf import GGUFValueType, GGUFWriter
 
 import dynq
+from dynq.calib import text as text_module
+from dynq.calib.text import read_texts
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.deploy.ollama import export_ollama
 from dynq.errors import DynqError
@@ -255,6 +257,13 @@ def test_a_pipe_is_not_a_model_and_does_not_hang(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     assert_one_line_error(cli("inspect", str(fifo)), "not a regular file")
     assert_one_line_error(cli("quantize", str(fifo), "-r", "q8_0", "-o", str(tmp_path / "o.gguf")), "regular file")
+
+
+def test_a_text_without_end_stops_at_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--text /dev/zero` read until MemoryError (probe N11); a text is read up to MAX_TEXT_BYTES, pipes included."""
+    monkeypatch.setattr(text_module, "MAX_TEXT_BYTES", 1 << 20)
+    with pytest.raises(DynqError, match="/dev/zero: more than 1 MiB of text"):
+        read_texts([Path("/dev/zero")])
 
 
 def test_a_dat_imatrix_with_a_negative_count(tmp_path: Path) -> None:
