@@ -33,6 +33,7 @@ from dynq.budget.profile_file import Profile, ProfileSettings
 from dynq.calib.collector import collect_imatrix as _collect
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts, read_texts, texts_cached
 from dynq.card import DEFAULT_VRAM, ModelCard, card
+from dynq.core.atomic import check_new_output
 from dynq.core.context import Progress, RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
@@ -170,10 +171,12 @@ def evaluate(
                      n_ctx=n_ctx, n_chunks=chunks, ctx=ctx)  # fmt: skip
 
 
-def save_imatrix(imatrix: Imatrix, path: str | os.PathLike[str]) -> Path:
+def save_imatrix(imatrix: Imatrix, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Write `imatrix` in llama.cpp's GGUF format, or the legacy format for a `.dat` name; `read_imatrix` reads
-    either. Removes the chunks `collect_imatrix(output=path)` kept for it."""
+    either. Removes the chunks `collect_imatrix(output=path)` kept for it. An existing file is replaced only with
+    `overwrite`."""
     out = Path(path)
+    check_new_output(out, overwrite)
     (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(imatrix, out)
     shutil.rmtree(partial_dir(out), ignore_errors=True)  # the chunks a collection kept for it are done with
     return out

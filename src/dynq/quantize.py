@@ -25,7 +25,7 @@ from dynq.core.arrays import F32Array, U8Array
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix, importance_row, importance_rows, n_matrices
 from dynq.core.qtypes import QType
-from dynq.core.source import TensorSource
+from dynq.core.source import TensorSource, check_float_metadata
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.executors import Executor
@@ -276,6 +276,7 @@ def quantize(
     if imx is not None:
         imx.check(origin or "imatrix")
     check_imatrix(plan, imx, origin or "imatrix")
+    check_float_metadata(src.metadata_fields(), src.spec)  # what the output would carry to a runtime
     backend, device = choose_backend(backend, ctx.device)
     kernels = get_backend(backend, ctx.threads, device)
     cache = EncodeCache(f"{backend}:{device}", ctx.cache_dir) if reuse_encoded else None

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from dynq.cli import budget, deploy, measure, offload, quantize
 from dynq.cli.shell import err, setup_logging
-from dynq.cli.text import data
+from dynq.core.visible import one_line
 from dynq.errors import DynqError, LeftoverRun, OutputExists, ResumeRequired
 
 app = typer.Typer(
@@ -59,7 +59,8 @@ def main() -> None:
     try:
         app()
     except DynqError as e:
-        err.print(Text.assemble(("error:", "bold red"), " ", data(in_flags(e))), highlight=False, soft_wrap=True)
+        shown = Text(one_line(in_flags(e)))  # one line, even when a path in it holds a newline
+        err.print(Text.assemble(("error:", "bold red"), " ", shown), highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
