@@ -254,6 +254,9 @@ class Result:
     detail: str
 
 
+PROGRESS_EVERY = 100
+
+
 class _Timeout(BaseException):
     pass
 
@@ -265,6 +268,13 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
 def judged(kind: str, what: str, run: Callable[[], object], expect: str = "any", seconds: int = CASE_SECONDS) -> Result:
     """Run one case under the time limit; sort its end into ok, a proper error, or a finding. `expect` is `refuse`
     for a case that must end in an error, `work` for one that must not, `any` otherwise."""
+    try:
+        return _judged(kind, what, run, expect, seconds)
+    except _Timeout:  # the alarm went off as the case ended, before it was cancelled: the case took the whole limit
+        return Result(kind, "finding", f"{what}: over {seconds} s")
+
+
+def _judged(kind: str, what: str, run: Callable[[], object], expect: str, seconds: int) -> Result:
     signal.alarm(seconds)
     try:
         run()
@@ -467,6 +477,10 @@ def fuzz(cases: int, kinds: list[str], seed: int, memory_mib: int, quantize_ever
             counts[r.kind][r.outcome] += 1
             if r.outcome == "finding":
                 findings.append(f"{r.kind}: {r.detail}")
+            if (i + 1) % PROGRESS_EVERY == 0:  # a long run's counts so far, for whoever watches it
+                print(json.dumps({"cases": i + 1, "seconds": round(time.perf_counter() - started),
+                                  "findings": len(findings), "counts": {k: dict(v) for k, v in counts.items()}}),
+                      file=sys.stderr, flush=True)  # fmt: skip
     done = time.perf_counter()
     return {"seed": seed, "cases": cases, "seconds": round(done - started, 1),
             "seconds_per_case": round((done - seeded) / max(cases, 1), 3),
