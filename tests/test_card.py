@@ -186,6 +186,8 @@ ROW = {"name": "q", "maker": "dynq", "bytes": 1, "bpw": 4.5, "ppl": 9.0, "kld_me
         (json.dumps([ROW | {"ppl": "abc"}]), "row 1: not a dynq bench row: ppl must be a number, not 'abc'"),
         (json.dumps([ROW | {"maker": ["a"]}]), "row 1: not a dynq bench row: maker must be text, not a list"),
         (json.dumps([ROW, ROW | {"kld_mean": "x"}]), "row 2: not a dynq bench row: kld_mean must be a number"),
+        # the probe's rerun: a 401-digit byte count overflowed the table's MiB
+        (json.dumps([ROW | {"bytes": 10**400}]), "row 1: not a dynq bench row: bytes must be a whole number within"),
     ],
 )
 def test_bad_bench_files_are_refused(tmp_path: Path, content: str, message: str) -> None:

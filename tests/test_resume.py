@@ -290,6 +290,8 @@ JOURNAL_EDITS: dict[str, Callable[[list[str]], list[str]]] = {
     "start as text": lambda lines: [lines[0], re.sub(r'"start": (\d+)', r'"start": "\1"', lines[1]), *lines[2:]],
     "negative start": lambda lines: [*lines[:2], lines[2].replace('"start": ', '"start": -'), *lines[3:]],
     "shard -1": lambda lines: [lines[0], lines[1].replace('"shard": 0', '"shard": -1'), *lines[2:]],
+    "deep header": lambda lines: ["[" * 100_000 + "]" * 100_000, *lines[1:]],
+    "deep tensor line": lambda lines: [lines[0], lines[1], '{"a":' * 100_000, *lines[2:]],
 }
 
 

@@ -119,7 +119,7 @@ class PartialOutput:
                         header = _HEADER.from_record(entry, str(self.journal_path))
                         continue
                     t = from_data(WrittenTensor, entry, str(self.journal_path))
-                except (ValueError, BadInput):
+                except (ValueError, RecursionError, BadInput):  # RecursionError: JSON nested past the parser
                     if header is None:  # another version's journal, or not one: nothing of it is kept
                         return None, []
                     break
