@@ -40,7 +40,8 @@ test: setup
 # The long fuzz (tests/fuzzing.py): every kind of input dynq reads from strangers, mutated where its structure is.
 fuzz: setup
 	$(PY) tests/fuzzing.py --cases 100000 --kinds gguf,imatrix-gguf,imatrix-dat,recipe --seed 1
-	$(PY) tests/fuzzing.py --cases 2000 --kinds checkpoint --seed 1
+	$(PY) tests/fuzzing.py --cases 10000 --kinds checkpoint --seed 1
+	$(PY) tests/fuzzing.py --cases 10000 --kinds shards --seed 1
 
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts bench

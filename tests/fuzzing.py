@@ -1,13 +1,16 @@
-"""Structure-aware fuzzing of what dynq reads from strangers: GGUF models, imatrix files (GGUF and .dat), recipes and
-Hugging Face checkpoints (config.json and safetensors headers).
+"""Structure-aware fuzzing of what dynq reads from strangers: GGUF models, imatrix files (GGUF and .dat), recipes,
+Hugging Face checkpoints (config.json, safetensors headers, and the folder's layout: tests/fuzz_checkpoint.py) and
+split models' shard sets (fuzz_shards.py).
 
 Each case mutates a valid file where its structure is (a count, a string length, an array type, a tensor dimension,
 type or offset, a cut at a section boundary, a YAML value of the wrong kind...) and runs what a user would run on it.
 A case passes when it ends in a correct result or in a one-line `DynqError`; a finding is anything else: another
-exception, a run over the time limit, or memory over the limit (the worker process's address space is capped at its
-size at start plus `--memory-mib`, so a declared size of 2^60 bytes that gets allocated is caught).
+exception, a run over the time limit, memory over the limit (the worker process's address space is capped at its
+size at start plus `--memory-mib`, so a declared size of 2^60 bytes that gets allocated is caught), a case known to
+be broken that is accepted (an index naming a file outside the checkpoint, a missing shard) or one known to be valid
+that is refused.
 
-    .venv/bin/python tests/fuzzing.py --cases 20000 [--kinds gguf,imatrix-gguf,imatrix-dat,recipe,checkpoint]
+    .venv/bin/python tests/fuzzing.py --cases 20000 [--kinds gguf,imatrix-gguf,imatrix-dat,recipe,checkpoint,shards]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import resource
 import signal
@@ -43,9 +47,11 @@ from dynq.gguf_io.imatrix import read_imatrix, write_imatrix_dat, write_imatrix_
 from dynq.gguf_io.reader import GGUFModel
 from dynq.quantize import check_imatrix
 from dynq.recipe.presets import load_recipe
+from fuzz_checkpoint import fresh_copy, layout_case, make_seeds, rewrite
+from fuzz_shards import ShardSeeds, check_shard_set, shard_set_case
 from tiny_models import llama_tensors, write_gguf
 
-KINDS = ("gguf", "imatrix-gguf", "imatrix-dat", "recipe", "checkpoint")
+KINDS = ("gguf", "imatrix-gguf", "imatrix-dat", "recipe", "checkpoint", "shards")
 CASE_SECONDS = 5
 CTX = dynq.RunContext(threads=1)
 
@@ -248,6 +254,9 @@ class Result:
     detail: str
 
 
+PROGRESS_EVERY = 100
+
+
 class _Timeout(BaseException):
     pass
 
@@ -256,19 +265,31 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise _Timeout
 
 
-def judged(kind: str, what: str, run: Callable[[], object]) -> Result:
-    """Run one case under the time limit; sort its end into ok, a proper error, or a finding."""
-    signal.alarm(CASE_SECONDS)
+def judged(kind: str, what: str, run: Callable[[], object], expect: str = "any", seconds: int = CASE_SECONDS) -> Result:
+    """Run one case under the time limit; sort its end into ok, a proper error, or a finding. `expect` is `refuse`
+    for a case that must end in an error, `work` for one that must not, `any` otherwise."""
+    try:
+        return _judged(kind, what, run, expect, seconds)
+    except _Timeout:  # the alarm went off as the case ended, before it was cancelled: the case took the whole limit
+        return Result(kind, "finding", f"{what}: over {seconds} s")
+
+
+def _judged(kind: str, what: str, run: Callable[[], object], expect: str, seconds: int) -> Result:
+    signal.alarm(seconds)
     try:
         run()
+        if expect == "refuse":
+            return Result(kind, "finding", f"{what}: accepted, though it must be refused")
         return Result(kind, "ok", what)
     except DynqError as e:
         # its data parts (names, values from the file) may hold anything: the CLI shows them escaped, on one line
         if not str(e).strip():
             return Result(kind, "finding", f"{what}: a DynqError without a message")
+        if expect == "work":
+            return Result(kind, "finding", f"{what}: refused, though it is valid: {str(e)[:300]}")
         return Result(kind, "error", what)
     except _Timeout:
-        return Result(kind, "finding", f"{what}: over {CASE_SECONDS} s")
+        return Result(kind, "finding", f"{what}: over {seconds} s")
     except MemoryError:
         return Result(kind, "finding", f"{what}: memory over the limit")
     except Exception as e:  # anything else is what the fuzzer looks for
@@ -301,11 +322,16 @@ class Fuzzer:
         self.imatrix_dat = (work / "seed.imatrix.dat").read_bytes()
         self.recipes = [load_recipe_text(name) for name in ("dyn-iq1_s", "dyn-q2_k_xl", "f16")]
         self.plan = dynq.plan(self.model, "uniform-q8_0")
-        self.checkpoint: Path | None = None
-        if "checkpoint" in kinds:
-            from hf_checkpoints import tiny_qwen2  # torch and transformers: only when this kind runs
-
-            self.checkpoint = tiny_qwen2(work / "seed-checkpoint")
+        self.seeds = make_seeds(work) if "checkpoint" in kinds else None
+        self.checkpoint_seconds = CASE_SECONDS
+        if self.seeds is not None:
+            # Opening a valid checkpoint reads its 151,665-token vocabulary through the converter: seconds on a
+            # busy machine. A case may take four times what the seed takes (warm), and never less than the rest.
+            dynq.open_source(str(self.seeds.single), ctx=CTX)
+            started = time.perf_counter()
+            dynq.open_source(str(self.seeds.single), ctx=CTX)
+            self.checkpoint_seconds = max(CASE_SECONDS, math.ceil(4 * (time.perf_counter() - started)))
+        self.shard_seeds = ShardSeeds.make(work) if "shards" in kinds else None
         self.count = 0
 
     def _file(self, name: str, data: bytes) -> Path:
@@ -359,45 +385,60 @@ class Fuzzer:
         return judged("recipe", what, lambda: dynq.plan(self.model, load_recipe(str(path))))
 
     def checkpoint_case(self) -> Result:
-        assert self.checkpoint is not None
-        case = self.work / "case-checkpoint"
-        if case.exists():
-            for p in case.iterdir():
-                p.unlink()
+        """Half the cases change the folder's layout (fuzz_checkpoint.py); the others config.json or a
+        safetensors header, as a tree or as bytes."""
+        assert self.seeds is not None
+        if self.rng.random() < 0.5:
+            layout = layout_case(self.work, self.seeds, self.rng)
+            case, what, expect = layout.folder, layout.what, layout.expect
         else:
-            case.mkdir()
-        for p in self.checkpoint.iterdir():
-            (case / p.name).write_bytes(p.read_bytes())
-        weights = case / "model.safetensors"
-        if self.rng.random() < 0.4:
-            config = json.loads((case / "config.json").read_text())
-            tree, what = mutate_tree(config, self.rng)
-            (case / "config.json").write_text(json.dumps(tree))
-            what = "config.json: " + what
-        else:
-            raw = weights.read_bytes()
-            (n,) = struct.unpack_from("<Q", raw)
-            if self.rng.random() < 0.6:
-                tree, what = mutate_tree(json.loads(raw[8 : 8 + n]), self.rng)
-                header = json.dumps(tree).encode()
-                header += b" " * (-len(header) % 8)
-                weights.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n :])
-            else:
-                layout = Layout([Slot(0, 8, "header length")], [8, 8 + n, 8 + n + 1, len(raw) // 2])
-                changed, what = mutate_binary(raw, layout, self.rng)
-                weights.write_bytes(changed)
-            what = "model.safetensors: " + what
+            case, expect = fresh_copy(self.seeds.single, self.work / "case-checkpoint"), "any"
+            what = self._mutate_file(case)
 
         def run() -> None:
             source = dynq.open_source(str(case), ctx=CTX)
             for t in source.inventory().tensors[:3]:
                 source.load(t.name)
 
-        return judged("checkpoint", what, run)
+        return judged("checkpoint", what, run, expect, self.checkpoint_seconds)
+
+    def _mutate_file(self, case: Path) -> str:
+        weights = case / "model.safetensors"
+        if self.rng.random() < 0.4:
+            config = json.loads((case / "config.json").read_text())
+            tree, what = mutate_tree(config, self.rng)
+            rewrite(case / "config.json", json.dumps(tree).encode())
+            return "config.json: " + what
+        raw = weights.read_bytes()
+        (n,) = struct.unpack_from("<Q", raw)
+        if self.rng.random() < 0.6:
+            tree, what = mutate_tree(json.loads(raw[8 : 8 + n]), self.rng)
+            header = json.dumps(tree).encode()
+            header += b" " * (-len(header) % 8)
+            rewrite(weights, struct.pack("<Q", len(header)) + header + raw[8 + n :])
+        else:
+            layout = Layout([Slot(0, 8, "header length")], [8, 8 + n, 8 + n + 1, len(raw) // 2])
+            changed, what = mutate_binary(raw, layout, self.rng)
+            rewrite(weights, changed)
+        return "model.safetensors: " + what
+
+    def shards(self) -> Result:
+        assert self.shard_seeds is not None
+        seeds = self.shard_seeds
+
+        def binary(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+            return mutate_binary(data, gguf_layout(data), rng)
+
+        path, what = shard_set_case(self.work, seeds, self.rng, binary)
+        self.count += 1
+        merge = self.count % 5 == 0
+        return judged("shards", what, lambda: check_shard_set(path, self._out(), seeds.n_tensors, merge))
 
     def case(self, kind: str) -> Result:
         if kind == "gguf":
             return self.gguf()
+        if kind == "shards":
+            return self.shards()
         if kind.startswith("imatrix"):
             return self.imatrix(dat=kind == "imatrix-dat")
         if kind == "recipe":
@@ -430,12 +471,20 @@ def fuzz(cases: int, kinds: list[str], seed: int, memory_mib: int, quantize_ever
     with tempfile.TemporaryDirectory(prefix="dynq-fuzz-") as tmp:
         fuzzer = Fuzzer(Path(tmp), rng, quantize_every, kinds)
         cap_memory(memory_mib)
+        seeded = time.perf_counter()
         for i in range(cases):
             r = fuzzer.case(kinds[i % len(kinds)])
             counts[r.kind][r.outcome] += 1
             if r.outcome == "finding":
                 findings.append(f"{r.kind}: {r.detail}")
-    return {"seed": seed, "cases": cases, "seconds": round(time.perf_counter() - started, 1),
+            if (i + 1) % PROGRESS_EVERY == 0:  # a long run's counts so far, for whoever watches it
+                print(json.dumps({"cases": i + 1, "seconds": round(time.perf_counter() - started),
+                                  "findings": len(findings), "counts": {k: dict(v) for k, v in counts.items()}}),
+                      file=sys.stderr, flush=True)  # fmt: skip
+    done = time.perf_counter()
+    return {"seed": seed, "cases": cases, "seconds": round(done - started, 1),
+            "seconds_per_case": round((done - seeded) / max(cases, 1), 3),
+            "checkpoint_limit_s": fuzzer.checkpoint_seconds if "checkpoint" in kinds else None,
             "counts": {k: dict(v) for k, v in counts.items()}, "findings": findings}  # fmt: skip
 
 

@@ -26,9 +26,9 @@ from runs import quantize_to
 RECIPE = "dyn-q2_k_xl"  # needs no imatrix; one is given anyway, for its provenance
 # Rich markup, a terminal colour escape, an OSC 8 hyperlink, a bidi override, and markdown that would link, shout,
 # open HTML and split a table cell.
-NAME = "[/]\x1b[31mred[link=x]y[/link] \x1b]8;;http://evil\x07click\u202e <b>*hi*</b> [md](http://evil) a|b"
+NAME = "[/]\x1b[31mred[link=x]y[/link] \x1b]8;;http://evil\x07click\u202e\u200f <b>*hi*</b> [md](http://evil) a|b"
 DATASET = "calib [link=y] text\x1b[2J"
-CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def relabelled(source: Path, target: Path, strings: dict[str, str]) -> Path:
@@ -171,12 +171,23 @@ def test_bench_rows_with_this_file_marked(quant: Path, tmp_path: Path) -> None:
     assert "measured on another model or another build" in other
 
 
+ROW = {"name": "q", "maker": "dynq", "bytes": 1, "bpw": 4.5, "ppl": 9.0, "kld_mean": 0.1, "kld_p99": 0.5,
+       "top1": 0.9, "loop_rate": 0.0, "quantize_seconds": 1.0}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("{not json", "not JSON"),
         ('{"name": "x"}', "not dynq bench results"),
         ('[{"name": "x"}]', "not a dynq bench row"),
+        # probe N11: each of these was a traceback
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than any such file is"),
+        (json.dumps([ROW | {"ppl": "abc"}]), "row 1: not a dynq bench row: ppl must be a number, not 'abc'"),
+        (json.dumps([ROW | {"maker": ["a"]}]), "row 1: not a dynq bench row: maker must be text, not a list"),
+        (json.dumps([ROW, ROW | {"kld_mean": "x"}]), "row 2: not a dynq bench row: kld_mean must be a number"),
+        # the probe's rerun: a 401-digit byte count overflowed the table's MiB
+        (json.dumps([ROW | {"bytes": 10**400}]), "row 1: not a dynq bench row: bytes must be a whole number within"),
     ],
 )
 def test_bad_bench_files_are_refused(tmp_path: Path, content: str, message: str) -> None:

@@ -33,6 +33,7 @@ from dynq.cli.render import draw_comparison, draw_imatrix_coverage, draw_plan, d
 from dynq.cli.text import clean, data, line
 from dynq.core.importance import Imatrix, ImatrixEntry
 from dynq.core.units import GIB
+from dynq.core.visible import one_line
 from dynq.deploy.offload import Hardware, offload
 from dynq.deploy.ollama import Modelfile, OllamaExport, ollama_name
 from dynq.deploy.run import Generation, Offload
@@ -57,10 +58,11 @@ HOSTILE = [
     "a\rb\x08c\x00d\x7f",
     "\x9b2J\x85",
     "\u202eevil\u202c\u2066i\u2069",
+    "mark\u200fs\u200e \u061c",  # the bidi marks flip neutral characters around them (probe N16)
 ]
 NAME = "[/]\x1b[31mred[link=http://evil]x"  # general.name
 RULE = "[/]\x1b?|\\[link="  # a rule's regex, which the plan quotes as the reason
-CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 RICH_SGR = re.compile("\x1b\\[[0-9;]*m")  # the only escapes rich itself writes for styles
 
 
@@ -104,6 +106,8 @@ def test_clean_shows_every_control_character_as_an_escape() -> None:
     assert clean("a\rb\x08c\x00\x7f") == "a\\x0db\\x08c\\x00\\x7f"
     assert clean("\x9b\x85\x80\x9f") == "\\x9b\\x85\\x80\\x9f"
     assert clean("\u202a\u202e\u2066\u2069") == "\\u202a\\u202e\\u2066\\u2069"
+    assert clean("\u200e\u200f\u061c") == "\\u200e\\u200f\\u061c"
+    assert one_line("a\nb\x1b") == "a\\nb\\x1b" and "\n" not in one_line("\n".join(HOSTILE))
     assert clean("tab\tnew\nline é ü 中 [/]") == "tab\tnew\nline é ü 中 [/]"
     assert clean(42) == "42" and clean(Path("/a/[/x]")) == "/a/[/x]"
     for text in HOSTILE:
@@ -278,6 +282,22 @@ def test_chat_on_stdin(deploy_app: typer.Typer) -> None:
     assert result.exit_code == 0, result.output
     assert clean("".join(PIECES)) in result.stdout and ">>>" in result.output
     assert_inert(result.output)
+
+
+@pytest.mark.parametrize(
+    ("gguf", "modelfile", "expected"),
+    [
+        ("o/--insecure.gguf", "o/Modelfile", "ollama create insecure -f o/Modelfile"),
+        ("-o/-x.gguf", "-o/Modelfile", "ollama create x -f ./-o/Modelfile"),
+        ("/abs/-_.gguf", "/abs/Modelfile", "ollama create model -f /abs/Modelfile"),
+    ],
+)
+def test_the_ollama_create_hint_passes_no_option(gguf: str, modelfile: str, expected: str) -> None:
+    """Probe N16: a model file named `--insecure.gguf` made the printed command `ollama create --insecure -f ...`."""
+    hint = cli_deploy.ollama_create_hint(Path(gguf), Path(modelfile))
+    assert hint == expected
+    args = shlex.split(hint)
+    assert [a for a in args if a.startswith("-")] == ["-f"]
 
 
 def test_merge_split_and_export_print_paths_as_data(
@@ -519,7 +539,8 @@ def test_cli_run_a_real_model(tiny_llama: Path) -> None:
 
 # --- the error path: one line on stderr, the path escaped ----------------------------------------------------------
 
-BAD = "[/]\x1b[31m[link=https:x]y\u202e"  # a path component: what follows `[/` is a file under the folder `[`
+# a path component (what follows `[/` is a file under the folder `[`); its line break must not split the error line
+BAD = "[/]\x1b[31m[link=https:x]y\u202e\u200f\nFROM ./evil"
 
 
 # id, the command line, and which placeholder names the path the error must show.
@@ -583,7 +604,7 @@ def test_cli_error_names_the_path_escaped_on_one_line(
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: "), result.stderr
-    assert clean(bad) in result.stderr  # visible as text: `[/]`, `\x1b[31m`, `[link=...]`, `\u202e`
+    assert one_line(bad) in result.stderr  # visible as text: `[/]`, `\x1b[31m`, `[link=...]`, `\u202e`, `\n`
     assert "\\x1b[31m" in result.stderr and "[/" in result.stderr
 
 
@@ -593,7 +614,7 @@ def test_cli_error_on_a_terminal(tmp_path: Path, terminal: bool) -> None:
     result = dynq("inspect", bad, terminal=terminal)
     assert result.returncode == 1 and result.stdout == ""
     assert_only_rich_escapes(result.stderr)
-    assert RICH_SGR.sub("", result.stderr) == f"error: {clean(bad)}: no such file\n"
+    assert RICH_SGR.sub("", result.stderr) == f"error: {one_line(bad)}: no such file\n"
     assert (RICH_SGR.sub("", result.stderr) != result.stderr) == terminal  # `error:` is drawn in bold red
 
 
@@ -613,9 +634,9 @@ def test_clean_escapes_undecodable_bytes() -> None:
 @pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
 def test_cli_undecodable_file_name(errors: str, tmp_path: Path) -> None:
     path = write_synthetic("llama", tmp_path / UNDECODABLE)
-    result = subprocess.run([sys.executable, "-m", "dynq.cli", "synthetic", "llama", "-o", os.fsencode(path)],
-                            capture_output=True, env=os.environ | {"PYTHONIOENCODING": f"utf-8:{errors}"},
-                            timeout=120)  # fmt: skip
+    args = ["synthetic", "llama", "-o", os.fsencode(path), "--force"]  # the file is there: written again
+    result = subprocess.run([sys.executable, "-m", "dynq.cli", *args], capture_output=True,
+                            env=os.environ | {"PYTHONIOENCODING": f"utf-8:{errors}"}, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     stdout = result.stdout.decode("utf-8")  # valid UTF-8: no raw byte from the name
     assert_inert(stdout)

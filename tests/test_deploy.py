@@ -7,15 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from typer.testing import CliRunner
 
-from dynq.cli import app
+from dynq.cli import app, in_flags
+from dynq.core.qtypes import qtype
+from dynq.core.tensors import TensorInfo
 from dynq.deploy.ollama import FAMILIES, PROBES, check_family, export_ollama, render_jinja, render_ollama
 from dynq.deploy.run import Runner, Sampling
 from dynq.deploy.shards import count_shards, max_size_for, merge, split
-from dynq.errors import DynqError
+from dynq.errors import DynqError, LeftoverRun, OutputExists
 from dynq.gguf_io import writer
+from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel, field_value
 from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.runtime import LlamaRuntime
@@ -147,7 +150,7 @@ def test_split_and_merge_refuse_bad_requests(tiny_gguf: Path, tmp_path: Path) ->
 def test_a_failed_split_leaves_nothing(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def failing_write(self: object, data: np.ndarray) -> None:
+    def failing_write(self: object, data: np.ndarray, made_from: object = None) -> None:
         calls.append(1)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
@@ -155,6 +158,81 @@ def test_a_failed_split_leaves_nothing(tiny_gguf: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr(writer.StreamingWriter, "write", failing_write)
     with pytest.raises(DynqError, match="No space left"):
         split(tiny_gguf, tmp_path / "x.gguf", n_shards=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_split_quantize_replaces_no_shard_unasked(tiny_llama: Path, tmp_path: Path) -> None:
+    """N6: every shard of a split output is an output: an existing one is replaced only with --force."""
+    out = tmp_path / "sp.gguf"
+    first = cli.invoke(app, ["quantize", str(tiny_llama), "-r", "q8_0", "-o", str(out), "--split-max-size", "1M"])
+    assert first.exit_code == 0, first.output
+    shards = sorted(tmp_path.glob("sp-*-of-*.gguf"))
+    assert len(shards) > 1
+    before = [p.read_bytes() for p in shards]
+    again = ["quantize", str(tiny_llama), "-r", "uniform-q8_0", "-o", str(out), "--split-max-size", "1M"]
+    refused = cli.invoke(app, again)
+    assert refused.exit_code == 1 and isinstance(refused.exception, OutputExists)
+    assert in_flags(refused.exception) == f"{shards[0]}: already exists; remove it or pass --force"
+    assert [p.read_bytes() for p in shards] == before and not list(tmp_path.glob(".*"))
+    shards[0].unlink()  # any one shard of the set is enough to refuse
+    refused = cli.invoke(app, again)
+    assert refused.exit_code == 1 and str(shards[1]) in str(refused.exception)
+    forced = cli.invoke(app, [*again, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert all(p.exists() for p in shards) and shards[0].read_bytes() != before[0]
+
+
+def leave_interrupted_copy(output: Path) -> None:
+    """What a SIGKILL leaves of a split or merge writing `output`: its partial folder with tensors journaled."""
+    w = writer.StreamingWriter(output, "llama", resumable=False)
+    info = TensorInfo("t.weight", (32,), qtype("F32"))
+    w.declare(info, 128, GGMLQuantizationType.F32)
+    w.begin()
+    w.write(np.zeros(128, np.uint8))
+    w.partial.unlock()  # the process is gone: the kernel dropped its lock
+
+
+@pytest.mark.parametrize("command", ["split", "merge", "export-ollama"])
+def test_an_interrupted_copy_is_cleared_with_force(command: str, tiny_chat: Path, tmp_path: Path) -> None:
+    """N8: split, merge and export-ollama do not resume; what a killed run left is named with the option that clears
+    it, and --force starts over."""
+    (tmp_path / "in").mkdir()
+    shard = str(split(tiny_chat, tmp_path / "in" / "c.gguf", n_shards=2).files[0])
+    out = tmp_path / ("x.gguf" if command != "export-ollama" else "o/c.gguf")
+    out.parent.mkdir(exist_ok=True)
+    args = {"split": ["split", str(tiny_chat), "-o", str(out), "--shards", "2"],
+            "merge": ["merge", shard, "-o", str(out)],
+            "export-ollama": ["export-ollama", shard, "-o", str(out.parent)]}[command]  # fmt: skip
+    leave_interrupted_copy(out)
+    refused = cli.invoke(app, args)
+    assert refused.exit_code == 1 and isinstance(refused.exception, LeftoverRun), refused.output
+    message = in_flags(refused.exception)
+    assert "pass --force to start over" in message and "--resume" not in message and "\n" not in message
+    assert partial_dir(out).is_dir()
+    forced = cli.invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert not partial_dir(out).exists()
+    written = out if command != "split" else tmp_path / "x-00001-of-00002.gguf"
+    assert [t.name for t in GGUFModel(written).tensors] == [t.name for t in GGUFModel(tiny_chat).tensors]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(28, "No space left on device")], ids=["signal", "disk"])
+def test_an_interrupted_or_failed_copy_leaves_no_partial(stop: BaseException, tiny_split: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """SIGTERM or Ctrl-C (a KeyboardInterrupt in the CLI) or a full disk during a merge: nothing to resume is kept."""
+    original = writer.StreamingWriter.write
+    calls = []
+
+    def write(self: writer.StreamingWriter, *args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 5:
+            raise stop
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer.StreamingWriter, "write", write)
+    with pytest.raises(type(stop) if isinstance(stop, KeyboardInterrupt) else DynqError) as caught:
+        merge(tiny_split, tmp_path / "m.gguf")
+    assert "resume" not in str(caught.value)
     assert list(tmp_path.iterdir()) == []
 
 

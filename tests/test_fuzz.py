@@ -34,3 +34,9 @@ def test_files_and_recipes_survive_thousands_of_mutations() -> None:
 def test_checkpoints_survive_mutations() -> None:
     counts = fuzz("checkpoint", 120, seed=15)
     assert counts["checkpoint"].get("ok", 0) > 3 and counts["checkpoint"].get("error", 0) > 60
+
+
+def test_shard_sets_survive_mutations() -> None:
+    """Damaged split sets (tests/fuzz_shards.py) are refused in one line or read whole, never with tensors missing."""
+    counts = fuzz("shards", 400, seed=15)
+    assert counts["shards"].get("ok", 0) > 10 and counts["shards"].get("error", 0) > 200, counts

@@ -28,6 +28,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"api"}),
     frozenset({"__init__"}),  # the package's exports: the API
     frozenset({"cli"}),  # the `dynq` command, on the public API only (CLI_MAY_IMPORT)
+    frozenset({"__main__"}),  # `python -m dynq`: the command
 )
 # What the CLI may import besides itself: the public API, the errors it words in flags, and core's vocabulary (units,
 # the run context, the progress shape). Anything else it needs belongs in the API first.

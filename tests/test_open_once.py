@@ -86,7 +86,8 @@ def test_a_checkpoint_is_built_and_fingerprinted_once(counts: Counter[str], tmp_
     opened = dynq.open_source(str(directory), ctx=ctx)
     dynq.quantize(dynq.plan(opened, "q8_0", ctx=ctx), tmp_path / "q8_0.gguf", ctx=ctx, source=opened,
                   reuse_encoded=True)  # fmt: skip
-    assert counts["checkpoint"] == 1 and counts["digest"] == 1, counts
+    # quantize checks each tensor by its own digest (sources/content.py): the sampled fingerprint is not needed
+    assert counts["checkpoint"] == 1 and counts["digest"] == 0, counts
 
     counts.clear()  # reopened from the plan's spec, as a script hands a plan on: the fingerprint is remembered
     dynq.quantize(dynq.plan(str(directory), "q8_0", ctx=ctx), tmp_path / "again.gguf", ctx=ctx)

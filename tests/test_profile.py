@@ -6,18 +6,33 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 
 import dynq
+from dynq.budget import profile_file
 from dynq.budget.distortion import probe_groups, profiled_tensors, sample_rows, tensor_errors
 from dynq.budget.probes import LiveProbes, ProbeFile
 from dynq.budget.profile import ProbeTask, profile
-from dynq.budget.profile_file import PROFILE_VERSION, Method, Profile, cache_key, imatrix_ref, text_ref
+from dynq.budget.profile_file import (
+    PROFILE_VERSION,
+    Method,
+    ModelRef,
+    Probe,
+    Profile,
+    TensorProfile,
+    TextRef,
+    cache_key,
+    imatrix_ref,
+    text_ref,
+)
 from dynq.calib.collector import collect_imatrix
 from dynq.calib.text import Text
 from dynq.core.importance import Imatrix, ImatrixEntry
@@ -343,3 +358,100 @@ def test_probe_tasks_take_the_executors_threads(tiny: Path, imatrix: Imatrix, tm
                    ctx=dynq.RunContext(threads=2, cache_dir=tmp_path / "here"))  # fmt: skip
     # llama.cpp's sums may split differently over 1 and 2 threads: the same measurement, to rounding
     assert [p.kld for p in spread.probes] == pytest.approx([p.kld for p in here.probes], rel=1e-3)
+
+
+# --- a profile from a stranger ------------------------------------------------------------------------------------
+
+T0 = "blk.0.ffn_down.weight"
+
+
+def hand_made() -> dict[str, object]:
+    """A small valid profile file's content, written without measuring anything."""
+    prof = Profile(
+        ModelRef("m.gguf", "0" * 64), None, TextRef("text", "0" * 64), Method(128, "Q2_K", 4, 64, 2, LADDER),
+        {T0: TensorProfile("ffn_down", 0.5, {"Q2_K": 0.1, "Q4_K": 0.02, "Q8_0": 0.001, "F16": 0.0, "BF16": 0.0})},
+        (Probe("ffn_down", (T0,), 0.05, 1.0),),
+    )  # fmt: skip
+    return prof.to_dict()
+
+
+def changed(edit: Callable[[dict[str, Any]], None]) -> str:
+    data: dict[str, Any] = hand_made()
+    edit(data)
+    return json.dumps(data)
+
+
+def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        *parents, last = path.split("/")
+        node = data
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return edit
+
+
+CRAFTED_PROFILES = {  # probe N13 and N11: each is one line, read in well under a second
+    "a million types": (changed(_set("method/types", ["Q2_K"] * 100_000)), "lists 100,000 types"),
+    "a type twice": (changed(_set("method/types", ["Q2_K", "Q2_K"])), "lists a type twice"),
+    "an unknown type": (changed(_set("method/types", ["Q99_K"])), "'Q99_K' in method is not a type"),
+    "a float probe type": (changed(_set("method/probe_type", "F16")), "'F16' in method is not a type"),
+    "errors at types never measured": (
+        changed(_set(f"tensors/{T0}/errors", {f"T{i}": 0.1 for i in range(20_000)})),
+        "an error at 'T0', a type the profile does not measure",
+    ),
+    "a negative error": (changed(_set(f"tensors/{T0}/errors/Q2_K", -1e30)), "error -1e+30 at Q2_K is not a finite"),
+    "a NaN error": (changed(_set(f"tensors/{T0}/errors/Q2_K", float("nan"))), "error nan at Q2_K"),
+    "an infinite error": (changed(_set(f"tensors/{T0}/errors/Q4_K", float("inf"))), "error inf at Q4_K"),
+    "a negative sensitivity": (changed(_set(f"tensors/{T0}/sensitivity", -1e300)), "sensitivity -1e+300 is not"),
+    "a zero sensitivity": (changed(_set(f"tensors/{T0}/sensitivity", 0.0)), "sensitivity 0.0 is not a finite number"),
+    "a huge sensitivity": (
+        changed(_set(f"tensors/{T0}/sensitivity", 1e308)),
+        "predicted KLD 1e+307 at Q2_K (sensitivity times error), beyond any measurement (at most 1e+06)",
+    ),
+    "a NaN floor": (changed(_set("method/kld_floor", float("nan"))), "method.kld_floor is nan"),
+    "a NaN probe": (
+        changed(_set("probes", [{"group": "g", "tensors": [T0], "kld": float("nan"), "seconds": 1}])),
+        "probe 'g': KLD nan",
+    ),
+    "nested lists": ("[" * 200_000 + "]" * 200_000, "JSON nested deeper than any such file is"),
+    "nested mappings": (
+        '{"version": 1, "tensors": ' + '{"a":' * 100_000 + "1" + "}" * 100_001,
+        "JSON nested deeper than any such file is",
+    ),
+    "not UTF-8": ('{"version": 1, "model": "caf\udce9"}', "not UTF-8 text at byte"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_PROFILES))
+def test_a_crafted_profile_is_one_line(case: str, tmp_path: Path) -> None:
+    text, message = CRAFTED_PROFILES[case]
+    path = tmp_path / "p.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    started = time.perf_counter()
+    with pytest.raises(DynqError, match=re.escape(message)) as err:
+        Profile.load(path)
+    assert time.perf_counter() - started < 5
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"{path}: ")
+
+
+def test_a_hand_made_profile_within_the_bounds_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(hand_made()))
+    assert Profile.load(path).tensors[T0].costs()["Q2_K"] == pytest.approx(0.05)
+    # one more tensor than a model may have, or one byte more than a profile may be: refused by count, then by size
+    monkeypatch.setattr(profile_file, "MAX_PROFILE_TENSORS", 0)
+    with pytest.raises(DynqError, match="1 tensors, more than any model has"):
+        Profile.load(path)
+    monkeypatch.setattr(profile_file, "MAX_PROFILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(DynqError, match=f"more than {path.stat().st_size - 1:,} bytes"):
+        Profile.load(path)
+
+
+def test_a_profile_that_is_not_a_file_is_refused_without_reading(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # nothing ever writes it: opening it for reading must not wait
+    for path in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(DynqError, match="not a dynq profile \\(not a regular file\\)"):
+            Profile.load(path)

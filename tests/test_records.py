@@ -74,7 +74,8 @@ def test_another_version_is_a_version_mismatch() -> None:
 @pytest.mark.parametrize(
     ("change", "where"),
     [
-        ({"count": "7"}, "count must be a whole number, not '7'"),
+        ({"count": "7"}, "count must be a whole number within 64 bits, not '7'"),
+        ({"count": 10**400}, "count must be a whole number within 64 bits"),
         ({"count": 7.0}, "count must be a whole number"),
         ({"count": True}, "count must be a whole number"),
         ({"ratio": None}, "ratio must be a number"),

@@ -1,11 +1,15 @@
-"""An interrupted quantize goes on with --resume and gives the bytes of an uninterrupted run; a leftover is never
-silently reused or overwritten; two runs writing one output refuse each other."""
+"""An interrupted quantize goes on with --resume and gives the bytes of an uninterrupted run, of the source as it is
+now (a tensor changed since is encoded again, however small the change); a leftover is never silently reused or
+overwritten; two runs writing one output refuse each other. The encode cache serves a tensor only for the same
+source bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -15,10 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from gguf import GGUFReader
 
+import dynq
+from dynq.executors import Serial
 from dynq.gguf_io.partial import PartialOutput, partial_dir
+from dynq.gguf_io.reader import GGUFModel
+from dynq.gguf_io.writer import StreamingWriter
 from dynq.lab.synthetic import write_synthetic
+from dynq.sources.content import current_digest
 from runs import measurements
+from tiny_models import llama_tensors, write_gguf
 
 RECIPE = "uniform-q4_k"
 
@@ -171,6 +182,136 @@ def test_existing_output_needs_force(model: Path, reference: bytes, tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == reference
     assert os.listdir(tmp_path) == ["out.gguf"]
+
+
+# --- a source that changed: every byte counts (N5) ------------------------------------------------------------------
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, tensors: int) -> None:
+    """The next quantize is interrupted (as by Ctrl-C) once it has written `tensors` tensors."""
+    original = StreamingWriter.write
+    calls = 0
+
+    def write(self: StreamingWriter, *args: object, **kwargs: object) -> None:
+        nonlocal calls
+        if calls == tensors:
+            raise KeyboardInterrupt
+        calls += 1
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StreamingWriter, "write", write)
+
+
+def big_tensor_model(path: Path) -> Path:
+    """A llama whose ffn_down tensors (2 MiB of BF16) are larger than the sampled fingerprint reads in full."""
+    write_gguf(path, llama_tensors(n_embd=256, n_ff=4096))
+    return path
+
+
+def change_between_windows(path: Path, tensor: str) -> None:
+    """10,000 weights of `tensor` set to 10.0, in bytes the sampled fingerprint does not read."""
+    start = next(int(t.data_offset) for t in GGUFReader(path).tensors if t.name == tensor)
+    fingerprint = GGUFModel(path).fingerprint()
+    with path.open("r+b") as f:
+        f.seek(start + 70_000)
+        f.write(b"\x20\x41" * 10_000)
+    assert GGUFModel(path).fingerprint() == fingerprint  # the blind spot: the sampled fingerprint sees no change
+
+
+def test_a_source_changed_between_fingerprint_windows_is_encoded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = big_tensor_model(tmp_path / "src.gguf")
+    ctx = dynq.RunContext(threads=1, cache_dir=tmp_path / "cache")
+    out = tmp_path / "out.gguf"
+    plan = dynq.plan(str(source), RECIPE, ctx=ctx)
+    names = [t.info.name for t in plan.tensors]
+    with monkeypatch.context() as m:
+        interrupt_after(m, 12)
+        with pytest.raises(KeyboardInterrupt):
+            dynq.quantize(plan, out, ctx=ctx)
+    assert journaled(out) == 12 and names.index("blk.0.ffn_down.weight") < 12
+    change_between_windows(source, "blk.0.ffn_down.weight")
+    resumed = dynq.quantize(dynq.plan(str(source), RECIPE, ctx=ctx), out, ctx=ctx, resume=True)
+    assert "blk.0.ffn_down.weight changed in the source since the interrupted run" in caplog.text
+    fresh = dynq.quantize(dynq.plan(str(source), RECIPE, ctx=ctx), tmp_path / "fresh.gguf", ctx=ctx)
+    assert resumed.files[0].read_bytes() == fresh.files[0].read_bytes()
+
+
+@pytest.mark.parametrize("executor", [None, Serial()], ids=["here", "tasks"])
+def test_the_journal_holds_each_source_tensors_digest(
+    model: Path, reference: bytes, executor: Serial | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Digests made here and by workers (one per expert, combined) are the digests of the tensors as they are."""
+    ctx = dynq.RunContext(threads=1, cache_dir=tmp_path / "cache")
+    out = tmp_path / "out.gguf"
+    plan = dynq.plan(str(model), RECIPE, ctx=ctx)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 28)  # past the first expert tensors (24-26)
+        with pytest.raises(KeyboardInterrupt):
+            dynq.quantize(plan, out, ctx=ctx, executor=executor)
+    lines = [json.loads(line) for line in (partial_dir(out) / "journal.jsonl").read_text().splitlines()[1:]]
+    source = GGUFModel(model)
+    infos = {t.name: t for t in source.tensors}
+    assert any(len(infos[line["name"]].shape) == 3 for line in lines)  # expert tensors among them
+    for line in lines:
+        assert line["source"] == current_digest(source, infos[line["name"]]), line["name"]
+    done = dynq.quantize(plan, out, ctx=ctx, executor=executor, resume=True)
+    assert done.files[0].read_bytes() == reference
+
+
+def test_reused_encodings_are_for_the_same_source_bytes(tmp_path: Path) -> None:
+    source = big_tensor_model(tmp_path / "src.gguf")
+    ctx = dynq.RunContext(threads=1, cache_dir=tmp_path / "cache")
+
+    def quantize(name: str, reuse: bool = True) -> bytes:
+        plan = dynq.plan(str(source), RECIPE, ctx=ctx)
+        return dynq.quantize(plan, tmp_path / name, ctx=ctx, reuse_encoded=reuse).files[0].read_bytes()
+
+    before = quantize("before.gguf")
+    change_between_windows(source, "blk.1.ffn_down.weight")
+    after = quantize("after.gguf")
+    assert after != before and after == quantize("fresh.gguf", reuse=False)
+    entries = sorted((tmp_path / "cache" / "encoded").rglob("*.bin"))
+    assert entries
+    for entry in entries:  # a damaged entry is a miss, encoded again and put back whole
+        data = bytearray(entry.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        entry.write_bytes(bytes(data))
+    assert quantize("again.gguf") == after
+    damaged = [e for e in entries if hashlib.sha256(e.read_bytes()[:-32]).digest() != e.read_bytes()[-32:]]
+    assert len(damaged) == 1  # only the entry of blk.1.ffn_down's old bytes, which nothing asks for any more
+
+
+JOURNAL_EDITS: dict[str, Callable[[list[str]], list[str]]] = {
+    "null header": lambda lines: ["null", *lines[1:]],
+    "list header": lambda lines: ["[1, 2]", *lines[1:]],
+    "huge count": lambda lines: [lines[0].replace('"tensors": ', '"tensors": 1e400, "x": '), *lines[1:]],
+    "start as text": lambda lines: [lines[0], re.sub(r'"start": (\d+)', r'"start": "\1"', lines[1]), *lines[2:]],
+    "negative start": lambda lines: [*lines[:2], lines[2].replace('"start": ', '"start": -'), *lines[3:]],
+    "shard -1": lambda lines: [lines[0], lines[1].replace('"shard": 0', '"shard": -1'), *lines[2:]],
+    "deep header": lambda lines: ["[" * 100_000 + "]" * 100_000, *lines[1:]],
+    "deep tensor line": lambda lines: [lines[0], lines[1], '{"a":' * 100_000, *lines[2:]],
+}
+
+
+@pytest.mark.parametrize("edit", JOURNAL_EDITS)
+def test_an_edited_journal_is_never_a_traceback(edit: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """N11: a journal edited by hand keeps at most the tensors it still proves; the resume gives the same bytes."""
+    source = write_synthetic("llama", tmp_path / "m.gguf")
+    ctx = dynq.RunContext(threads=1, cache_dir=tmp_path / "cache")
+    plan = dynq.plan(str(source), RECIPE, ctx=ctx)
+    whole = dynq.quantize(plan, tmp_path / "whole.gguf", ctx=ctx).files[0].read_bytes()
+    out = tmp_path / "out.gguf"
+    with monkeypatch.context() as m:
+        interrupt_after(m, 6)
+        with pytest.raises(KeyboardInterrupt):
+            dynq.quantize(plan, out, ctx=ctx)
+    journal = partial_dir(out) / "journal.jsonl"
+    journal.write_text("\n".join(JOURNAL_EDITS[edit](journal.read_text().splitlines())) + "\n")
+    with pytest.raises(dynq.ResumeRequired):
+        dynq.quantize(plan, out, ctx=ctx)
+    assert dynq.quantize(plan, out, ctx=ctx, resume=True).files[0].read_bytes() == whole
 
 
 # --- imatrix and profile: the same on their own units (chunks, tensors and probes) ------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,25 @@ def test_yaml_file_recipe(tmp_path: Path) -> None:
         load_recipe(str(tmp_path / "missing.yaml"))
     with pytest.raises(DynqError, match="unknown recipe 'dyn-iq9'"):
         load_recipe("dyn-iq9")
+
+
+def test_block_ranges_are_counted_before_they_are_expanded() -> None:
+    """The recipe's bound on selected blocks is checked from the ranges' bounds: a refused range allocates nothing."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(DynqError, match="more than 262,144 selected blocks"):
+            BlockSpec.parse("70-65536,0-9", "r.yaml, rule 9", room=1000)
+        with pytest.raises(DynqError, match=r"overlap \(block 0, 1, 2, 3, 4, 5, 6, 7, \.\.\. given twice\)"):
+            BlockSpec.parse("0-65536,0-65536", "r.yaml, rule 9")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    # what the rules before it selected counts against a rule: three full ranges fit, the fourth does not
+    full = [{"match": f"z{i}", "type": "Q8_0", "blocks": "0-65536"} for i in range(4)]
+    assert len(recipe_from_dict({"rules": full[:3]}, "ok").rules) == 3
+    with pytest.raises(DynqError, match=r"many\.yaml, rule 4: block ranges '0-65536' bring the recipe to more than"):
+        recipe_from_dict({"rules": full}, "many.yaml")
 
 
 def test_recipe_round_trips_through_dict() -> None:

@@ -146,6 +146,7 @@ def test_quantize_to_a_target(made: dict[str, Path]) -> None:
         (["--target", "99MiB", "--type", "Q9_Z"], "unknown tensor type 'Q9_Z'"),
         (["--target", "99MiB", "--type", "IQ2_XXS"], "no candidate type"),  # no --imatrix: IQ2_XXS needs one
         (["--target", "99MiB", "--refine", "60"], "give the --imatrix"),  # refining quantizes the mixes it measures
+        (["--target", "99MiB", "--tie", "attn", "--tie", "("], "tie 2: bad regular expression '('"),  # probe N11
     ],
 )
 def test_bad_solve_inputs(made: dict[str, Path], tmp_path: Path, extra: list[str], message: str) -> None:
@@ -154,6 +155,28 @@ def test_bad_solve_inputs(made: dict[str, Path], tmp_path: Path, extra: list[str
     assert done.returncode == 1, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "not a dynq profile (JSON nested deeper than any such file is)"),
+        (None, "not a dynq profile (not a regular file)"),  # /dev/zero: read until MemoryError before
+    ],
+)
+def test_a_crafted_profile_is_one_line(
+    made: dict[str, Path], tmp_path: Path, content: str | None, message: str
+) -> None:
+    """Probe N11/N13 at the command line (every crafted case is in test_profile.py)."""
+    profile = tmp_path / "p.json"
+    if content is None:
+        profile = Path("/dev/zero")
+    else:
+        profile.write_text(content)
+    done = dynq_cli("solve", made["tiny"], "--profile", profile, "--target", "99MiB", "-o", tmp_path / "r.yaml")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_a_profile_of_another_model_is_refused(made: dict[str, Path], tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from dynq.budget.profile_file import Profile, ProfileSettings
 from dynq.calib.collector import collect_imatrix as _collect
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts, read_texts, texts_cached
 from dynq.card import DEFAULT_VRAM, ModelCard, card
+from dynq.core.atomic import check_new_output
 from dynq.core.context import Progress, RunContext, context
 from dynq.core.importance import Imatrix
 from dynq.core.qtypes import QType, qtype
@@ -50,7 +51,7 @@ from dynq.deploy.offload import (
 from dynq.deploy.ollama import Message, OllamaExport, export_ollama
 from dynq.deploy.run import Generation, Runner, Sampling
 from dynq.deploy.shards import ShardsWritten, merge, split
-from dynq.errors import BadInput, DynqError, NotCached, OutputExists, ResumeRequired, VersionMismatch
+from dynq.errors import BadInput, DynqError, LeftoverRun, NotCached, OutputExists, ResumeRequired, VersionMismatch
 from dynq.eval.bench import BenchRow
 from dynq.eval.evaluate import EvalResult
 from dynq.eval.evaluate import evaluate as _evaluate
@@ -170,10 +171,12 @@ def evaluate(
                      n_ctx=n_ctx, n_chunks=chunks, ctx=ctx)  # fmt: skip
 
 
-def save_imatrix(imatrix: Imatrix, path: str | os.PathLike[str]) -> Path:
+def save_imatrix(imatrix: Imatrix, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Write `imatrix` in llama.cpp's GGUF format, or the legacy format for a `.dat` name; `read_imatrix` reads
-    either. Removes the chunks `collect_imatrix(output=path)` kept for it."""
+    either. Removes the chunks `collect_imatrix(output=path)` kept for it. An existing file is replaced only with
+    `overwrite`."""
     out = Path(path)
+    check_new_output(out, overwrite)
     (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(imatrix, out)
     shutil.rmtree(partial_dir(out), ignore_errors=True)  # the chunks a collection kept for it are done with
     return out
@@ -271,10 +274,10 @@ def loops(model: str | os.PathLike[str], *, tokens: int = 256, ctx: RunContext |
 __all__ = [
     "AUTO_KV_TYPES", "DEFAULT_CPU_BANDWIDTH", "DEFAULT_VRAM", "KV_TYPES", "PROFILE_DEFAULTS", "TEXTS",
     "BadInput", "BenchResult", "BenchRow", "Continuation", "DynqError", "EvalResult", "Executor", "FileSummary",
-    "Generation", "Hardware", "Imatrix", "Message", "ModelCard", "NotCached", "OffloadPlan", "OllamaExport",
-    "OutputExists", "Placement", "Profile", "ProfileLike", "Progress", "QType", "QuantPlan", "QuantizeResult",
-    "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext", "Runner", "Sampling", "Settings",
-    "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text", "Verified", "VersionMismatch",
+    "Generation", "Hardware", "Imatrix", "LeftoverRun", "Message", "ModelCard", "NotCached", "OffloadPlan",
+    "OllamaExport", "OutputExists", "Placement", "Profile", "ProfileLike", "Progress", "QType", "QuantPlan",
+    "QuantizeResult", "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext", "Runner", "Sampling",
+    "Settings", "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text", "Verified", "VersionMismatch",
     "__version__",
     "bench", "build_tools", "calibration", "card", "collect_imatrix", "coverage", "coverage_summary", "evaluate",
     "evaluation", "executor", "export_ollama", "f16_conversion", "fetch", "gguf_file", "inspect",

@@ -38,6 +38,15 @@ class ResumeRequired(DynqError):
         super().__init__(f"{subject}: {left} in {folder}; resume it (resume=True), or delete that folder to start over")
 
 
+class LeftoverRun(DynqError):
+    """An interrupted run of a command that does not resume (a copy: split, merge) left its work in a folder: starting
+    over with overwrite clears it, or delete the folder."""
+
+    def __init__(self, subject: str | Path, left: str, folder: str | Path) -> None:
+        self.subject, self.left, self.folder = str(subject), left, Path(folder)
+        super().__init__(f"{subject}: {left} in {folder}; start over (overwrite=True), or delete that folder")
+
+
 class NotCached(DynqError):
     """Something a call needs is not in the cache yet; `fetch` is the call or command that brings it."""
 

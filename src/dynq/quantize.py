@@ -25,7 +25,7 @@ from dynq.core.arrays import F32Array, U8Array
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix, importance_row, importance_rows, n_matrices
 from dynq.core.qtypes import QType
-from dynq.core.source import TensorSource
+from dynq.core.source import TensorSource, check_float_metadata
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.executors import Executor
@@ -34,6 +34,7 @@ from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write
 from dynq.kernels import KernelBackend, choose_backend, get_backend
 from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan
+from dynq.sources.content import TensorDigests, load_part
 from dynq.sources.described import GGUFFile
 from dynq.sources.open import open_source
 from dynq.sources.ref import SourceRef
@@ -87,27 +88,36 @@ def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, im
 
 
 def encoded_parts(
-    p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None
+    p: PlannedTensor, digests: TensorDigests, backend: KernelBackend, imatrix: Imatrix | None
 ) -> list[Callable[[], U8Array]]:
     """One planned tensor's encoders in file order: the whole tensor, or one per expert of a 3-D expert tensor, each
-    with its own importance. Each loads its part only when called, so a writer that takes the parts one by one
-    holds one expert at a time, however many experts the tensor has."""
+    with its own importance. Each loads its part only when called (its digest kept in `digests`), so a writer that
+    takes the parts one by one holds one expert at a time, however many experts the tensor has."""
     importance = importance_rows(p.info, imatrix)
     n_mat = n_matrices(p.info)
 
     def whole() -> U8Array:
-        return encode_matrix(p, source.load(p.info.name), backend, importance_row(importance, 0)).reshape(-1)
+        return encode_matrix(p, digests.load(p.info), backend, importance_row(importance, 0)).reshape(-1)
 
     def expert(e: int) -> U8Array:
-        return encode_matrix(p, source.load_expert(p.info.name, e), backend, importance_row(importance, e)).reshape(-1)
+        return encode_matrix(p, digests.load(p.info, e), backend, importance_row(importance, e)).reshape(-1)
 
     return [whole] if n_mat == 1 else [functools.partial(expert, e) for e in range(n_mat)]
 
 
 @dataclass(frozen=True)
+class EncodedPart:
+    """What a worker sends back: the encoded bytes of one part and the digest of the source bytes it encoded."""
+
+    data: U8Array
+    digest: bytes
+
+
+@dataclass(frozen=True)
 class EncodeTask:
     """One tensor, or one expert of a 3-D one, as a worker encodes it: the worker reopens the source by its reference
-    (which checks its fingerprint), so only this description travels and only the encoded bytes come back."""
+    (which checks its fingerprint), so only this description travels and only the encoded bytes (and the digest of
+    what they were made from) come back."""
 
     source: SourceRef
     planned: PlannedTensor
@@ -123,16 +133,16 @@ def _task_kernels(backend: str, device: str, threads: int) -> KernelBackend:
     return get_backend(backend, threads, device)
 
 
-def encode_task(task: EncodeTask) -> U8Array:
+def encode_task(task: EncodeTask) -> EncodedPart:
     """A worker's side of an `EncodeTask`."""
     source = task.source.reopen()
     name = task.planned.info.name
-    values = source.load(name) if task.expert is None else source.load_expert(name, task.expert)
+    part = load_part(source, name, task.expert)
     kernels = _task_kernels(task.backend, task.device, task.threads)
-    encoded = encode_matrix(task.planned, values, kernels, task.importance)
+    encoded = encode_matrix(task.planned, part.values, kernels, task.importance)
     if task.expert is None:
         source.release(name)
-    return encoded.reshape(-1)
+    return EncodedPart(encoded.reshape(-1), part.digest)
 
 
 def _tasks(p: PlannedTensor, source: SourceRef, imatrix: Imatrix | None, backend: str, device: str,
@@ -145,9 +155,9 @@ def _tasks(p: PlannedTensor, source: SourceRef, imatrix: Imatrix | None, backend
     return [task(None)] if n_matrices(p.info) == 1 else [task(e) for e in range(n_matrices(p.info))]
 
 
-def encode_tensor(p: PlannedTensor, source: TensorSource, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
+def encode_tensor(p: PlannedTensor, digests: TensorDigests, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
     """Load and encode one planned tensor into one array."""
-    parts = encoded_parts(p, source, backend, imatrix)
+    parts = encoded_parts(p, digests, backend, imatrix)
     return parts[0]() if len(parts) == 1 else np.concatenate([part() for part in parts])
 
 
@@ -209,10 +219,11 @@ def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | No
         writer.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
 
-def _inputs_key(fingerprint: str, imatrix: Imatrix | None, backend: str, device: str) -> str:
-    """Everything the output bytes depend on beyond its header (which holds the plan, types and metadata): the
-    source's content, the importance data and the encoders. A resume is allowed only when this is unchanged."""
-    h = hashlib.sha256(json.dumps([__version__, fingerprint, backend, device]).encode())
+def _inputs_key(imatrix: Imatrix | None, backend: str, device: str) -> str:
+    """Everything the output bytes depend on beyond its header (which holds the plan, types and metadata) and the
+    source tensors (each checked by its own digest, sources/content.py): the importance data and the encoders. A
+    resume is allowed only when this is unchanged."""
+    h = hashlib.sha256(json.dumps([__version__, backend, device]).encode())
     if imatrix is not None:
         for name in sorted(imatrix.entries):
             entry = imatrix.entries[name]
@@ -244,11 +255,11 @@ def quantize(
 
     `source` is reopened from `plan.source` unless given. `backend` is `ggml` (llama.cpp's encoders) or `torch`
     (dynq's; default when the context's device is a GPU). `reuse_encoded` keeps every encoded tensor in a disk
-    cache keyed by the source's content, so several recipes of one model cost little more than one. `resume`
-    continues a run of the same inputs that was interrupted (its verified tensors are kept, the result is the same
-    bytes); without it, such a leftover is an error. An existing output is replaced only with `overwrite`. `executor`
-    (dynq.executor: local processes or a Ray cluster) encodes the tensors, one expert per task, elsewhere; the
-    bytes are the same as here."""
+    cache keyed by the source tensor's full content, so several recipes of one model cost little more than one.
+    `resume` continues a run of the same inputs that was interrupted (its verified tensors whose source tensors are
+    unchanged are kept, the result is the same bytes); without it, such a leftover is an error. An existing output
+    (any file of a split set) is replaced only with `overwrite`. `executor` (dynq.executor: local processes or a Ray
+    cluster) encodes the tensors, one expert per task, elsewhere; the bytes are the same as here."""
     started = time.perf_counter()
     ctx = context(ctx)
     out = Path(output)
@@ -265,38 +276,49 @@ def quantize(
     if imx is not None:
         imx.check(origin or "imatrix")
     check_imatrix(plan, imx, origin or "imatrix")
+    check_float_metadata(src.metadata_fields(), src.spec)  # what the output would carry to a runtime
     backend, device = choose_backend(backend, ctx.device)
     kernels = get_backend(backend, ctx.threads, device)
-    fingerprint = src.fingerprint()  # once: a checkpoint's reads every shard unless remembered
-    cache = EncodeCache(fingerprint, f"{backend}:{device}", ctx.cache_dir) if reuse_encoded else None
+    cache = EncodeCache(f"{backend}:{device}", ctx.cache_dir) if reuse_encoded else None
+    digests = TensorDigests(src)
     ctx.logger.info("quantizing %s with %s on %s/%s: %d tensors, %.2f GiB", plan.source, plan.recipe.name, backend,
                     device, len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
     planned = {p.info.name: p for p in plan.tensors}
 
     if executor is not None and cache is not None:
         raise DynqError("reusing encoded tensors works in one process; leave it out when encoding elsewhere")
-    remote: list[Iterator[U8Array]] = []  # the executor's results, started at the first tensor asked for
+    remote: list[Iterator[EncodedPart]] = []  # the executor's results, started at the first tensor asked for
 
     def encoded(t: OutputTensor) -> U8Array | ChunkedBytes:
         p = planned[t.info.name]
         if executor is not None:
             if not remote:
                 first = plan.tensors.index(p)
-                ref = SourceRef.of(src, ctx.cache_dir, fingerprint)
+                ref = SourceRef.of(src, ctx.cache_dir)
                 threads = executor.task_threads or ctx.threads
                 tasks = (task for q in plan.tensors[first:]
                          for task in _tasks(q, ref, imx, backend, device, threads))  # fmt: skip
                 remote.append(executor.ordered(encode_task, tasks))
+
+            def take() -> U8Array:
+                part = next(remote[0])
+                digests.add(p.info.name, part.digest)
+                return part.data
+
             n_mat = n_matrices(p.info)
-            return next(remote[0]) if n_mat == 1 else ChunkedBytes([lambda: next(remote[0])] * n_mat, p.nbytes)
+            return take() if n_mat == 1 else ChunkedBytes([take] * n_mat, p.nbytes)
         if cache is None:
-            parts = encoded_parts(p, src, kernels, imx)
+            parts = encoded_parts(p, digests, kernels, imx)
             return parts[0]() if len(parts) == 1 else ChunkedBytes(parts, p.nbytes)
         importance = importance_rows(p.info, imx)
-        if (hit := cache.get(p.info.name, p.qtype.name, importance, p.nbytes)) is not None:
+        content = digests.current(p.info)  # every byte read, nothing decoded for a GGUF source
+        if (hit := cache.get(content, p.qtype.name, importance, p.nbytes)) is not None:
+            digests.known(p.info.name, content)
             return np.frombuffer(hit, dtype=np.uint8)
-        data = encode_tensor(p, src, kernels, imx)
-        cache.put(p.info.name, p.qtype.name, importance, data.tobytes())
+        data = encode_tensor(p, digests, kernels, imx)
+        made_from = digests.made_from(p.info)  # the bytes encoded: the same as `content` unless the file just changed
+        digests.known(p.info.name, made_from)
+        cache.put(made_from, p.qtype.name, importance, data.tobytes())
         return data
 
     done = 0
@@ -313,7 +335,7 @@ def quantize(
         _add_own_metadata(writer, plan, imx, imatrix_file, f"{backend}:{device}")
 
     tensors = [OutputTensor(p.info, p.nbytes, p.qtype.ggml) for p in plan.tensors]
-    inputs = _inputs_key(fingerprint, imx, backend, device)
+    inputs = _inputs_key(imx, backend, device)
     files = write_gguf(out, plan.arch, tensors, encoded, metadata=metadata, split_max_size=split_max_size,
-                       written=written, inputs=inputs, resume=resume, overwrite=overwrite)  # fmt: skip
+                       written=written, inputs=inputs, resume=resume, overwrite=overwrite, sources=digests)  # fmt: skip
     return QuantizeResult(plan, files, time.perf_counter() - started, peak_rss_bytes())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from pathlib import Path
 from dynq.budget.profile import profile as measure_profile
 from dynq.budget.profile_file import Profile, ProfileSettings, text_ref
 from dynq.calib.text import Text, calibration_text
-from dynq.core.atomic import atomic_write_text, check_output_folder
+from dynq.core.atomic import atomic_write_text, check_new_output
 from dynq.core.context import RunContext, context
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import kind_of
@@ -32,7 +31,7 @@ from dynq.recipe.plan import QuantPlan
 from dynq.recipe.presets import RecipeLike, as_recipe
 from dynq.recipe.refine import Refined, choice_key, scaled_costs
 from dynq.recipe.refine import refine as search_weights
-from dynq.recipe.rules import Recipe
+from dynq.recipe.rules import Recipe, compile_pattern
 from dynq.recipe.solve import Solution
 from dynq.recipe.solved_recipe import recipe_yaml, solve_plan
 from dynq.recipe.target import pinned_by, solver_start
@@ -53,9 +52,10 @@ class Solved:
     target_bytes: int
     predicted_kld: float
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the recipe as YAML (atomically); `dynq.recipe(path)` reads it back to the same recipe."""
-        check_output_folder(Path(path))
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the recipe as YAML (atomically); `dynq.recipe(path)` reads it back to the same recipe. An existing
+        file is replaced only with `overwrite`."""
+        check_new_output(Path(path), overwrite)
         return atomic_write_text(path, recipe_yaml(self.recipe))
 
 
@@ -101,6 +101,7 @@ def _solver(source: SourceLike, prof: Profile, request: SolveRequest, ctx: RunCo
         [Mapping[str, float]], Solved]:  # fmt: skip
     """The solve for one model and request, as a function of per-kind weights on the profile's costs (a kind left
     out weighs 1)."""
+    patterns = [compile_pattern(t, f"tie {i + 1}") for i, t in enumerate(request.ties)]  # before any work
     opened = open_source(source, ctx.cache_dir)  # no weights are read: the description is enough
     # A checkpoint was profiled as the F16 GGUF it converts to (what llama.cpp runs): check against that one.
     checked = open_source(runnable_file(opened, ctx), ctx.cache_dir) if isinstance(opened, HFCheckpoint) else opened
@@ -113,7 +114,6 @@ def _solver(source: SourceLike, prof: Profile, request: SolveRequest, ctx: RunCo
     pinned = pinned_by(base, inventory) if base is not None else {}
     wanted = [qtype(t) for t in (request.types if request.types is not None else prof.method.types)]
     label = request.name or f"solved-{target if isinstance(target, str) else target_bytes}"
-    patterns = [re.compile(t) for t in request.ties]
     measured = prof.costs()
 
     def solve_for(weights: Mapping[str, float]) -> Solved:

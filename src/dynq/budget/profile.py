@@ -164,7 +164,7 @@ def profile(
         probes=tuple(probes),
         seconds={"errors": error_seconds, "probes": probe_seconds},
     )
-    result.save(cached)
+    result.save(cached, overwrite=True)  # a run beside this one may have cached the same inputs meanwhile
     partial.remove()
     ctx.logger.info("profile of %s written to %s", path, cached)
     return result

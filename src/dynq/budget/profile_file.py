@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,9 +22,11 @@ import numpy as np
 
 from dynq.core.atomic import atomic_write_text
 from dynq.core.importance import Imatrix
+from dynq.core.jsonfile import read_json
+from dynq.core.qtypes import FLOATS, quantizable_qtypes
 from dynq.core.records import RecordFormat, to_data
 from dynq.core.source import TensorSource
-from dynq.errors import DynqError
+from dynq.errors import BadInput, DynqError, OutputExists
 from dynq.gguf_io.reader import GGUFModel
 from dynq.version import __version__
 
@@ -31,6 +34,14 @@ PROFILE_VERSION = 1
 # A probe whose KL divergence is below this is noise (the sampled tail can even make it slightly negative): its
 # group gets this floor instead, a small positive sensitivity, so no tensor looks free to degrade.
 KLD_FLOOR = 1e-6
+# Profiles are shared (they take hours to make), so a loaded one is held to what a measurement can be. A model has
+# a few thousand weight tensors and its profile a few MiB; these bounds are far above any real one.
+MAX_PROFILE_BYTES = 64 << 20
+MAX_PROFILE_TENSORS = 1 << 16
+# The predicted KL divergence (nats) one tensor may add at one type: a measured one is below 10 even for the worst
+# low-bit type, so anything near this bound is not a measurement (and sums of such numbers print as nonsense).
+MAX_TENSOR_KLD = 1e6
+REMEDY = "run `dynq profile` again"
 
 
 @dataclass(frozen=True)
@@ -125,26 +136,67 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return PROFILE_FORMAT.to_record(self, dynq=__version__)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the JSON under a temporary name and rename it, so a reader never sees half a file."""
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the JSON under a temporary name and rename it, so a reader never sees half a file. An existing file
+        is replaced only with `overwrite`."""
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not overwrite:
+            raise OutputExists(out)
         return atomic_write_text(out, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
 
     @staticmethod
     def load(path: str | os.PathLike[str]) -> Profile:
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except OSError as e:
-            raise DynqError(f"{p}: cannot read profile ({e.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DynqError(f"{p}: not a dynq profile (not JSON); run `dynq profile` again") from None
-        return PROFILE_FORMAT.from_record(data, str(p))
+        """Read and check a profile file: its size, its structure and every number in it (see `check_profile`)."""
+        where = str(path)
+        data = read_json(path, "a dynq profile", REMEDY, MAX_PROFILE_BYTES)
+        profile = PROFILE_FORMAT.from_record(data, where)
+        check_profile(profile, where)
+        return profile
 
 
 # The profile file: `{"version": 1, "dynq": WRITER, <Profile's fields>}`; the writer's dynq version is for people.
-PROFILE_FORMAT = RecordFormat(Profile, "dynq profile", PROFILE_VERSION, "run `dynq profile` again", header=("dynq",))
+PROFILE_FORMAT = RecordFormat(Profile, "dynq profile", PROFILE_VERSION, REMEDY, header=("dynq",))
+
+
+def check_profile(profile: Profile, where: str) -> None:
+    """Refuse a profile no measurement makes: more types than exist, a type twice or unknown, more tensors than a
+    model has, an error or sensitivity that is not a finite number at least 0 (sensitivity above 0), or a predicted
+    KL divergence beyond `MAX_TENSOR_KLD`. One BadInput naming the file and the place."""
+
+    def bad(problem: str) -> BadInput:
+        return BadInput(f"{where}: not a usable dynq profile: {problem}; {REMEDY}")
+
+    types = profile.method.types
+    known = {t.name for t in quantizable_qtypes()}
+    if len(types) > len(known):
+        raise bad(f"method.types lists {len(types):,} types, and llama.cpp has {len(known)}")
+    for name in {*types, profile.method.probe_type}:
+        if name not in known:
+            raise bad(f"{name!r:.40} in method is not a type llama.cpp quantizes to")
+    if len(set(types)) != len(types):
+        raise bad("method.types lists a type twice")
+    if not (math.isfinite(profile.method.kld_floor) and profile.method.kld_floor >= 0):
+        raise bad(f"method.kld_floor is {profile.method.kld_floor!r}, not a finite number at least 0")
+    if len(profile.tensors) > MAX_PROFILE_TENSORS:
+        raise bad(f"{len(profile.tensors):,} tensors, more than any model has ({MAX_PROFILE_TENSORS:,})")
+    listed = {*types, *FLOATS}  # F16 and the source's own float type are measured beside the listed types
+    for name, t in profile.tensors.items():
+        if not (math.isfinite(t.sensitivity) and t.sensitivity > 0):
+            raise bad(f"tensor {name!r:.80}: sensitivity {t.sensitivity!r} is not a finite number above 0")
+        for type_name, e in t.errors.items():
+            if type_name not in listed:
+                raise bad(f"tensor {name!r:.80}: an error at {type_name!r:.40}, a type the profile does not measure")
+            if not (math.isfinite(e) and e >= 0):
+                raise bad(f"tensor {name!r:.80}: error {e!r} at {type_name} is not a finite number at least 0")
+            if t.sensitivity * e > MAX_TENSOR_KLD:
+                raise bad(
+                    f"tensor {name!r:.80}: predicted KLD {t.sensitivity * e:.3g} at {type_name} (sensitivity "
+                    f"times error), beyond any measurement (at most {MAX_TENSOR_KLD:g})"
+                )
+    for probe in profile.probes:
+        if not math.isfinite(probe.kld):
+            raise bad(f"probe {probe.group!r:.80}: KLD {probe.kld!r} is not a finite number")
 
 
 def imatrix_digest(imatrix: Imatrix) -> str:

@@ -172,12 +172,21 @@ def evaluation_text(cache: Path) -> Text:
     return _build(cache, EVALUATION)
 
 
+# Calibration and evaluation texts are a few MiB; this is thousands of times more tokens than a run reads. A pipe
+# (`--text <(zcat corpus.gz)`) is read up to it, and /dev/zero stops here instead of at a MemoryError.
+MAX_TEXT_BYTES = 256 << 20
+
+
 def read_texts(paths: list[Path]) -> Text:
-    """User-given text files, concatenated; provenance = their names."""
+    """User-given text files (or pipes), each at most MAX_TEXT_BYTES, concatenated; provenance = their names."""
     parts = []
     for p in paths:
         try:
-            parts.append(p.read_text(encoding="utf-8", errors="replace"))
+            with p.open("rb") as f:
+                data = f.read(MAX_TEXT_BYTES + 1)
         except OSError as e:
             raise DynqError(f"{p}: cannot read text ({e.strerror})") from None
+        if len(data) > MAX_TEXT_BYTES:
+            raise DynqError(f"{p}: more than {MAX_TEXT_BYTES >> 20} MiB of text; give a smaller calibration text")
+        parts.append(data.decode("utf-8", errors="replace"))
     return Text("\n\n".join(parts), ",".join(p.name for p in paths))

@@ -15,8 +15,8 @@ from rich.text import Text
 
 from dynq.cli import budget, deploy, measure, offload, quantize
 from dynq.cli.shell import err, setup_logging
-from dynq.cli.text import data
-from dynq.errors import DynqError, OutputExists, ResumeRequired
+from dynq.core.visible import one_line
+from dynq.errors import DynqError, LeftoverRun, OutputExists, ResumeRequired
 
 app = typer.Typer(
     help="Dynamic low-bit GGUF quantization: plan every tensor's type, then quantize, evaluate and deploy.",
@@ -48,6 +48,8 @@ def in_flags(e: DynqError) -> str:
         return f"{e.path}: already exists; remove it or pass --force"
     if isinstance(e, ResumeRequired):
         return f"{e.subject}: {e.left} in {e.folder}; add --resume to continue it, or delete that folder to start over"
+    if isinstance(e, LeftoverRun):
+        return f"{e.subject}: {e.left} in {e.folder}; pass --force to start over, or delete that folder"
     return str(e)
 
 
@@ -57,7 +59,8 @@ def main() -> None:
     try:
         app()
     except DynqError as e:
-        err.print(Text.assemble(("error:", "bold red"), " ", data(in_flags(e))), highlight=False, soft_wrap=True)
+        shown = Text(one_line(in_flags(e)))  # one line, even when a path in it holds a newline
+        err.print(Text.assemble(("error:", "bold red"), " ", shown), highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -10,7 +10,7 @@ import typer
 from dynq import api
 from dynq.cli.shell import THREADS, elsewhere, ensure_source, ensure_texts, err, progress_bar, run_context, say
 from dynq.cli.text import data
-from dynq.core.atomic import check_output_folder
+from dynq.core.atomic import check_new_output
 from dynq.core.units import GIB, MIB
 from dynq.errors import DynqError
 
@@ -35,11 +35,12 @@ def profile_command(
         str | None, typer.Option(help="measure on a Ray cluster: auto, or its HOST:PORT (every node sees the files)")
     ] = None,
     processes: Annotated[int, typer.Option(help="measure in this many local worker processes")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
 ) -> None:
     """Measure how much each tensor hurts the output at each candidate type, on calibration text only: encode
     errors on sampled rows, scaled per tensor group by the KL divergence a probe of that group really causes.
     Cached: a second run with the same model, imatrix, text and settings reads the cache."""
-    check_output_folder(output)
+    check_new_output(output, force)  # before hours of measuring, not after
     if not text:
         ensure_texts()
     calib = api.read_texts(text) if text else api.calibration()
@@ -47,7 +48,7 @@ def profile_command(
         result = api.profile(ensure_source(source), imatrix=imatrix, text=calib, rows=rows, group_blocks=group_blocks,
                              probe_type=probe_type, n_ctx=n_ctx, chunks=chunks, resume=resume, executor=executor,
                              ctx=run_context(threads, progress=on_step))  # fmt: skip
-    result.save(output)
+    result.save(output, overwrite=force)
     seconds = result.seconds
     say("wrote ", data(output), f": {len(result.tensors)} tensors, {len(result.probes)} probes "
         f"(errors {seconds.get('errors', 0):.0f} s, probes {seconds.get('probes', 0):.0f} s)")  # fmt: skip
@@ -79,12 +80,13 @@ def solve_command(
         list[Path] | None, typer.Option(help="with --verify or --refine: the profile's calibration text")
     ] = None,
     threads: Annotated[int, typer.Option(help="threads (--verify, --refine)")] = THREADS,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
 ) -> None:
     """Choose every tensor's type for a size: the least predicted damage whose file is at most the target. Writes an
     ordinary recipe (one rule per tensor kind and type, each with its predicted cost and bytes). --verify measures
     the mix; --refine SECONDS also tries mixes that weigh each tensor kind up or down and keeps the one that
     measures best on calibration text."""
-    check_output_folder(output)
+    check_new_output(output, force)
     if refine > 0 and imatrix is None:
         raise DynqError("--refine quantizes the mixes it measures: give the --imatrix they will be made with")
     if (verify or refine > 0) and not text:
@@ -101,7 +103,7 @@ def solve_command(
     else:
         solved = api.solve(ensure_source(source), profile, target, has_imatrix=imatrix is not None, base=base,
                            types=types, ties=tie or (), name=name, ctx=run_context())  # fmt: skip
-    solved.save(output)
+    solved.save(output, overwrite=force)
     plan, s = solved.plan, solved.solution
     proof = "optimal" if s.exact else f"within {s.gap:.3g} of the optimum"
     proof += " for the refined kind weights" if refine > 0 else ""

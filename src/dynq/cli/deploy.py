@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -150,7 +151,16 @@ def export_ollama_command(
         err.print(line(data("template differs:", "yellow"), " ", data(problem)), soft_wrap=True)
     template = data(m.family or "none")
     say("wrote ", data(result.gguf), " and ", data(result.modelfile), " (template: ", template, ")")
-    say("import it with: ", data(shlex.join(["ollama", "create", result.gguf.stem, "-f", str(result.modelfile)])))
+    say("import it with: ", data(ollama_create_hint(result.gguf, result.modelfile)))
+
+
+def ollama_create_hint(gguf: Path, modelfile: Path) -> str:
+    """The `ollama create` command a user pastes into a shell: quoted, and no argument starts with `-` (a model file
+    named `--insecure.gguf` would otherwise pass an option). The model's name drops leading characters an Ollama name
+    cannot start with; a relative path that starts with `-` gets `./`."""
+    name = re.sub(r"^[^A-Za-z0-9]+", "", gguf.stem) or "model"
+    path = str(modelfile)
+    return shlex.join(["ollama", "create", name, "-f", f"./{path}" if path.startswith("-") else path])
 
 
 def card_command(

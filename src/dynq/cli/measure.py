@@ -16,7 +16,7 @@ from dynq import api
 from dynq.cli.render import draw_imatrix_coverage
 from dynq.cli.shell import THREADS, ensure_source, ensure_texts, err, out, print_json, progress_bar, run_context, say
 from dynq.cli.text import clean, data
-from dynq.core.atomic import check_output_folder
+from dynq.core.atomic import check_new_output
 
 
 def imatrix(
@@ -28,9 +28,10 @@ def imatrix(
     threads: Annotated[int, typer.Option(help="llama.cpp threads")] = THREADS,
     all_experts: Annotated[bool, typer.Option(help="route every token through every expert (MoE)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted collection after its kept chunks")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
 ) -> None:
     """Collect an importance matrix on llama.cpp's runtime (the format llama-quantize reads)."""
-    check_output_folder(output)
+    check_new_output(output, force)  # before hours of collecting, not after
     if not text:
         ensure_texts()
     calib = api.read_texts(text) if text else api.calibration()
@@ -38,7 +39,7 @@ def imatrix(
         imx = api.collect_imatrix(ensure_source(source), text=calib, n_ctx=n_ctx, chunks=chunks,
                                   all_experts=all_experts, ctx=run_context(threads, progress=on_step), output=output,
                                   resume=resume)  # fmt: skip
-    api.save_imatrix(imx, output)
+    api.save_imatrix(imx, output, overwrite=force)
     draw_imatrix_coverage(out, imx, full=False)
     say("wrote ", data(output), f": {len(imx.entries)} tensors, {imx.chunk_count} chunks of {n_ctx} tokens (",
         data(calib.provenance), ")")  # fmt: skip

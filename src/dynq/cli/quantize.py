@@ -162,9 +162,10 @@ def synthetic(
     kind: Annotated[str, typer.Argument(help="deepseek2, qwen3moe or llama")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output .gguf")],
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
 ) -> None:
     """Write a tiny random model of a real llama.cpp architecture (MoE code paths without MoE weights)."""
-    path = api.write_synthetic(kind, output, seed)
+    path = api.write_synthetic(kind, output, seed, overwrite=force)
     say("wrote ", data(path), f" ({path.stat().st_size:,} bytes)")
 
 

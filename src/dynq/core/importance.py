@@ -13,6 +13,14 @@ from dynq.core.arrays import F32Array
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 
+# The importance (mean x² per column) a matrix's largest column may have for the encoders to weigh it as asked. The
+# encoders sum importance times weight² and square such sums in float32: llama.cpp's and dynq's write an all-zero or
+# damaged tensor from about 1e15 (weights near 20) or 1e-17 (weights near 2e-4) on, silently. Real imatrices peak
+# between about 1e-6 and 1e9 per matrix (massive activations included), so this band leaves both sides a margin of
+# a thousand and more.
+IMPORTANCE_MIN = 1e-12
+IMPORTANCE_MAX = 1e12
+
 
 @dataclass
 class ImatrixEntry:
@@ -40,17 +48,32 @@ class ImatrixEntry:
     def importance(self) -> F32Array:
         """Per-column mean of x², [n_mat, row_length]; ones for a matrix without data (as llama-quantize does), and
         for one whose sums are all zero (an all-zero weighting would make the encoders write zeros)."""
-        counts = self.counts[:, None]
-        has_data = (counts > 0) & np.any(self.sums > 0, axis=1, keepdims=True)
-        safe = np.where(counts > 0, counts, 1.0).astype(np.float32)
-        return np.where(has_data, self.sums / safe, np.float32(1.0)).astype(np.float32)
+        has_data = self.has_data()[:, None]
+        safe = np.where(self.counts > 0, self.counts, 1.0).astype(np.float32)[:, None]
+        with np.errstate(over="ignore", under="ignore"):  # an extreme quotient is what problem() reports
+            return np.where(has_data, self.sums / safe, np.float32(1.0)).astype(np.float32)
+
+    def has_data(self) -> np.ndarray:
+        """Per matrix: whether it saw tokens and some of its sums are above zero (else importance() is ones)."""
+        return np.asarray((self.counts > 0) & np.any(self.sums > 0, axis=1))
 
     def problem(self) -> str | None:
-        """What makes this entry unusable (NaN, Inf or negative values), or None."""
+        """What makes this entry unusable (NaN, Inf or negative values, or an importance the encoders cannot weigh),
+        or None."""
         if not (np.isfinite(self.sums).all() and np.isfinite(self.counts).all()):
             return "holds NaN or Inf"
         if (self.sums < 0).any() or (self.counts < 0).any():
             return "holds negative sums or counts"
+        with_data = self.has_data()
+        if not with_data.any():
+            return None
+        peaks = self.importance()[with_data].max(axis=1)  # each matrix's largest column
+        high, low = float(peaks.max()), float(peaks.min())
+        harm = "the tensor would be written as zeros or damaged"
+        if not high <= IMPORTANCE_MAX:
+            return f"has an importance (sum / tokens) of {high:.3g}, above {IMPORTANCE_MAX:g}: {harm}"
+        if low < IMPORTANCE_MIN:
+            return f"has a matrix whose importance (sum / tokens) peaks at {low:.3g}, below {IMPORTANCE_MIN:g}: {harm}"
         return None
 
 

@@ -97,8 +97,8 @@ def _scalar(tp: Any, data: object, at: str) -> Any:
     # bool is an int to Python, not to a record; an int is a float to JSON (a hand-written 1 for 1.0)
     if tp is bool and isinstance(data, bool):
         return data
-    if tp is int and isinstance(data, int) and not isinstance(data, bool):
-        return data
+    if tp is int and isinstance(data, int) and not isinstance(data, bool) and abs(data) < 2**63:
+        return data  # what a record counts (bytes, tensors, chunks) fits 64 bits; a 400-digit one is not a count
     if tp is float and isinstance(data, float):
         return data
     if tp is float and isinstance(data, int) and not isinstance(data, bool) and abs(data) < 2**1023:
@@ -107,7 +107,8 @@ def _scalar(tp: Any, data: object, at: str) -> Any:
         return data
     if tp is type(None) and data is None:
         return None
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}
+    names = {bool: "true or false", int: "a whole number within 64 bits", float: "a number", str: "text",
+             type(None): "null"}  # fmt: skip
     if tp not in names:
         raise TypeError(f"records hold no {tp!r}")  # a programmer's error: the dataclass names a type JSON cannot
     raise _Wrong(at, f"must be {names[tp]}, not {_shown(data)}")

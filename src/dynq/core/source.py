@@ -8,13 +8,19 @@ content on any machine, so caches and remote workers never rely on a local path 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from gguf import GGUFValueType
 
 from dynq.core.arrays import F32Array
 from dynq.core.tensors import ModelInventory
+from dynq.errors import BadInput
+
+_FLOATS = (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64)
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,23 @@ class MetadataField:
     value: Any
     vtype: GGUFValueType
     sub_type: GGUFValueType | None = None
+
+
+def check_float_metadata(fields: Iterable[MetadataField], origin: str) -> None:
+    """Refuse a NaN or Inf among the float values a runtime reads (a rope frequency base, a norm epsilon, a scale):
+    llama.cpp loads such a file and computes garbage. The vocabulary's arrays (token scores) are left alone."""
+    for f in fields:
+        if f.vtype in _FLOATS:
+            bad = not math.isfinite(float(f.value))
+        elif f.vtype is GGUFValueType.ARRAY and f.sub_type in _FLOATS and not f.key.startswith("tokenizer."):
+            bad = not np.isfinite(np.asarray(f.value, dtype=np.float64)).all()
+        else:
+            continue
+        if bad:
+            raise BadInput(
+                f"{origin}: metadata {f.key} is {f.value!r:.60}, not a finite number; a runtime would compute with "
+                "it, so the source is damaged (fix the value where it comes from, e.g. config.json)"
+            )
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
-from dynq.core.atomic import atomic_path, atomic_write_text
+from dynq.core.atomic import atomic_path, atomic_write_text, make_output_folder
 from dynq.core.context import RunContext
 from dynq.core.visible import has_control
 from dynq.deploy.shards import merge, model_stem
@@ -300,7 +300,7 @@ def export_ollama(source: str | Path, out_dir: str | Path, *, temperature: float
     `out_dir/Modelfile`; then `ollama create NAME -f out_dir/Modelfile` imports it."""
     model = GGUFModel(source)
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(folder)
     gguf = folder / (ollama_name(model_stem(model.path)) + ".gguf")
     target_modelfile = folder / "Modelfile"
     for target in (gguf, target_modelfile):

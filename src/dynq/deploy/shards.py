@@ -5,6 +5,9 @@ Shards follow llama-gguf-split's format (`NAME-00001-of-0000N.gguf`; all metadat
 writing: tensor infos first, then each tensor's stored bytes copied from the memory map one tensor at a time, into a
 temporary folder renamed into place at the end. Metadata keys keep their order and values, so splitting a file that
 gguf-py wrote and merging it back gives the same file, byte for byte.
+
+A copy does not resume: an interrupted one removes its partial folder, and one a SIGKILL left is cleared by the next
+run that may overwrite (`--force`); without it the run stops naming the folder (errors.LeftoverRun).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import numpy as np
 
 from dynq.core.context import RunContext, context
 from dynq.errors import DynqError, OutputExists
-from dynq.gguf_io.reader import SPLIT_NAME, GGUFModel
+from dynq.gguf_io.reader import GGUFModel
+from dynq.gguf_io.shard_set import SPLIT_NAME, shard_names
 from dynq.gguf_io.writer import OutputTensor, copy_metadata, write_gguf
 
 log = logging.getLogger(__name__)
@@ -35,13 +39,6 @@ def model_stem(path: Path) -> str:
     """`x-00001-of-00003.gguf` and `x.gguf` are both the model `x`."""
     m = SPLIT_NAME.match(path.name)
     return m.group("stem") if m else path.stem
-
-
-def shard_names(output: Path, count: int) -> list[Path]:
-    """The files a split into `count` shards named after `output` (`x.gguf`) will have; gguf-py's naming."""
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
 def count_shards(sizes: Sequence[int], max_size: int) -> int:
@@ -77,7 +74,7 @@ def _check_targets(targets: list[Path], inputs: list[Path], overwrite: bool) -> 
             raise OutputExists(target)
 
 
-def _rewrite(model: GGUFModel, output: Path, split_max_size: int, ctx: RunContext) -> ShardsWritten:
+def _rewrite(model: GGUFModel, output: Path, split_max_size: int, overwrite: bool, ctx: RunContext) -> ShardsWritten:
     tensors = [OutputTensor(t, int(model.raw(t.name).nbytes), model.ggml_type(t.name)) for t in model.tensors]
     total = sum(t.nbytes for t in tensors)
     done = 0
@@ -96,6 +93,7 @@ def _rewrite(model: GGUFModel, output: Path, split_max_size: int, ctx: RunContex
         metadata=lambda w: copy_metadata(model.metadata_fields(), w, drop=lambda key: False),
         split_max_size=split_max_size,
         written=written,
+        overwrite=overwrite,
     )
     return ShardsWritten(files, len(tensors), total)
 
@@ -109,7 +107,7 @@ def merge(source: str | Path, output: str | Path | None = None, *, overwrite: bo
         raise DynqError(f"{model.path}: already a single file; nothing to merge")
     out = Path(output) if output is not None else model.path.with_name(model_stem(model.path) + ".gguf")
     _check_targets([out], model.shards, overwrite)
-    result = _rewrite(model, out, 0, context(ctx))
+    result = _rewrite(model, out, 0, overwrite, context(ctx))
     log.info("merged %d shards into %s (%d tensors)", len(model.shards), out, result.n_tensors)
     return result
 
@@ -135,7 +133,7 @@ def split(source: str | Path, output: str | Path | None = None, *, max_size: int
                         "choose a smaller size")  # fmt: skip
     out = Path(output) if output is not None else model.path.with_name(model_stem(model.path) + ".gguf")
     _check_targets(shard_names(out, count), model.shards, overwrite)
-    result = _rewrite(model, out, max_size, context(ctx))
+    result = _rewrite(model, out, max_size, overwrite, context(ctx))
     if len(result.files) != count:  # the writer's own cut must be the one the names were checked for
         raise DynqError(f"internal: expected {count} shards, the writer made {len(result.files)}")
     log.info("split %s into %d shards", model.path, count)

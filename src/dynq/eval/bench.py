@@ -5,13 +5,13 @@ measures them is benchmark.py's.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynq.core.jsonfile import read_json
 from dynq.core.records import RecordFormat
 from dynq.errors import DynqError
 
@@ -104,7 +104,10 @@ def place_labels(ax: Any, points: Sequence[tuple[str, float, float]]) -> None:
 
 
 # Each row carries its version (the file stays a plain list of rows); a row from before version 1 has none.
-ROW_FORMAT = RecordFormat(BenchRow, "dynq bench row", 1, "pass the .json file `dynq bench` wrote", unversioned=1)
+BENCH_REMEDY = "pass the .json file `dynq bench` wrote"
+ROW_FORMAT = RecordFormat(BenchRow, "dynq bench row", 1, BENCH_REMEDY, unversioned=1)
+# A bench file holds a few dozen rows (a few KiB); one of many MiB is not one.
+MAX_BENCH_BYTES = 16 << 20
 
 
 def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict[str, object]]:
@@ -113,12 +116,7 @@ def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict[str, object]]:
 
 def read_bench(path: str | os.PathLike[str]) -> list[BenchRow]:
     """The rows of a `dynq bench` JSON file (bench/results/NAME.json)."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DynqError(f"{path}: cannot read the bench results ({e.strerror or e})") from e
-    except ValueError as e:
-        raise DynqError(f"{path}: not JSON ({e}); pass the .json file `dynq bench` wrote") from e
+    raw = read_json(path, "dynq bench results", BENCH_REMEDY, MAX_BENCH_BYTES)
     if not isinstance(raw, list):
         raise DynqError(f"{path}: not dynq bench results (expected a list of rows with name, maker, bytes, ...)")
     return [ROW_FORMAT.from_record(r, f"{path}, row {i + 1}") for i, r in enumerate(raw)]

@@ -2,7 +2,8 @@
 output holds the shards as far as they were written, a journal of the tensors whose bytes are on disk, and a lock.
 
 The journal is written after the data it describes has been synced, one JSON line per tensor (shard, byte range,
-SHA-256), so it never claims bytes the disk does not hold; a line cut short by a crash is ignored. The first line
+SHA-256 of the bytes written, and the digest of the source tensor they were made from: sources/content.py), so it
+never claims bytes the disk does not hold; a line cut short by a crash is ignored. The first line
 records what the run was made from (the inputs' key and each shard's header hash): a resume is only allowed for the
 same run. The lock (`flock`, released by the kernel when the process dies) makes a second writer of the same output
 refuse instead of racing the first.
@@ -22,13 +23,14 @@ from typing import IO
 from dynq.core.records import RecordFormat, from_data, to_data
 from dynq.errors import BadInput, DynqError
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: each tensor line holds its source digest
 _READ_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
 class WrittenTensor:
-    """One tensor whose bytes are on disk: in shard `shard`, bytes [start, end), with this SHA-256."""
+    """One tensor whose bytes are on disk: in shard `shard`, bytes [start, end), with this SHA-256, made from the
+    source tensor whose digest is `source` ("" for a copy, whose bytes are the source's)."""
 
     index: int
     name: str
@@ -36,6 +38,7 @@ class WrittenTensor:
     start: int
     end: int
     sha256: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ class PartialOutput:
                         header = _HEADER.from_record(entry, str(self.journal_path))
                         continue
                     t = from_data(WrittenTensor, entry, str(self.journal_path))
-                except (ValueError, BadInput):
+                except (ValueError, RecursionError, BadInput):  # RecursionError: JSON nested past the parser
                     if header is None:  # another version's journal, or not one: nothing of it is kept
                         return None, []
                     break
@@ -144,6 +147,16 @@ class PartialOutput:
         self._journal.flush()
         os.fsync(self._journal.fileno())
 
+    def clear(self) -> None:
+        """Everything an earlier run left (shards, journal), but the lock this run holds."""
+        for entry in self.dir.iterdir():
+            if entry.name == "lock":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
     def remove(self) -> None:
         self.unlock()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -155,7 +168,8 @@ def verified_prefix(written: list[WrittenTensor], shard_paths: list[Path]) -> li
     kept: list[WrittenTensor] = []
     try:
         for t in written:
-            if t.shard >= len(shard_paths) or not shard_paths[t.shard].is_file():
+            # a journal edited by hand may say anything: a shard or a range no run writes ends the kept part
+            if not 0 <= t.shard < len(shard_paths) or not 0 <= t.start <= t.end or not shard_paths[t.shard].is_file():
                 break
             if t.shard not in handles:
                 handles[t.shard] = shard_paths[t.shard].open("rb")

@@ -1,16 +1,18 @@
 """Reading GGUF models, single files and llama.cpp split shards, with tensor data memory-mapped: the GGUF
 implementation of the source protocol (core/source.py).
 
-Parsing and decoding are the `gguf` package's; this module adds split discovery, checks that turn a damaged file
-into one clear error, dequantization of one tensor (or one expert) at a time, and a content fingerprint.
+Parsing and decoding are the `gguf` package's; this module adds split sets (shard_set.py), checks that turn a damaged
+file into one clear error (a tensor whose bytes lie past the end, overlap another's or have an empty shape),
+dequantization of one tensor (or one expert) at a time, each tensor's stored bytes for a digest of its own
+(sources/content.py), and a sampled content fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import mmap
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,30 +26,15 @@ from dynq.core.qtypes import qtype
 from dynq.core.source import MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
+from dynq.gguf_io.shard_set import SPLIT_KEYS, SplitKeys, check_numbering, check_tensor_count, shard_paths
 
 log = logging.getLogger(__name__)
-
-SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 # Metadata that is bulky and says nothing about sizes; kept out of `metadata`, still readable via `field()`.
 _BULKY_PREFIXES = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                    "tokenizer.ggml.scores")  # fmt: skip
 # The fingerprint reads at most this many windows of this size from each tensor: a few MiB per tensor whatever the
 # model's size, enough to tell apart two files that differ in any tensor's weights.
 _WINDOWS, _WINDOW = 16, 1 << 16
-
-
-def shard_paths(path: Path) -> list[Path]:
-    """All shards of a split model given any one of them (or just `[path]` for a single file)."""
-    m = SPLIT_NAME.match(path.name)
-    if m is None:
-        return [path]
-    count = int(m.group("count"))
-    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise DynqError(f"{path}: split model is missing shard(s) {', '.join(missing)}; put all shards together")
-    return paths
 
 
 def _open_reader(path: Path) -> GGUFReader:
@@ -62,19 +49,34 @@ def _open_reader(path: Path) -> GGUFReader:
     if magic != b"GGUF":
         raise DynqError(f"{path}: not a GGUF file (it does not start with 'GGUF'); pass a .gguf model")
     try:
-        reader = GGUFReader(path)
+        with np.errstate(all="ignore"):  # a crafted offset wraps in gguf-py's uint64 sum: checked below, unwarned
+            reader = GGUFReader(path)
     except (ValueError, IndexError, OverflowError, MemoryError) as e:
         raise DynqError(f"{path}: truncated or corrupt GGUF ({e}); download or convert it again") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        # the offset as declared, in Python's integers: gguf-py adds it in uint64, where a huge one wraps around
-        declared = int(t.field.parts[-1][0]) + int(reader.data_offset)
-        if declared > size or t.data_offset + t.n_bytes > size:
-            raise DynqError(
-                f"{path}: truncated GGUF: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
-                f"but the file has {size}; download or convert it again"
-            )
+    _check_extents(path, reader)
     return reader
+
+
+def _check_extents(path: Path, reader: GGUFReader) -> None:
+    """Every tensor's bytes lie inside the file (counted in Python's integers, where gguf-py's uint64 sum wraps) and
+    no two tensors share a byte."""
+    size = path.stat().st_size
+    extents = []
+    for t in reader.tensors:
+        start = int(t.field.parts[-1][0]) + int(reader.data_offset)  # the offset as declared
+        end = start + int(t.n_bytes)
+        if start > size:
+            raise DynqError(f"{path}: tensor {t.name} starts at byte {start}, past the end of the file ({size} "
+                            "bytes); the file is corrupt")  # fmt: skip
+        if end > size:
+            raise DynqError(f"{path}: truncated GGUF: tensor {t.name} ends at byte {end} but the file has {size}; "
+                            "download or convert it again")  # fmt: skip
+        extents.append((start, end, t.name))
+    extents.sort()
+    for (start, end, name), (other_start, other_end, other) in itertools.pairwise(extents):
+        if other_start < end:  # sorted by start: any overlap shows between neighbours
+            raise DynqError(f"{path}: tensors {name} (bytes {start}-{end}) and {other} (bytes {other_start}-"
+                            f"{other_end}) overlap; the file is corrupt")  # fmt: skip
 
 
 def _contents(reader: GGUFReader, key: str, f: ReaderField) -> Any:
@@ -111,7 +113,8 @@ class GGUFModel:
         self._known_fingerprint = fingerprint
         self.shards = shard_paths(self.path)
         self.readers = [_open_reader(p) for p in self.shards]
-        self._check_split()
+        split_keys = [SplitKeys(*(field_value(r, k) for k in SPLIT_KEYS)) for r in self.readers]
+        check_numbering(self.shards, split_keys)
         self._tensors: dict[str, GGUFTensor] = {}
         for i, reader in enumerate(self.readers):
             for t in reader.tensors:
@@ -122,17 +125,7 @@ class GGUFModel:
                     raise DynqError(f"{self.shards[i]}: tensor {t.name} has the empty shape {shape}; the model is "
                                     "corrupt")  # fmt: skip
                 self._tensors[t.name] = GGUFTensor(TensorInfo(t.name, shape, qtype(int(t.tensor_type))), i, t)
-
-    def _check_split(self) -> None:
-        if len(self.shards) == 1:
-            return
-        for i, reader in enumerate(self.readers):
-            no, count = field_value(reader, "split.no"), field_value(reader, "split.count")
-            if no != i or count != len(self.shards):
-                raise DynqError(
-                    f"{self.shards[i]}: split metadata says shard {no} of {count}, expected {i} of "
-                    f"{len(self.shards)}; the shards do not belong together"
-                )
+        check_tensor_count(self.shards, split_keys, len(self._tensors))
 
     @property
     def spec(self) -> str:
@@ -181,6 +174,23 @@ class GGUFModel:
         """The tensor's bytes (or elements, for float types) as stored, memory-mapped."""
         return self._get(name).raw.data
 
+    def stored(self, name: str, expert: int | None = None) -> npt.NDArray[Any]:
+        """The tensor's stored bytes (or expert `expert`'s of a 3-D tensor), memory-mapped."""
+        t = self._get(name)
+        data: npt.NDArray[Any] = t.raw.data
+        if expert is None:
+            return data
+        self._check_expert(t, expert)
+        return np.asarray(data[expert])
+
+    def decode(self, name: str, stored: npt.NDArray[Any], expert: int | None = None) -> npt.NDArray[np.float32]:
+        """Bytes as `stored` gives them (or a copy of them) as float32, shaped as `load` or `load_expert` does."""
+        t = self._get(name)
+        values = np.asarray(self._dequantize(t, stored), dtype=np.float32)
+        if expert is None:
+            return values.reshape(tuple(reversed(t.info.shape)))
+        return values.reshape(t.info.shape[1], t.info.shape[0])
+
     def load(self, name: str) -> npt.NDArray[np.float32]:
         """One tensor as float32, numpy shape (reversed GGUF shape: rows last-to-first, row length last)."""
         t = self._get(name)
@@ -190,10 +200,13 @@ class GGUFModel:
     def load_expert(self, name: str, expert: int) -> npt.NDArray[np.float32]:
         """Expert `expert`'s matrix of a 3-D tensor as float32 [rows, row length]; only its bytes are read."""
         t = self._get(name)
-        if len(t.info.shape) != 3 or not 0 <= expert < t.info.shape[2]:
-            raise DynqError(f"{self.path}: tensor {name} {t.info.shape} has no expert {expert}")
+        self._check_expert(t, expert)
         values = self._dequantize(t, t.raw.data[expert])
         return np.asarray(values, dtype=np.float32).reshape(t.info.shape[1], t.info.shape[0])
+
+    def _check_expert(self, t: GGUFTensor, expert: int) -> None:
+        if len(t.info.shape) != 3 or not 0 <= expert < t.info.shape[2]:
+            raise DynqError(f"{self.path}: tensor {t.info.name} {t.info.shape} has no expert {expert}")
 
     def _dequantize(self, t: GGUFTensor, data: npt.NDArray[Any]) -> npt.NDArray[Any]:
         try:

@@ -5,11 +5,16 @@ one way metadata is carried from a source into an output, with the layout its `g
 The files grow in a partial folder beside the output (`.NAME.dynq-partial`, see `partial.py`) and are renamed into
 place only when every byte is on disk, so an interrupted or failed run never leaves a file that looks complete, and an
 interrupted one can be resumed. Splitting into llama.cpp shards
-(`NAME-00001-of-0000N.gguf` with the `split.*` keys) is gguf-py's.
+(`NAME-00001-of-0000N.gguf` with the `split.*` keys) is gguf-py's; every file of the set is an output, none is
+replaced without `overwrite`.
+
+A writer that cannot resume (a copy: split, merge) removes its partial folder when interrupted or failed; one a
+SIGKILL left is cleared by the next run with `overwrite`, or named in a LeftoverRun error.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from io import BufferedWriter
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
@@ -29,7 +34,7 @@ from dynq.core.arrays import U8Array
 from dynq.core.atomic import check_output_folder
 from dynq.core.source import MetadataField
 from dynq.core.tensors import TensorInfo
-from dynq.errors import DynqError, OutputExists, ResumeRequired
+from dynq.errors import DynqError, LeftoverRun, OutputExists, ResumeRequired
 from dynq.gguf_io.partial import PartialOutput, RunHeader, WrittenTensor, file_sha256, verified_prefix
 
 log = logging.getLogger(__name__)
@@ -117,25 +122,37 @@ class StreamingWriter:
     """Declare every tensor, then `begin`, then `write` (or `keep`) them in the same order; `finish` renames the files
     into place, `abort` gives up. The files grow in the output's partial folder with a journal (see `partial.py`);
     with `resume`, the verified tensors of an interrupted run of the same `inputs` are kept, and `resumed` says how
-    many. `state` says which calls are allowed; any other is refused with a WriterStateError."""
+    many. A writer that is not `resumable` (a copy) clears what an interrupted run left when it may `overwrite`.
+    `state` says which calls are allowed; any other is refused with a WriterStateError."""
 
     def __init__(self, output: Path, arch: str, split_max_size: int = 0, *, inputs: str = "", resume: bool = False,
-                 overwrite: bool = True) -> None:  # fmt: skip
+                 overwrite: bool = True, resumable: bool = True) -> None:  # fmt: skip
         check_output_folder(output)
         if output.suffix != ".gguf":
             raise DynqError(f"{output}: the output name must end in .gguf")
         if not overwrite and output.exists():
             raise OutputExists(output)
+        if resume and not resumable:
+            raise WriterStateError(f"{output}: resume asked of a writer that cannot resume")
         self.output = output
         self.inputs = inputs
+        self.overwrite = overwrite
+        self.resumable = resumable
         self.partial = PartialOutput(output)
         self.partial.lock()
         self.previous_header, self.previous = self.partial.read_journal()
         leftover = self.partial.shard_files()
         if (leftover or self.previous) and not resume:
-            self.partial.unlock()
             left = f"an interrupted run left {len(self.previous)} written tensors"
-            raise ResumeRequired(output, left, self.partial.dir)
+            if resumable:
+                self.partial.unlock()
+                raise ResumeRequired(output, left, self.partial.dir)
+            if not overwrite:
+                self.partial.unlock()
+                raise LeftoverRun(output, left, self.partial.dir)
+            log.info("%s: %s in %s; starting over", output, left, self.partial.dir)
+            self.partial.clear()
+            self.previous_header, self.previous = None, []
         self.scratch = self.partial.dir / "header"
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch.mkdir()
@@ -166,15 +183,22 @@ class StreamingWriter:
         self.writer.add_tensor_info(info.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=ggml_type)
         self.names.append(info.name)
 
-    def begin(self) -> None:
+    def begin(self, current: Callable[[int], str] | None = None) -> None:
         """Write headers, metadata and tensor infos of every shard (into the scratch folder), then put each shard in
-        place: the fresh one, or with `resume` the previous one cut back to its last verified tensor."""
+        place: the fresh one, or with `resume` the previous one cut back to its last verified tensor. `current(i)` is
+        the digest of the source tensor `i` is made from as it is now: a kept tensor whose source changed since it
+        was written is written again, and every one after it."""
         self._expect(WriterState.DECLARING, "begin")
         self.writer.write_header_to_file()
         self.writer.write_kv_data_to_file()
         self.writer.write_ti_data_to_file()
         scratch_paths = self.writer.format_shard_names(self.scratch_file)
         self.paths = [self.partial.dir / p.name for p in scratch_paths]
+        if not self.overwrite:  # every file of a split set is an output: none is replaced unasked
+            for p in scratch_paths:
+                target = self.output.parent / p.name
+                if target.exists() or target.is_symlink():
+                    raise OutputExists(target)
         header_ends = [f.tell() for f in self._files()]
         hashes = []
         for path, end in zip(scratch_paths, header_ends, strict=True):
@@ -195,6 +219,8 @@ class StreamingWriter:
                         if file_sha256(f, 0, header_ends[shard]) != hashes[shard]:
                             kept = [t for t in kept if t.shard < shard]
                             break
+            if current is not None:
+                kept = self._unchanged_sources(kept, current)
         for shard, (fresh, path, end) in enumerate(zip(scratch_paths, self.paths, header_ends, strict=True)):
             ends = [t.end for t in kept if t.shard == shard]
             if not ends:
@@ -213,6 +239,15 @@ class StreamingWriter:
         if kept:
             log.info("%s: resuming after %d verified tensors", self.output, len(kept))
 
+    def _unchanged_sources(self, kept: list[WrittenTensor], current: Callable[[int], str]) -> list[WrittenTensor]:
+        """The kept tensors up to the first whose source tensor is no longer what it was made from."""
+        for i, t in enumerate(kept):
+            if current(t.index) != t.source:
+                log.warning("%s: %s changed in the source since the interrupted run; it and the %d tensors after it "
+                            "are written again", self.output, t.name, len(kept) - i - 1)  # fmt: skip
+                return kept[:i]
+        return kept
+
     def _shard_of_next(self) -> int:
         # gguf-py writes each tensor into the first shard that still has tensors declared
         return next(i for i, declared in enumerate(self.writer.tensors) if declared)
@@ -226,8 +261,9 @@ class StreamingWriter:
         self.writer.write_tensor_data(_Kept(t.end - t.start, t.start))  # type: ignore[arg-type]  # duck-typed
         self._next += 1
 
-    def write(self, data: U8Array | ChunkedBytes) -> None:
-        """The next tensor's bytes: an array, or chunks written one at a time; synced, then journaled."""
+    def write(self, data: U8Array | ChunkedBytes, made_from: Callable[[], str] | None = None) -> None:
+        """The next tensor's bytes: an array, or chunks written one at a time; synced, then journaled with
+        `made_from()`, the digest of the source bytes they were made from (asked once every chunk is made)."""
         self._expect(WriterState.WRITING, "write")
         if not self.resumed <= self._next < len(self.names):
             raise WriterStateError(
@@ -239,8 +275,9 @@ class StreamingWriter:
         fout = self._files()[shard]
         fout.flush()
         os.fsync(fout.fileno())
+        source = made_from() if made_from is not None else ""
         self.partial.record(WrittenTensor(self._next, self.names[self._next], shard, recorded.start,
-                                          recorded.start + recorded.nbytes, recorded.sha256))  # fmt: skip
+                                          recorded.start + recorded.nbytes, recorded.sha256, source))  # fmt: skip
         self._next += 1
 
     def finish(self) -> list[Path]:
@@ -280,23 +317,25 @@ class StreamingWriter:
 
 @contextmanager
 def streaming_writer(output: Path, arch: str, split_max_size: int = 0, *, inputs: str = "", resume: bool = False,
-                     overwrite: bool = True) -> Iterator[StreamingWriter]:  # fmt: skip
+                     overwrite: bool = True, resumable: bool = True) -> Iterator[StreamingWriter]:  # fmt: skip
     """The writer, with the partial folder kept when the run was interrupted (a signal, Ctrl-C) or the disk failed,
-    so that a resume continues it, and removed on any other failure."""
+    so that a resume continues it, and removed on any other failure (and on every failure of a writer that is not
+    `resumable`)."""
     try:
-        writer = StreamingWriter(output, arch, split_max_size, inputs=inputs, resume=resume, overwrite=overwrite)
+        writer = StreamingWriter(output, arch, split_max_size, inputs=inputs, resume=resume, overwrite=overwrite,
+                                 resumable=resumable)  # fmt: skip
     except OSError as e:
         raise DynqError(f"{output}: cannot write there ({e.strerror or e})") from e
     try:
         yield writer
     except OSError as e:
-        kept = writer.abort(keep=True)
+        kept = writer.abort(keep=resumable)
         failed = f"writing failed ({e.strerror or e}); nothing was left under that name"
         if kept:
             raise ResumeRequired(output, f"{failed}; the {kept} tensors written are kept", writer.partial.dir) from e
         raise DynqError(f"{output}: {failed}") from e
     except (KeyboardInterrupt, SystemExit):
-        if kept := writer.abort(keep=True):
+        if kept := writer.abort(keep=resumable):
             log.warning("%s: interrupted; %d tensors are kept in %s, resume to continue", output, kept,
                         writer.partial.dir)  # fmt: skip
         raise
@@ -314,6 +353,18 @@ class OutputTensor:
     ggml_type: GGMLQuantizationType
 
 
+class SourceDigests(Protocol):
+    """What a resumable output is made from, tensor by tensor (sources/content.py gives the digests)."""
+
+    def made_from(self, info: TensorInfo) -> str:
+        """The digest of the source bytes the tensor just written was made from."""
+        ...
+
+    def current(self, info: TensorInfo) -> str:
+        """The digest of the tensor's source bytes as they are now, every byte read."""
+        ...
+
+
 def write_gguf(
     output: Path,
     arch: str,
@@ -326,16 +377,19 @@ def write_gguf(
     inputs: str = "",
     resume: bool = False,
     overwrite: bool = True,
+    sources: SourceDigests | None = None,
 ) -> list[Path]:
     """Write `output` (or its shards): `metadata` adds the key/values, every tensor is declared, then each one's
     bytes come from `data` in order and `written(index, tensor)` follows each write. With `resume`, the tensors an
-    interrupted run of the same `inputs` (a key of everything the bytes depend on) left verified are kept and not
-    asked of `data`. Returns the final paths."""
-    with streaming_writer(output, arch, split_max_size, inputs=inputs, resume=resume, overwrite=overwrite) as writer:
+    interrupted run of the same `inputs` (a key of everything else the bytes depend on) left verified, and whose
+    source tensors `sources` finds unchanged, are kept and not asked of `data`. Without `sources` the writer is a
+    copy's, which does not resume. Returns the final paths."""
+    with streaming_writer(output, arch, split_max_size, inputs=inputs, resume=resume, overwrite=overwrite,
+                          resumable=sources is not None) as writer:  # fmt: skip
         metadata(writer.writer)
         for t in tensors:
             writer.declare(t.info, t.nbytes, t.ggml_type)
-        writer.begin()
+        writer.begin(None if sources is None else lambda i: sources.current(tensors[i].info))
         for i, t in enumerate(tensors):
             if i < writer.resumed:
                 writer.keep()
@@ -345,7 +399,7 @@ def write_gguf(
             chunk = data(t)
             if chunk.nbytes != t.nbytes:
                 raise DynqError(f"{t.info.name}: {chunk.nbytes} bytes to write, {t.nbytes} declared")
-            writer.write(chunk)
+            writer.write(chunk, None if sources is None else functools.partial(sources.made_from, t.info))
             if written is not None:
                 written(i, t)
         return writer.finish()

@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGUFWriter, TokenType
 from gguf import quantize as gguf_quantize
 
-from dynq.core.atomic import atomic_path, check_output_folder
+from dynq.core.atomic import atomic_path, check_new_output
 from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
@@ -96,11 +96,12 @@ def _values(info: TensorInfo, rng: np.random.Generator) -> np.ndarray:
     return (rng.standard_normal(shape) * std).astype(np.float32)
 
 
-def write_synthetic(kind: str, path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny random `kind` model (deepseek2, qwen3moe or llama) to `path`."""
+def write_synthetic(kind: str, path: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the tiny random `kind` model (deepseek2, qwen3moe or llama) to `path`; an existing file is replaced
+    only with `overwrite`."""
     arch, tensors, meta = _tiny(kind)
     path = Path(path)
-    check_output_folder(path)
+    check_new_output(path, overwrite)
     with atomic_path(path) as tmp:
         rng = np.random.default_rng(seed)
         writer = GGUFWriter(tmp, arch)

@@ -50,16 +50,16 @@ def llama_kld(
     cmd = [str(tool("llama-perplexity", cache)), "-m", str(quant), "-f", str(text_file), "-c", str(n_ctx), "-b",
            str(n_ctx), "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(base),
            "--kl-divergence"]  # fmt: skip
-    # On a loaded machine this build sometimes ends with status 0 before its last chunk and summary (seen here
-    # about one run in three with both cores busy, and three in a row with a benchmark running beside the suite);
-    # the run is deterministic, so running it again is safe.
+    # On a loaded machine this build sometimes ends with status 0 before its last chunk or in the middle of its
+    # summary (seen here about one run in three with both cores busy; once with the KLD lines but not the top-1
+    # line, the summary's last); the run is deterministic, so running it again is safe.
     for _ in range(_ATTEMPTS):
         out = _run(cmd)
         result = {key: float(m.group(1)) for key, pattern in _PATTERNS.items() if (m := re.search(pattern, out))}
-        if "kld_mean" in result:
+        if "kld_mean" in result and "top1" in result:
             break
     else:
         raise DynqError(f"llama-perplexity printed no KL divergence summary in {_ATTEMPTS} runs")
-    result["top1"] = result.get("top1", 0.0) / 100.0  # printed as a percentage
+    result["top1"] /= 100.0  # printed as a percentage
     result["dp_rms"] = result.get("dp_rms", 0.0) / 100.0
     return result

@@ -35,6 +35,10 @@ _RECIPE_KEYS = {"version", "name", "description", "keep", "default_keep", "defau
 _RULE_KEYS = {"match", "type", "blocks", "when", "optional", "note"}
 # No model has this many blocks; a larger number in a recipe is a typo or an attempt to make a huge set.
 MAX_BLOCK = 1 << 16
+# How many blocks the absolute ranges of all of a recipe's rules may select together: each selected block is a set
+# entry, so this bounds the memory a recipe can make dynq spend (a few MiB), counted before anything is expanded.
+# Real recipes select a few thousand (DeepSeek-R1's 61 blocks times a few dozen rules).
+MAX_RECIPE_BLOCKS = 1 << 18
 _ITEM = re.compile(r"^\s*(?:(?P<a>\d+)\s*(?:-\s*(?P<b>\d+))?|(?P<rel>first|last)\s*:\s*(?P<k>\d+))\s*$")
 
 
@@ -55,38 +59,19 @@ class BlockSpec:
     last: int = 0
 
     @staticmethod
-    def parse(text: str, where: str) -> BlockSpec:
-        absolute: set[int] = set()
-        first = last = 0
-        for item in str(text).split(","):
-            m = _ITEM.match(item)
-            if m is None:
-                raise BadInput(f"{where}: bad block range '{item.strip()}' in '{text}'; use e.g. 0-2,58-60 or first:3")
-            if max(int(n) for n in m.group("a", "b", "k") if n is not None) > MAX_BLOCK:
-                raise BadInput(f"{where}: block number too large in '{item.strip()}' (at most {MAX_BLOCK})")
-            if m.group("rel"):
-                k = int(m.group("k"))
-                if k < 1:
-                    raise BadInput(f"{where}: empty block range '{item.strip()}'; the count must be at least 1")
-                if m.group("rel") == "first":
-                    if first:
-                        raise BadInput(f"{where}: 'first:' given twice in '{text}'")
-                    first = k
-                else:
-                    if last:
-                        raise BadInput(f"{where}: 'last:' given twice in '{text}'")
-                    last = k
-                continue
-            a = int(m.group("a"))
-            b = int(m.group("b")) if m.group("b") is not None else a
-            if b < a:
-                raise BadInput(f"{where}: empty block range '{item.strip()}' ({a} > {b})")
-            span = set(range(a, b + 1))
-            if span & absolute:
-                overlap = ", ".join(str(x) for x in sorted(span & absolute))
-                raise BadInput(f"{where}: block ranges in '{text}' overlap (block {overlap} given twice)")
-            absolute |= span
-        return BlockSpec(str(text), frozenset(absolute), first, last)
+    def parse(text: str, where: str, room: int = MAX_RECIPE_BLOCKS) -> BlockSpec:
+        """Parse a block list; its absolute ranges may select at most `room` blocks, counted before any set is
+        built (what a recipe's rules may still select, see `MAX_RECIPE_BLOCKS`)."""
+        spans, first, last = _spans(str(text), where)
+        _check_disjoint(spans, str(text), where)
+        size = sum(b - a + 1 for a, b in spans)
+        if size > room:
+            raise BadInput(
+                f"{where}: block ranges '{_short(str(text))}' bring the recipe to more than {MAX_RECIPE_BLOCKS:,} "
+                f"selected blocks (the most a recipe may select, over all its rules); use fewer or narrower ranges"
+            )
+        absolute = frozenset(n for a, b in spans for n in range(a, b + 1))
+        return BlockSpec(str(text), absolute, first, last)
 
     def resolve(self, present: Sequence[int]) -> frozenset[int]:
         """The blocks this spec selects, given the sorted blocks where the rule's regex occurs."""
@@ -96,6 +81,59 @@ class BlockSpec:
         if self.last:
             chosen |= set(present[-self.last :])
         return frozenset(chosen)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _spans(text: str, where: str) -> tuple[list[tuple[int, int]], int, int]:
+    """The absolute ranges (inclusive pairs) and the first:/last: counts of a block list, nothing expanded."""
+    spans: list[tuple[int, int]] = []
+    first = last = 0
+    for item in text.split(","):
+        m = _ITEM.match(item)
+        if m is None:
+            raise BadInput(
+                f"{where}: bad block range '{_short(item.strip())}' in '{_short(text)}'; use e.g. 0-2,58-60 or first:3"
+            )
+        if max(int(n) for n in m.group("a", "b", "k") if n is not None) > MAX_BLOCK:
+            raise BadInput(f"{where}: block number too large in '{_short(item.strip())}' (at most {MAX_BLOCK})")
+        if m.group("rel"):
+            k = int(m.group("k"))
+            if k < 1:
+                raise BadInput(f"{where}: empty block range '{item.strip()}'; the count must be at least 1")
+            if m.group("rel") == "first":
+                if first:
+                    raise BadInput(f"{where}: 'first:' given twice in '{_short(text)}'")
+                first = k
+            else:
+                if last:
+                    raise BadInput(f"{where}: 'last:' given twice in '{_short(text)}'")
+                last = k
+            continue
+        a = int(m.group("a"))
+        b = int(m.group("b")) if m.group("b") is not None else a
+        if b < a:
+            raise BadInput(f"{where}: empty block range '{item.strip()}' ({a} > {b})")
+        spans.append((a, b))
+    return spans, first, last
+
+
+def _check_disjoint(spans: list[tuple[int, int]], text: str, where: str) -> None:
+    """Refuse ranges that share a block, naming the first few shared blocks (found from the bounds alone)."""
+    shared: set[int] = set()
+    more = False
+    end = -1
+    for a, b in sorted(spans):
+        if a <= end:
+            hi = min(b, end)
+            shared.update(range(a, min(hi, a + 7) + 1))
+            more = more or hi > a + 7 or len(shared) > 8
+        end = max(end, b)
+    if shared:
+        blocks = ", ".join(str(n) for n in sorted(shared)[:8]) + (", ..." if more else "")
+        raise BadInput(f"{where}: block ranges in '{_short(text)}' overlap (block {blocks} given twice)")
 
 
 @dataclass(frozen=True)
@@ -149,7 +187,7 @@ class Recipe:
         return d
 
 
-def _compile(pattern: object, where: str) -> re.Pattern[str]:
+def compile_pattern(pattern: object, where: str) -> re.Pattern[str]:
     if not isinstance(pattern, str) or not pattern:
         raise BadInput(f"{where}: 'match' must be a non-empty regular expression string")
     try:
@@ -159,7 +197,7 @@ def _compile(pattern: object, where: str) -> re.Pattern[str]:
 
 
 def _compile_all(patterns: Iterable[str], where: str) -> tuple[re.Pattern[str], ...]:
-    return tuple(_compile(p, where) for p in patterns)
+    return tuple(compile_pattern(p, where) for p in patterns)
 
 
 def _names(keys: Iterable[object]) -> str:
@@ -184,7 +222,7 @@ def _type(value: object, where: str) -> QType:
     return t
 
 
-def _rule(index: int, raw: object, where: str) -> Rule:
+def _rule(index: int, raw: object, where: str, room: int = MAX_RECIPE_BLOCKS) -> Rule:
     at = f"{where}, rule {index}"
     if not isinstance(raw, dict):
         raise BadInput(f"{at}: each rule must be a mapping with 'match' and 'type'")
@@ -205,9 +243,9 @@ def _rule(index: int, raw: object, where: str) -> Rule:
         raise BadInput(f"{at}: 'optional' must be true or false")
     return Rule(
         index=index,
-        pattern=_compile(raw["match"], at),
+        pattern=compile_pattern(raw["match"], at),
         qtype=_type(raw["type"], at),
-        blocks=BlockSpec.parse(str(blocks), at) if blocks is not None else None,
+        blocks=BlockSpec.parse(str(blocks), at, room) if blocks is not None else None,
         when=When(when) if when is not None else None,
         optional=optional,
         note=_text(raw.get("note", ""), f"{at}, note"),
@@ -238,10 +276,15 @@ def recipe_from_dict(data: object, where: str) -> Recipe:
     default_keep = data.get("default_keep", True)
     if not isinstance(default_keep, bool):
         raise BadInput(f"{where}: 'default_keep' must be true or false")
+    rules: list[Rule] = []
+    room = MAX_RECIPE_BLOCKS  # what the rules still to come may select; each rule's ranges are counted first
+    for i, raw in enumerate(rules_raw):
+        rules.append(_rule(i + 1, raw, where, room))
+        room -= len(rules[-1].blocks.absolute) if rules[-1].blocks else 0
     return Recipe(
         name=_text(data.get("name", where), f"{where}, name"),
         description=_text(data.get("description", ""), f"{where}, description").strip(),
-        rules=tuple(_rule(i + 1, r, where) for i, r in enumerate(rules_raw)),
+        rules=tuple(rules),
         keep=_compile_all((*(DEFAULT_KEEP if default_keep else ()), *keep_raw), f"{where}, keep"),
         default=_type(default, f"{where}, default") if default is not None else None,
     )

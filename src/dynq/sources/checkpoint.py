@@ -9,6 +9,11 @@ The source is the converter's F16 conversion (`--outtype f16`): names, order, ty
 GGUF the converter would write, so a plan or a quant of the directory equals one of that GGUF. One expert of a
 stacked expert tensor is computed from that expert's weights alone (`load_expert`), so memory stays at one expert
 matrix however many experts a block has.
+
+The converter trusts the folder (an index may name any path, a shard or tensor may be missing, config.json's block
+count is taken as given), so before it runs the folder is checked as a whole (checkpoint_check.py), against the
+model transformers builds from config.json on the meta device, and after it the hyperparameters it wrote; while the
+checkpoint is opened transformers' own messages go through dynq's logger, cleaned (relay.py).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+import re
 import struct
 import tempfile
 from collections.abc import Callable
@@ -27,6 +32,7 @@ import gguf
 import numpy as np
 import torch
 import transformers
+from transformers.core_model_loading import revert_weight_conversion
 
 from dynq.core.arrays import F32Array
 from dynq.core.atomic import atomic_write_text
@@ -35,6 +41,14 @@ from dynq.core.source import MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
 from dynq.llamacpp.converter import load_conversion
+from dynq.sources.checkpoint_check import (
+    check_against_model,
+    check_checkpoint,
+    check_folder,
+    check_metadata,
+    stored_as_built,
+)
+from dynq.sources.relay import relayed
 
 log = logging.getLogger(__name__)
 
@@ -105,64 +119,10 @@ def _as_f32(values: Any, dtype: gguf.GGMLQuantizationType, shape: tuple[int, ...
     return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
 
 
-# Bytes per element of each safetensors dtype.
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _entry_problem(entry: object) -> str | None:
-    """What is wrong with one tensor's header entry (dtype, shape, data_offsets and their agreement), or None."""
-    if not isinstance(entry, dict):
-        return "is not a mapping"
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
-        return f"has the unknown dtype {str(dtype)[:20]!r}"
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        return "has no valid shape"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        return "has no valid data_offsets"
-    if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
-        return f"holds {offsets[1] - offsets[0]} bytes for a {dtype} shape {shape}"
-    return None
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """A shard's safetensors header, after checking the file holds every byte it promises (a download cut short
-    shows here, not as a crash halfway through a quantization)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise DynqError(f"{path}: not a safetensors file (shorter than its header); download it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise DynqError(f"{path}: the safetensors header is cut short; download the file again")
-        try:
-            header: dict[str, Any] = json.loads(f.read(n))
-        except ValueError:
-            raise DynqError(f"{path}: the safetensors header is not valid JSON; download the file again") from None
-    if not isinstance(header, dict):
-        raise DynqError(f"{path}: the safetensors header is not a JSON object; download the file again")
-    end = 0
-    for name, entry in header.items():
-        if name != "__metadata__":
-            if (problem := _entry_problem(entry)) is not None:
-                raise DynqError(f"{path}: tensor {name} {problem} in the safetensors header; download the file again")
-            end = max(end, entry["data_offsets"][1])
-    if 8 + n + end > size:
-        raise DynqError(
-            f"{path}: truncated: the header describes {8 + n + end} bytes, the file has {size}; download it again"
-        )
-    return header
-
-
 def _expected_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    """Each parameter's shape as transformers builds the model from config.json (on the meta device: no memory);
-    empty when transformers does not know the architecture."""
+    """Each parameter transformers builds from config.json (on the meta device: no memory), named as a checkpoint
+    stores it (transformers' own conversion reverted: one tensor per expert where transformers fuses them), with
+    its shape; empty when transformers does not know the architecture or cannot name its parameters."""
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
         with torch.device("meta"):
@@ -172,35 +132,13 @@ def _expected_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
         return {}
     except Exception as e:  # transformers' own checks of the values (a string for a size, a list for a name ...)
         raise DynqError(f"{directory}/config.json: transformers cannot read it ({_first_line(e)})") from e
-    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
-
-
-def _shards(directory: Path) -> list[Path]:
-    """The safetensors files of the checkpoint; each one its index names must be there."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            named = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError):
-            raise DynqError(f"{index}: not a safetensors index (no weight_map); download it again") from None
-        for name in named:
-            if not (directory / name).is_file():
-                raise DynqError(f"{directory / name}: this shard, named in {index.name}, is missing; download it")
-    return sorted(directory.glob("*.safetensors"))
-
-
-def _check_shapes(directory: Path, shards: list[Path]) -> None:
-    """A tensor whose shape disagrees with config.json (a wrong or mixed-up file) would convert into a model no
-    runtime loads; name it before any work."""
-    expected = _expected_shapes(directory)
-    for shard in shards:
-        for name, entry in _read_header(shard).items():
-            want = expected.get(name)
-            if want is not None and tuple(entry["shape"]) != want:
-                raise DynqError(
-                    f"{shard}: tensor {name} has shape {tuple(entry['shape'])} but config.json makes it {want}; "
-                    "the weights do not belong to this config"
-                )
+    try:
+        stored = revert_weight_conversion(model, dict(model.named_parameters()))
+    except Exception as e:  # a conversion transformers cannot undo on the meta device: the names are not known
+        log.debug("%s: parameters not checked against config.json (%s)", directory, _first_line(e))
+        return {}
+    optional = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    return {name: tuple(t.shape) for name, t in stored.items() if not any(p.search(name) for p in optional)}
 
 
 def _first_line(e: BaseException) -> str:
@@ -208,22 +146,15 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
-def _check_config(path: Path) -> None:
-    try:
-        config = json.loads(path.read_bytes())
-    except (ValueError, OSError) as e:
-        raise DynqError(f"{path}: not valid JSON ({_first_line(e)}); download it again") from None
-    if not isinstance(config, dict):
-        raise DynqError(f"{path}: not a JSON object; download it again")
-
-
 # The fingerprint memo: bump when what `_digest` reads changes.
 _MEMO_VERSION = 1
 
 
 def _fingerprinted(directory: Path) -> list[Path]:
-    """The files the fingerprint reads: the JSON files (config, index, tokenizer), then the shards."""
-    return sorted(directory.glob("*.json")) + sorted(directory.glob("*.safetensors"))
+    """The files the fingerprint reads: the JSON files (config, index, tokenizer), then the shards (regular files
+    only: `check_folder` has refused pipes, devices and links out of the folder)."""
+    files = sorted(directory.glob("*.json")) + sorted(directory.glob("*.safetensors"))
+    return [path for path in files if path.is_file()]
 
 
 def _digest(directory: Path) -> str:
@@ -262,6 +193,7 @@ def checkpoint_fingerprint(directory: Path, cache: Path) -> str:
     """The content fingerprint of the checkpoint in `directory` (what names its cached F16 conversion), remembered
     under cache/fingerprints per file set, size and modification time: a hit reads no shard and builds no model.
     A memo that cannot be read is recomputed, never trusted."""
+    check_folder(directory)  # nothing outside the folder, no pipe: reading them could leak, or never end
     try:
         files = _fingerprinted(directory)
         memo = cache / "fingerprints" / f"{_memo_key(directory, files)}.json"
@@ -296,11 +228,14 @@ class HFCheckpoint:
         self._spec = spec or str(directory)
         self._cache = cache
         self._fingerprint: str | None = None
-        if not (directory / "config.json").is_file():
-            raise DynqError(f"{directory}: no config.json; a Hugging Face checkpoint directory holds one")
-        _check_config(directory / "config.json")
-        _check_shapes(directory, _shards(directory))
-        conversion = load_conversion(cache)
+        with relayed(log):  # transformers' warnings print config.json values: cleaned, through dynq's logger
+            self._open(directory, cache)
+
+    def _open(self, directory: Path, cache: Path) -> None:
+        """Check the folder as a whole, then run the converter up to (not including) computing any tensor."""
+        conversion = load_conversion(cache)  # a missing converter is named before the checkpoint is looked at
+        config, weights = check_checkpoint(directory)
+        check_against_model(directory, weights, _expected_shapes(directory), stored_as_built(config))
         try:
             hparams = conversion.ModelBase.load_hparams(directory, False)
             arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
@@ -332,6 +267,7 @@ class HFCheckpoint:
             name: TensorInfo(name, tuple(int(d) for d in reversed(ti.shape)), qtype(ti.dtype.name))
             for name, ti in self._tensors.items()
         }
+        check_metadata(directory, ((k, v.value, v.type, v.sub_type) for k, v in self._kv.items()))
 
     @property
     def spec(self) -> str:

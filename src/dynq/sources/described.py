@@ -15,6 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy.typing as npt
+
 from dynq.core.arrays import F32Array
 from dynq.core.atomic import atomic_write_text
 from dynq.core.qtypes import qtype
@@ -22,7 +24,8 @@ from dynq.core.records import RecordFormat
 from dynq.core.source import MetadataField
 from dynq.core.tensors import ModelInventory, TensorInfo
 from dynq.errors import DynqError
-from dynq.gguf_io.reader import GGUFModel, shard_paths
+from dynq.gguf_io.reader import GGUFModel
+from dynq.gguf_io.shard_set import shard_paths
 
 _VERSION = 1
 
@@ -72,6 +75,12 @@ class DescribedGGUF:
 
     def load_expert(self, name: str, expert: int) -> F32Array:
         return self.model.load_expert(name, expert)
+
+    def stored(self, name: str, expert: int | None = None) -> npt.NDArray[Any]:
+        return self.model.stored(name, expert)
+
+    def decode(self, name: str, stored: npt.NDArray[Any], expert: int | None = None) -> F32Array:
+        return self.model.decode(name, stored, expert)
 
     def release(self, name: str) -> None:
         if "model" in self.__dict__:

@@ -1,0 +1,5 @@
+"""`python -m dynq`: the `dynq` command."""
+
+from dynq.cli import main
+
+main()
