@@ -31,6 +31,7 @@ from dynq.budget.profile import DEFAULTS as PROFILE_DEFAULTS
 from dynq.budget.profile import profile as _profile
 from dynq.budget.profile_file import Profile, ProfileSettings
 from dynq.calib.collector import collect_imatrix as _collect
+from dynq.calib.gram import collect_gram as _collect_gram
 from dynq.calib.text import Text, calibration_text, evaluation_text, fetch_texts, read_texts, texts_cached
 from dynq.card import DEFAULT_VRAM, ModelCard, card
 from dynq.core.atomic import check_new_output
@@ -58,6 +59,7 @@ from dynq.eval.evaluate import evaluate as _evaluate
 from dynq.eval.loops import Continuation, loop_rate
 from dynq.eval.loops import generate as _generate
 from dynq.executors import Executor, executor
+from dynq.gguf_io.gram import GramFile, GramSet, write_gram
 from dynq.gguf_io.imatrix import as_imatrix, read_imatrix, write_imatrix_dat, write_imatrix_gguf
 from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel
@@ -152,6 +154,31 @@ def collect_imatrix(
     return _collect(runnable_file(source, ctx), calib.text, [calib.provenance], n_ctx=n_ctx, n_chunks=chunks,
                     all_experts=all_experts, ctx=ctx, output=Path(output) if output is not None else None,
                     resume=resume)  # fmt: skip
+
+
+def collect_gram(
+    source: SourceLike,
+    *,
+    text: Text | None = None,
+    n_ctx: int = 512,
+    chunks: int | None = None,
+    ctx: RunContext | None = None,
+) -> tuple[Imatrix, GramSet]:
+    """One pass of `source` over `text` (default: the built-in calibration): its importance matrix and the Gram
+    matrices H = Σ x xᵀ of its weights' inputs, for `quantize(gram=...)`'s error-feedback encoding. The Gram
+    matrices stay in memory until `save_gram` writes them (about 4·d² bytes per distinct input of width d)."""
+    ctx = context(ctx)
+    calib = text if text is not None else calibration(ctx=ctx)
+    return _collect_gram(runnable_file(source, ctx), calib.text, [calib.provenance], n_ctx=n_ctx, n_chunks=chunks,
+                         ctx=ctx)  # fmt: skip
+
+
+def save_gram(grams: GramSet, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write Gram matrices (gguf_io/gram.py's versioned GGUF file, memory-mapped when read); an existing file is
+    replaced only with `overwrite`."""
+    out = Path(path)
+    check_new_output(out, overwrite)
+    return write_gram(grams, out)
 
 
 def evaluate(
@@ -274,16 +301,17 @@ def loops(model: str | os.PathLike[str], *, tokens: int = 256, ctx: RunContext |
 __all__ = [
     "AUTO_KV_TYPES", "DEFAULT_CPU_BANDWIDTH", "DEFAULT_VRAM", "KV_TYPES", "PROFILE_DEFAULTS", "TEXTS",
     "BadInput", "BenchResult", "BenchRow", "Continuation", "DynqError", "EvalResult", "Executor", "FileSummary",
-    "Generation", "Hardware", "Imatrix", "LeftoverRun", "Message", "ModelCard", "NotCached", "OffloadPlan",
-    "OllamaExport", "OutputExists", "Placement", "Profile", "ProfileLike", "Progress", "QType", "QuantPlan",
-    "QuantizeResult", "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext", "Runner", "Sampling",
-    "Settings", "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text", "Verified", "VersionMismatch",
+    "Generation", "GramFile", "GramSet", "Hardware", "Imatrix", "LeftoverRun", "Message", "ModelCard", "NotCached",
+    "OffloadPlan", "OllamaExport", "OutputExists", "Placement", "Profile", "ProfileLike", "Progress", "QType",
+    "QuantPlan", "QuantizeResult", "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext",
+    "Runner", "Sampling", "Settings", "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text",
+    "Verified", "VersionMismatch",
     "__version__",
-    "bench", "build_tools", "calibration", "card", "collect_imatrix", "coverage", "coverage_summary", "evaluate",
-    "evaluation", "executor", "export_ollama", "f16_conversion", "fetch", "gguf_file", "inspect",
-    "llama_quantize_command", "loop_rate", "loops", "merge", "needs_fetch", "offload", "open_source", "plan",
-    "presets", "profile", "qtype", "quantize", "quantize_for", "read_imatrix", "read_texts", "recipe",
-    "recipe_from_dict", "refine", "runner", "save_imatrix", "shape_inventories", "solve", "split", "tools_built",
-    "verify", "write_synthetic", "zoo_models",
+    "bench", "build_tools", "calibration", "card", "collect_gram", "collect_imatrix", "coverage",
+    "coverage_summary", "evaluate", "evaluation", "executor", "export_ollama", "f16_conversion", "fetch",
+    "gguf_file", "inspect", "llama_quantize_command", "loop_rate", "loops", "merge", "needs_fetch", "offload",
+    "open_source", "plan", "presets", "profile", "qtype", "quantize", "quantize_for", "read_imatrix", "read_texts",
+    "recipe", "recipe_from_dict", "refine", "runner", "save_gram", "save_imatrix", "shape_inventories", "solve",
+    "split", "tools_built", "verify", "write_synthetic", "zoo_models",
 ]
 # fmt: on

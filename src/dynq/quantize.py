@@ -29,9 +29,11 @@ from dynq.core.source import TensorSource, check_float_metadata
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.executors import Executor
+from dynq.gguf_io.gram import GramFile
 from dynq.gguf_io.imatrix import ImatrixLike, as_imatrix
 from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write_gguf
 from dynq.kernels import KernelBackend, choose_backend, get_backend
+from dynq.kernels.feedback import DEFAULT_DAMP, FEEDBACK_VERSION, encode_with_feedback
 from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan
 from dynq.sources.content import TensorDigests, load_part
@@ -73,22 +75,32 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, importance: F32Array | None) -> U8Array:
-    """Encode one matrix (or 1-D tensor) of `p` at its planned type; `importance` is one row of the imatrix."""
+def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, importance: F32Array | None,
+                  gram: GramFile | None = None) -> U8Array:  # fmt: skip
+    """Encode one matrix (or 1-D tensor) of `p` at its planned type; `importance` is one row of the imatrix. With
+    `gram`, a 2-D matrix the file has a Gram matrix for is encoded with error feedback through it."""
     if not np.isfinite(values).all():
         # llama.cpp's encoders turn NaN into arbitrary values or abort; a copy would carry it into the output
         bad = int(np.count_nonzero(~np.isfinite(values)))
         raise DynqError(f"{p.info.name}: {bad} weights are NaN or Inf in the source; the model file is damaged")
     if p.qtype.is_float:
         return _encode_float(p.qtype, values)
+    rows = values.reshape(-1, p.info.row_length)
+    h = gram.matrix(p.info.name) if gram is not None and n_matrices(p.info) == 1 else None
     try:
-        return backend.encode(p.qtype, values.reshape(-1, p.info.row_length), importance)
+        if h is not None:
+            return encode_with_feedback(p.qtype, rows, importance, h, backend, threads=backend.threads)
+        return backend.encode(p.qtype, rows, importance)
     except DynqError as e:
         raise DynqError(f"{p.info.name}: {e}") from None
 
 
 def encoded_parts(
-    p: PlannedTensor, digests: TensorDigests, backend: KernelBackend, imatrix: Imatrix | None
+    p: PlannedTensor,
+    digests: TensorDigests,
+    backend: KernelBackend,
+    imatrix: Imatrix | None,
+    gram: GramFile | None = None,
 ) -> list[Callable[[], U8Array]]:
     """One planned tensor's encoders in file order: the whole tensor, or one per expert of a 3-D expert tensor, each
     with its own importance. Each loads its part only when called (its digest kept in `digests`), so a writer that
@@ -97,7 +109,7 @@ def encoded_parts(
     n_mat = n_matrices(p.info)
 
     def whole() -> U8Array:
-        return encode_matrix(p, digests.load(p.info), backend, importance_row(importance, 0)).reshape(-1)
+        return encode_matrix(p, digests.load(p.info), backend, importance_row(importance, 0), gram).reshape(-1)
 
     def expert(e: int) -> U8Array:
         return encode_matrix(p, digests.load(p.info, e), backend, importance_row(importance, e)).reshape(-1)
@@ -126,11 +138,17 @@ class EncodeTask:
     backend: str
     device: str
     threads: int  # the executor's threads per task
+    gram: str | None = None  # the Gram file's path where the task runs, for error-feedback encoding
 
 
 @functools.lru_cache(maxsize=4)
 def _task_kernels(backend: str, device: str, threads: int) -> KernelBackend:
     return get_backend(backend, threads, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _task_gram(path: str) -> GramFile:
+    return GramFile(path)
 
 
 def encode_task(task: EncodeTask) -> EncodedPart:
@@ -139,25 +157,28 @@ def encode_task(task: EncodeTask) -> EncodedPart:
     name = task.planned.info.name
     part = load_part(source, name, task.expert)
     kernels = _task_kernels(task.backend, task.device, task.threads)
-    encoded = encode_matrix(task.planned, part.values, kernels, task.importance)
+    gram = _task_gram(task.gram) if task.gram is not None else None
+    encoded = encode_matrix(task.planned, part.values, kernels, task.importance, gram)
     if task.expert is None:
         source.release(name)
     return EncodedPart(encoded.reshape(-1), part.digest)
 
 
 def _tasks(p: PlannedTensor, source: SourceRef, imatrix: Imatrix | None, backend: str, device: str,
-           threads: int) -> list[EncodeTask]:  # fmt: skip
+           threads: int, gram: GramFile | None) -> list[EncodeTask]:  # fmt: skip
     importance = importance_rows(p.info, imatrix)
+    gram_path = str(gram.path.resolve()) if gram is not None else None
 
     def task(e: int | None) -> EncodeTask:
-        return EncodeTask(source, p, e, importance_row(importance, e or 0), backend, device, threads)
+        return EncodeTask(source, p, e, importance_row(importance, e or 0), backend, device, threads, gram_path)
 
     return [task(None)] if n_matrices(p.info) == 1 else [task(e) for e in range(n_matrices(p.info))]
 
 
-def encode_tensor(p: PlannedTensor, digests: TensorDigests, backend: KernelBackend, imatrix: Imatrix | None) -> U8Array:
+def encode_tensor(p: PlannedTensor, digests: TensorDigests, backend: KernelBackend, imatrix: Imatrix | None,
+                  gram: GramFile | None = None) -> U8Array:  # fmt: skip
     """Load and encode one planned tensor into one array."""
-    parts = encoded_parts(p, digests, backend, imatrix)
+    parts = encoded_parts(p, digests, backend, imatrix, gram)
     return parts[0]() if len(parts) == 1 else np.concatenate([part() for part in parts])
 
 
@@ -219,11 +240,11 @@ def _add_own_metadata(writer: GGUFWriter, plan: QuantPlan, imatrix: Imatrix | No
         writer.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
 
-def _inputs_key(imatrix: Imatrix | None, backend: str, device: str) -> str:
+def _inputs_key(imatrix: Imatrix | None, encoder: str) -> str:
     """Everything the output bytes depend on beyond its header (which holds the plan, types and metadata) and the
     source tensors (each checked by its own digest, sources/content.py): the importance data and the encoders. A
     resume is allowed only when this is unchanged."""
-    h = hashlib.sha256(json.dumps([__version__, backend, device]).encode())
+    h = hashlib.sha256(json.dumps([__version__, encoder]).encode())
     if imatrix is not None:
         for name in sorted(imatrix.entries):
             entry = imatrix.entries[name]
@@ -231,6 +252,28 @@ def _inputs_key(imatrix: Imatrix | None, backend: str, device: str) -> str:
             h.update(np.ascontiguousarray(entry.sums, dtype=np.float32).tobytes())
             h.update(np.ascontiguousarray(entry.counts, dtype=np.float32).tobytes())
     return h.hexdigest()
+
+
+def _open_gram(gram: str | os.PathLike[str] | GramFile | None, plan: QuantPlan, imatrix: Imatrix | None,
+               origin: str) -> GramFile | None:  # fmt: skip
+    """The Gram file for error feedback, checked before any work against the imatrix of the same pass."""
+    if gram is None:
+        return None
+    g = gram if isinstance(gram, GramFile) else GramFile(gram)
+    if imatrix is None:
+        raise DynqError(f"{g.path}: error feedback also needs the imatrix collected with it (--imatrix)")
+    weights = [p.info.name for p in plan.tensors if not p.qtype.is_float and g.matrix(p.info.name) is not None]
+    if not weights:
+        raise DynqError(f"{g.path}: no Gram matrix for any tensor of {plan.source}; collect it from this model")
+    g.check_against(imatrix, weights, origin)
+    return g
+
+
+def _encoder_name(backend: str, device: str, gram: GramFile | None) -> str:
+    """What the output records as `dynq.encoder`, and what resumes and the encode cache are keyed by."""
+    if gram is None:
+        return f"{backend}:{device}"
+    return f"feedback-v{FEEDBACK_VERSION}-damp{DEFAULT_DAMP}({backend}):{device}:gram-{gram.digest[:16]}"
 
 
 def _rewritten(key: str) -> bool:
@@ -250,6 +293,7 @@ def quantize(
     resume: bool = False,
     overwrite: bool = False,
     executor: Executor | None = None,
+    gram: str | os.PathLike[str] | GramFile | None = None,
 ) -> QuantizeResult:
     """Write `plan` into `output` (plus shards if `split_max_size`), reading weights from the plan's source.
 
@@ -259,7 +303,9 @@ def quantize(
     `resume` continues a run of the same inputs that was interrupted (its verified tensors whose source tensors are
     unchanged are kept, the result is the same bytes); without it, such a leftover is an error. An existing output
     (any file of a split set) is replaced only with `overwrite`. `executor` (dynq.executor: local processes or a Ray
-    cluster) encodes the tensors, one expert per task, elsewhere; the bytes are the same as here."""
+    cluster) encodes the tensors, one expert per task, elsewhere; the bytes are the same as here. `gram` (a Gram
+    file from `collect_gram`, with the imatrix of the same pass) encodes every 2-D weight it has a matrix for with
+    error feedback (kernels/feedback.py); the others as without it."""
     started = time.perf_counter()
     ctx = context(ctx)
     out = Path(output)
@@ -276,13 +322,15 @@ def quantize(
     if imx is not None:
         imx.check(origin or "imatrix")
     check_imatrix(plan, imx, origin or "imatrix")
+    grams = _open_gram(gram, plan, imx, origin or "the imatrix")
     check_float_metadata(src.metadata_fields(), src.spec)  # what the output would carry to a runtime
     backend, device = choose_backend(backend, ctx.device)
     kernels = get_backend(backend, ctx.threads, device)
-    cache = EncodeCache(f"{backend}:{device}", ctx.cache_dir) if reuse_encoded else None
+    encoder = _encoder_name(backend, device, grams)
+    cache = EncodeCache(encoder, ctx.cache_dir) if reuse_encoded else None
     digests = TensorDigests(src)
-    ctx.logger.info("quantizing %s with %s on %s/%s: %d tensors, %.2f GiB", plan.source, plan.recipe.name, backend,
-                    device, len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
+    ctx.logger.info("quantizing %s with %s by %s: %d tensors, %.2f GiB", plan.source, plan.recipe.name, encoder,
+                    len(plan.tensors), plan.total_bytes / 2**30)  # fmt: skip
     planned = {p.info.name: p for p in plan.tensors}
 
     if executor is not None and cache is not None:
@@ -297,7 +345,7 @@ def quantize(
                 ref = SourceRef.of(src, ctx.cache_dir)
                 threads = executor.task_threads or ctx.threads
                 tasks = (task for q in plan.tensors[first:]
-                         for task in _tasks(q, ref, imx, backend, device, threads))  # fmt: skip
+                         for task in _tasks(q, ref, imx, backend, device, threads, grams))  # fmt: skip
                 remote.append(executor.ordered(encode_task, tasks))
 
             def take() -> U8Array:
@@ -308,14 +356,14 @@ def quantize(
             n_mat = n_matrices(p.info)
             return take() if n_mat == 1 else ChunkedBytes([take] * n_mat, p.nbytes)
         if cache is None:
-            parts = encoded_parts(p, digests, kernels, imx)
+            parts = encoded_parts(p, digests, kernels, imx, grams)
             return parts[0]() if len(parts) == 1 else ChunkedBytes(parts, p.nbytes)
         importance = importance_rows(p.info, imx)
         content = digests.current(p.info)  # every byte read, nothing decoded for a GGUF source
         if (hit := cache.get(content, p.qtype.name, importance, p.nbytes)) is not None:
             digests.known(p.info.name, content)
             return np.frombuffer(hit, dtype=np.uint8)
-        data = encode_tensor(p, digests, kernels, imx)
+        data = encode_tensor(p, digests, kernels, imx, grams)
         made_from = digests.made_from(p.info)  # the bytes encoded: the same as `content` unless the file just changed
         digests.known(p.info.name, made_from)
         cache.put(made_from, p.qtype.name, importance, data.tobytes())
@@ -332,10 +380,10 @@ def quantize(
 
     def metadata(writer: GGUFWriter) -> None:
         copy_metadata(src.metadata_fields(), writer, drop=_rewritten)
-        _add_own_metadata(writer, plan, imx, imatrix_file, f"{backend}:{device}")
+        _add_own_metadata(writer, plan, imx, imatrix_file, encoder)
 
     tensors = [OutputTensor(p.info, p.nbytes, p.qtype.ggml) for p in plan.tensors]
-    inputs = _inputs_key(imx, backend, device)
+    inputs = _inputs_key(imx, encoder)
     files = write_gguf(out, plan.arch, tensors, encoded, metadata=metadata, split_max_size=split_max_size,
                        written=written, inputs=inputs, resume=resume, overwrite=overwrite, sources=digests)  # fmt: skip
     return QuantizeResult(plan, files, time.perf_counter() - started, peak_rss_bytes())

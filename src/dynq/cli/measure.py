@@ -17,6 +17,7 @@ from dynq.cli.render import draw_imatrix_coverage
 from dynq.cli.shell import THREADS, ensure_source, ensure_texts, err, out, print_json, progress_bar, run_context, say
 from dynq.cli.text import clean, data
 from dynq.core.atomic import check_new_output
+from dynq.errors import DynqError
 
 
 def imatrix(
@@ -28,17 +29,31 @@ def imatrix(
     threads: Annotated[int, typer.Option(help="llama.cpp threads")] = THREADS,
     all_experts: Annotated[bool, typer.Option(help="route every token through every expert (MoE)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted collection after its kept chunks")] = False,
+    gram: Annotated[
+        Path | None,
+        typer.Option(help="also write the Gram matrices of the weights' inputs here, for quantize --gram"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
 ) -> None:
     """Collect an importance matrix on llama.cpp's runtime (the format llama-quantize reads)."""
     check_new_output(output, force)  # before hours of collecting, not after
+    if gram is not None:
+        check_new_output(gram, force)
+        if resume or all_experts:
+            raise DynqError("--gram collects in one uninterrupted pass of the routed model: leave out "
+                            "--resume and --all-experts")  # fmt: skip
     if not text:
         ensure_texts()
     calib = api.read_texts(text) if text else api.calibration()
     with progress_bar("imatrix") as on_step:
-        imx = api.collect_imatrix(ensure_source(source), text=calib, n_ctx=n_ctx, chunks=chunks,
-                                  all_experts=all_experts, ctx=run_context(threads, progress=on_step), output=output,
-                                  resume=resume)  # fmt: skip
+        run = run_context(threads, progress=on_step)
+        if gram is not None:
+            imx, grams = api.collect_gram(ensure_source(source), text=calib, n_ctx=n_ctx, chunks=chunks, ctx=run)
+            api.save_gram(grams, gram, overwrite=force)
+            say("wrote ", data(gram), f": {len(grams.matrices)} Gram matrices for {len(grams.inputs)} weights")
+        else:
+            imx = api.collect_imatrix(ensure_source(source), text=calib, n_ctx=n_ctx, chunks=chunks,
+                                      all_experts=all_experts, ctx=run, output=output, resume=resume)  # fmt: skip
     api.save_imatrix(imx, output, overwrite=force)
     draw_imatrix_coverage(out, imx, full=False)
     say("wrote ", data(output), f": {len(imx.entries)} tensors, {imx.chunk_count} chunks of {n_ctx} tokens (",

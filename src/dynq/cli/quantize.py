@@ -97,6 +97,10 @@ def quantize(
         Path | None, typer.Option(help="with --target: this profile (default: profile the source, or reuse the cache)")
     ] = None,
     imatrix: Annotated[str | None, typer.Option(help="importance matrix (GGUF or .dat)")] = None,
+    gram: Annotated[
+        Path | None,
+        typer.Option(help="Gram file from `dynq imatrix --gram` (with its imatrix): encode with error feedback"),
+    ] = None,
     threads: Annotated[int, typer.Option(help="encoder threads")] = THREADS,
     split_max_size: Annotated[str | None, typer.Option(help="split into shards of at most this size (e.g. 2G)")] = None,
     backend: Annotated[
@@ -122,6 +126,8 @@ def quantize(
         raise OutputExists(output)
     if (recipe is None) == (target is None):
         raise DynqError("give either --recipe or --target")
+    if target is not None and gram is not None:
+        raise DynqError("--gram works with --recipe: a size target's profile measures the plain encoders")
     max_size = parse_size(split_max_size) if split_max_size else 0
     with elsewhere(ray, processes) as executor:
         if target is not None:
@@ -139,7 +145,8 @@ def quantize(
             with progress_bar("quantizing") as on_step:
                 result = api.quantize(quant_plan, output, imatrix=imatrix, ctx=run_context(threads, device, on_step),
                                       backend=backend, split_max_size=max_size, reuse_encoded=reuse_encoded,
-                                      resume=resume, overwrite=force, executor=executor, source=opened)  # fmt: skip
+                                      resume=resume, overwrite=force, executor=executor, source=opened,
+                                      gram=gram)  # fmt: skip
     p = result.plan
     say("wrote ", data(", ".join(str(f) for f in result.files)),
         f": {p.total_bytes / 2**30:.3f} GiB, {p.bpw:.3f} bpw, {len(p.tensors)} tensors in {result.seconds:.1f} s "

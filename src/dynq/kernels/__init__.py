@@ -11,6 +11,7 @@ from dynq.errors import DynqError
 
 class KernelBackend(Protocol):
     name: str
+    threads: int
 
     def encode(self, qtype: QType, rows: F32Array, importance: F32Array | None) -> U8Array:
         """Encode `rows` (float32 [n, k]) to `qtype`: uint8 [n, row_bytes(k)].
