@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -31,6 +33,8 @@ AFFINE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K"
 TABLE = {"IQ4_NL", "IQ4_XS", "IQ2_S"}  # IQ2_S: its sign bits, one per element
 MATRIX = "blk.10.ffn_down.weight"  # 576 rows of 1536 columns: a multiple of every block size
 ROWS = 96  # rows of it encoded per type (the error compared is per row, so a slice is as telling)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +226,51 @@ def test_nan_in_a_gram_file_writes_nothing(tiny: dict[str, Path]) -> None:
     with pytest.raises(DynqError, match="NaN or Inf"):
         quantize_to(tiny["model"], "uniform-q4_k", out, imatrix=tiny["imatrix"], gram=bad)
     assert not out.exists()
+
+
+class _TasksHere:
+    """An executor that runs its tasks here, one after another, recording them (as Ray would receive them)."""
+
+    name = "here"
+    task_threads = 1
+
+    def __init__(self) -> None:
+        self.tasks: list[object] = []
+
+    def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
+        for task in tasks:
+            self.tasks.append(task)
+            yield fn(task)
+
+
+LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q6_K")
+
+
+def test_a_profile_measures_the_encoder_that_will_write(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """With the Gram file, a profile's errors are the feedback encoder's output errors (a cache entry of its own);
+    its tasks carry the Gram file to the worker and measure the same; quantize_for refuses a profile of the other
+    encoder and writes with feedback when they agree."""
+    imx = dynq.read_imatrix(tiny["imatrix"])
+    text = dynq.Text(CALIB, "test-calib")
+    ctx = dynq.RunContext(threads=2, cache_dir=tmp_path)
+    settings: dict[str, object] = {"types": LADDER, "rows": 64, "n_ctx": 64, "chunks": 1}
+    plain = dynq.profile(tiny["model"], imatrix=imx, text=text, ctx=ctx, **settings)  # type: ignore[arg-type]
+    fed = dynq.profile(tiny["model"], imatrix=imx, text=text, ctx=ctx, gram=tiny["gram"], **settings)  # type: ignore[arg-type]
+    assert plain.method.encoder == "" and fed.method.encoder.startswith("feedback-v1")
+    down = "blk.1.ffn_down.weight"
+    assert fed.tensors[down].errors["Q2_K"] != plain.tensors[down].errors["Q2_K"]
+    assert fed.tensors[down].errors["Q2_K"] > fed.tensors[down].errors["Q3_K"] > fed.tensors[down].errors["Q6_K"]
+    pool = _TasksHere()
+    there = dynq.profile(tiny["model"], imatrix=imx, text=text, gram=tiny["gram"], executor=pool,  # type: ignore[arg-type]
+                         ctx=dynq.RunContext(threads=2, cache_dir=tmp_path / "tasks"), **settings)  # fmt: skip
+    assert pool.tasks and all(getattr(t, "gram", None) == str(tiny["gram"].resolve()) for t in pool.tasks)
+    assert there.tensors[down].errors == pytest.approx(fed.tensors[down].errors, rel=1e-6)
+    assert [p.kld for p in there.probes] == pytest.approx([p.kld for p in fed.probes], rel=1e-3)
+    out = tmp_path / "solved.gguf"
+    with pytest.raises(DynqError, match="the profile measured llama"):
+        dynq.quantize_for(tiny["model"], "3.5bpw", out, imatrix=imx, profile=plain, gram=tiny["gram"], ctx=ctx)
+    with pytest.raises(DynqError, match="would write with llama"):
+        dynq.quantize_for(tiny["model"], "3.5bpw", out, imatrix=imx, profile=fed, ctx=ctx)
+    assert not out.exists()
+    done = dynq.quantize_for(tiny["model"], "3.5bpw", out, imatrix=imx, profile=fed, gram=tiny["gram"], ctx=ctx)
+    assert str(field_value(GGUFReader(done.result.files[0]), "dynq.encoder")).startswith("feedback-v1")

@@ -217,17 +217,20 @@ def profile(
     ctx: RunContext | None = None,
     resume: bool = False,
     executor: Executor | None = None,
+    gram: str | os.PathLike[str] | GramFile | None = None,
     **settings: Unpack[ProfileSettings],
 ) -> Profile:
     """How much each tensor of a float reference hurts the output at each candidate type, measured on calibration
     text (default: the built-in calibration text, never the evaluation text); cached and reused across budgets.
     `settings`: types, rows, group_blocks, probe_type, n_ctx, chunks (defaults: dynq.budget.profile.profile's).
     `resume` continues an interrupted profile of the same inputs from what it had measured. `executor`
-    (`dynq.executor(ray=...)`, local processes or a Ray cluster) measures the errors and the probes there."""
+    (`dynq.executor(ray=...)`, local processes or a Ray cluster) measures the errors and the probes there. `gram`
+    (with the imatrix of its pass) measures the error-feedback encoder instead of llama.cpp's."""
     ctx = context(ctx)
     imx = as_imatrix(imatrix)
     calib = text if text is not None else calibration(ctx=ctx)
-    return _profile(runnable_file(source, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor, **settings)
+    return _profile(runnable_file(source, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor, gram=gram,
+                    **settings)  # fmt: skip
 
 
 def coverage(quant_plan: QuantPlan, imatrix: Imatrix | str | os.PathLike[str]) -> list[TensorCoverage]:

@@ -29,11 +29,11 @@ from dynq.core.source import TensorSource, check_float_metadata
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.executors import Executor
-from dynq.gguf_io.gram import GramFile
+from dynq.gguf_io.gram import GramFile, open_gram
 from dynq.gguf_io.imatrix import ImatrixLike, as_imatrix
 from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write_gguf
 from dynq.kernels import KernelBackend, choose_backend, get_backend
-from dynq.kernels.feedback import DEFAULT_DAMP, FEEDBACK_VERSION, encode_with_feedback
+from dynq.kernels.feedback import DEFAULT_DAMP, FEEDBACK_VERSION, encode_rows
 from dynq.recipe.coverage import Coverage, imatrix_coverage
 from dynq.recipe.plan import PlannedTensor, QuantPlan
 from dynq.sources.content import TensorDigests, load_part
@@ -88,9 +88,7 @@ def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, im
     rows = values.reshape(-1, p.info.row_length)
     h = gram.matrix(p.info.name) if gram is not None and n_matrices(p.info) == 1 else None
     try:
-        if h is not None:
-            return encode_with_feedback(p.qtype, rows, importance, h, backend, threads=backend.threads)
-        return backend.encode(p.qtype, rows, importance)
+        return encode_rows(backend, p.qtype, rows, importance, h)
     except DynqError as e:
         raise DynqError(f"{p.info.name}: {e}") from None
 
@@ -146,19 +144,13 @@ def _task_kernels(backend: str, device: str, threads: int) -> KernelBackend:
     return get_backend(backend, threads, device)
 
 
-@functools.lru_cache(maxsize=2)
-def _task_gram(path: str) -> GramFile:
-    return GramFile(path)
-
-
 def encode_task(task: EncodeTask) -> EncodedPart:
     """A worker's side of an `EncodeTask`."""
     source = task.source.reopen()
     name = task.planned.info.name
     part = load_part(source, name, task.expert)
     kernels = _task_kernels(task.backend, task.device, task.threads)
-    gram = _task_gram(task.gram) if task.gram is not None else None
-    encoded = encode_matrix(task.planned, part.values, kernels, task.importance, gram)
+    encoded = encode_matrix(task.planned, part.values, kernels, task.importance, open_gram(task.gram))
     if task.expert is None:
         source.release(name)
     return EncodedPart(encoded.reshape(-1), part.digest)
@@ -269,8 +261,8 @@ def _open_gram(gram: str | os.PathLike[str] | GramFile | None, plan: QuantPlan, 
     return g
 
 
-def _encoder_name(backend: str, device: str, gram: GramFile | None) -> str:
-    """What the output records as `dynq.encoder`, and what resumes and the encode cache are keyed by."""
+def encoder_name(backend: str, device: str, gram: GramFile | None) -> str:
+    """What the output records as `dynq.encoder`, and what resumes, the encode cache and profiles are keyed by."""
     if gram is None:
         return f"{backend}:{device}"
     return f"feedback-v{FEEDBACK_VERSION}-damp{DEFAULT_DAMP}({backend}):{device}:gram-{gram.digest[:16]}"
@@ -326,7 +318,7 @@ def quantize(
     check_float_metadata(src.metadata_fields(), src.spec)  # what the output would carry to a runtime
     backend, device = choose_backend(backend, ctx.device)
     kernels = get_backend(backend, ctx.threads, device)
-    encoder = _encoder_name(backend, device, grams)
+    encoder = encoder_name(backend, device, grams)
     cache = EncodeCache(encoder, ctx.cache_dir) if reuse_encoded else None
     digests = TensorDigests(src)
     ctx.logger.info("quantizing %s with %s by %s: %d tensors, %.2f GiB", plan.source, plan.recipe.name, encoder,

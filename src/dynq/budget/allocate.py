@@ -25,8 +25,9 @@ from dynq.core.units import parse_target
 from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult, evaluate
 from dynq.executors import Executor
+from dynq.gguf_io.gram import GramFile
 from dynq.gguf_io.imatrix import ImatrixLike, as_imatrix
-from dynq.quantize import QuantizeResult, quantize
+from dynq.quantize import QuantizeResult, encoder_name, quantize
 from dynq.recipe.plan import QuantPlan
 from dynq.recipe.presets import RecipeLike, as_recipe
 from dynq.recipe.refine import Refined, choice_key, scaled_costs
@@ -260,24 +261,38 @@ def quantize_for(
     reuse_encoded: bool = False,
     overwrite: bool = False,
     measure: ProfileSettings | None = None,
+    gram: str | os.PathLike[str] | GramFile | None = None,
 ) -> QuantizedFor:
     """Quantize `source` into a file of at most `target` bytes ('600MiB', '2.5bpw'): the profile (measured on
     `text`, default the built-in calibration text, or taken from the cache, unless `profile` is given), the solve,
     then the quantize of the solved plan. The imatrix is read once and serves all three; `ctx` (threads, device,
     progress) and `executor` serve every step; `resume` continues an interrupted profile or quantize. `measure`
-    holds the profile's settings (dynq.profile's), `types` the solve's candidates."""
+    holds the profile's settings (dynq.profile's), `types` the solve's candidates. With `gram` the profile and the
+    quantize both use the error-feedback encoder; a given profile must have been measured with that encoder."""
     ctx = context(ctx)
     imx = as_imatrix(imatrix)
+    grams = gram if isinstance(gram, GramFile) or gram is None else GramFile(gram)
     opened = open_source(source, ctx.cache_dir)  # once, for all three steps: one parse, one fingerprint
     if profile is None:
         calib = text if text is not None else calibration_text(ctx.cache_dir)
         chosen = measure_profile(runnable_file(opened, ctx), imx, calib, ctx=ctx, resume=resume, executor=executor,
-                                 **(measure or {}))  # fmt: skip
+                                 gram=grams, **(measure or {}))  # fmt: skip
     else:
         chosen = as_profile(profile)
+    check_profile_encoder(chosen, grams)
     request = SolveRequest(target, imx is not None, base, types, ties, name)
     solved = _solver(opened, chosen, request, ctx)({})
     result = quantize(solved.plan, output, imatrix=imx, ctx=ctx, backend=backend, split_max_size=split_max_size,
                       reuse_encoded=reuse_encoded, resume=resume, overwrite=overwrite, executor=executor,
-                      source=opened)  # fmt: skip
+                      source=opened, gram=grams)  # fmt: skip
     return QuantizedFor(chosen, solved, result)
+
+
+def check_profile_encoder(profile: Profile, gram: GramFile | None) -> None:
+    """A mix is chosen for one encoder: the profile's errors must be those of the encoder that will write it."""
+    wanted = encoder_name("ggml", "cpu", gram) if gram is not None else ""
+    if profile.method.encoder != wanted:
+        measured = profile.method.encoder or "llama.cpp's encoders"
+        writing = wanted or "llama.cpp's encoders"
+        raise DynqError(f"the profile measured {measured} but the quantize would write with {writing}; profile with "
+                        "the same --gram (or none)")  # fmt: skip

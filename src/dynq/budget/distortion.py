@@ -18,8 +18,10 @@ from dynq.core.importance import Imatrix, importance_row, importance_rows, n_mat
 from dynq.core.qtypes import F16, FLOATS, QType, fallback_for, qtype
 from dynq.core.tensors import TensorClass, TensorInfo
 from dynq.errors import DynqError
+from dynq.gguf_io.gram import GramFile, open_gram
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels import KernelBackend
+from dynq.kernels.feedback import encode_with_feedback, inverse_factor
 from dynq.kernels.ggml import GgmlBackend
 from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
@@ -112,9 +114,12 @@ def tensor_errors(
     probe_type: str,
     seed: int = 0,
     pool: Executor | None = None,
+    gram: GramFile | None = None,
 ) -> dict[str, float]:
     """e(type) = Σ w·(x−x̂)² / Σ w·x² over sampled rows, w the imatrix importance of each row's matrix (ones without
-    one), x̂ llama.cpp's encode decoded by gguf-py; plus F16 (round trip) and the stored type itself at 0.
+    one), x̂ llama.cpp's encode decoded by gguf-py; plus F16 (round trip) and the stored type itself at 0. With a
+    `gram` file that has this matrix's H, x̂ is the error-feedback encode and the error its output error on the
+    calibration inputs, Σ (x−x̂) H (x−x̂)ᵀ / Σ x H xᵀ: the error of the encoder that will be used.
 
     The probe type is measured whatever `types` says: the sensitivity is calibrated against it."""
     importance = importance_rows(info, imatrix)
@@ -131,6 +136,10 @@ def tensor_errors(
     probe = probe_qtype(info, probe_type)
     if probe is not None and probe not in wanted:
         wanted.append(probe)
+
+    h = gram.matrix(info.name) if gram is not None and n_matrices(info) == 1 else None
+    if h is not None:
+        return _output_errors(values, importance_row(importance, 0), np.asarray(h), wanted, backend, source)
 
     def error(t: QType) -> float:
         decoded = np.empty_like(values)
@@ -149,6 +158,28 @@ def tensor_errors(
     return {t: e for t, e in errors.items() if np.isfinite(e)}
 
 
+def _output_errors(values: F32Array, importance: F32Array | None, h: F32Array, wanted: Sequence[QType],
+                   backend: KernelBackend, source: QType) -> dict[str, float]:  # fmt: skip
+    """Each type's relative output error with error feedback through `h`, one type after another (the feedback
+    encoder's column loop runs on the backend's threads); the factor of H⁻¹ is formed once for all of them."""
+    factor = inverse_factor(h)
+    h64, x = h.astype(np.float64), values.astype(np.float64)
+    den = float(((x @ h64) * x).sum())
+
+    def output_error(decoded: F32Array) -> float:
+        e = x - decoded
+        return float(((e @ h64) * e).sum()) / den if den > 0 else 0.0
+
+    errors = {}
+    for t in wanted:
+        encoded = encode_with_feedback(t, values, importance, h, backend, threads=backend.threads, factor=factor)
+        errors[t.name] = output_error(dequantized(encoded, t))
+    with np.errstate(over="ignore"):
+        errors[F16.name] = output_error(values.astype(np.float16).astype(np.float32))
+    errors[source.name] = 0.0
+    return {t: e for t, e in errors.items() if np.isfinite(e)}
+
+
 @dataclass(frozen=True)
 class ErrorsTask:
     """One tensor's encode errors as a worker measures them: it reopens the reference by its `SourceRef` (which checks
@@ -161,19 +192,21 @@ class ErrorsTask:
     rows: int
     probe_type: str
     seed: int
+    gram: str | None = None  # the Gram file's path where the task runs
 
     @staticmethod
     def of(source: SourceRef, info: TensorInfo, imatrix: Imatrix | None, types: Sequence[str], rows: int,
-           probe_type: str, seed: int) -> ErrorsTask:  # fmt: skip
+           probe_type: str, seed: int, gram: GramFile | None = None) -> ErrorsTask:  # fmt: skip
         entry = imatrix.entries.get(info.name) if imatrix is not None else None
         own = Imatrix({info.name: entry}) if entry is not None else None
-        return ErrorsTask(source, info, own, tuple(types), rows, probe_type, seed)
+        path = str(gram.path.resolve()) if gram is not None else None
+        return ErrorsTask(source, info, own, tuple(types), rows, probe_type, seed, path)
 
 
 def errors_task(task: ErrorsTask) -> dict[str, float]:
     """A worker's side of an `ErrorsTask` (llama.cpp's encoders, one thread: a task has one CPU)."""
     return tensor_errors(task.source.reopen_gguf(), task.info, task.imatrix, task.types, task.rows, GgmlBackend(1),
-                         task.probe_type, task.seed)  # fmt: skip
+                         task.probe_type, task.seed, gram=open_gram(task.gram))  # fmt: skip
 
 
 def _relative(x: F32Array, y: F32Array, w: F32Array) -> float:

@@ -30,8 +30,10 @@ from dynq.core.importance import Imatrix, importance_row, importance_rows, n_mat
 from dynq.core.qtypes import QType, qtype
 from dynq.core.tensors import TensorInfo
 from dynq.eval.evaluate import reference_predictions, score_chunks
+from dynq.gguf_io.gram import GramFile
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels import KernelBackend
+from dynq.kernels.feedback import encode_with_feedback, inverse_factor
 from dynq.llamacpp.runtime import LlamaRuntime, token_chunks
 
 log = logging.getLogger(__name__)
@@ -95,23 +97,27 @@ class ProbeFile:
         return self.folder / self.reference.shards[i].name, offset, n_bytes
 
     def apply(
-        self, tensors: Sequence[tuple[TensorInfo, QType]], imatrix: Imatrix | None, backend: KernelBackend
-    ) -> None:
-        """Overwrite each tensor with its values encoded at its type and decoded, chunk by chunk."""
+        self, tensors: Sequence[tuple[TensorInfo, QType]], imatrix: Imatrix | None, backend: KernelBackend,
+        gram: GramFile | None = None,
+    ) -> None:  # fmt: skip
+        """Overwrite each tensor with its values encoded at its type and decoded, chunk by chunk (with error feedback
+        where `gram` has the tensor's H)."""
         self.restore()
         for info, t in tensors:
             self._dirty.append(info.name)
             path, offset, _ = self._shard(info.name)
             with path.open("r+b") as f:
-                for start, stored in self._degraded(info, t, imatrix, backend):
+                for start, stored in self._degraded(info, t, imatrix, backend, gram):
                     f.seek(offset + start)
                     f.write(stored)
             self.reference.release(info.name)
 
     def _degraded(
-        self, info: TensorInfo, t: QType, imatrix: Imatrix | None, backend: KernelBackend
+        self, info: TensorInfo, t: QType, imatrix: Imatrix | None, backend: KernelBackend, gram: GramFile | None
     ) -> Iterator[tuple[int, bytes]]:
         source = qtype(info.dtype.name)
+        h = gram.matrix(info.name) if gram is not None and n_matrices(info) == 1 else None
+        factor = inverse_factor(h) if h is not None else None  # once per tensor, not per chunk of rows
         rows = rows2d(self.reference, info.name, info)
         row_bytes = source.row_bytes(info.row_length)
         importance = importance_rows(info, imatrix)
@@ -123,7 +129,11 @@ class ProbeFile:
             for a in range(m * per_matrix, (m + 1) * per_matrix, step):
                 b = min(a + step, (m + 1) * per_matrix)
                 values = dequantized(rows[a:b], source)
-                decoded = dequantized(backend.encode(t, values, w), t)
+                if h is None:
+                    encoded = backend.encode(t, values, w)
+                else:  # rows are independent under feedback: a chunk of them is encoded as in the whole matrix
+                    encoded = encode_with_feedback(t, values, w, h, backend, threads=backend.threads, factor=factor)
+                decoded = dequantized(encoded, t)
                 yield a * row_bytes, _stored_as(decoded, source)
 
     def restore(self) -> None:
@@ -170,9 +180,10 @@ class LiveProbes:
     def _open(self) -> LlamaRuntime:
         return LlamaRuntime(self.work.path, self.n_ctx, self.threads, logits=True, mapped=True)
 
-    def kld(self, typed: list[tuple[TensorInfo, QType]], imatrix: Imatrix | None, backend: KernelBackend) -> float:
+    def kld(self, typed: list[tuple[TensorInfo, QType]], imatrix: Imatrix | None, backend: KernelBackend,
+            gram: GramFile | None = None) -> float:  # fmt: skip
         """Mean KL divergence against the reference with each tensor of `typed` encoded at its type and decoded."""
-        self.work.apply(typed, imatrix, backend)
+        self.work.apply(typed, imatrix, backend, gram)
         try:
             if not self.runtime.weights_mapped:
                 self.runtime.close()

@@ -56,9 +56,11 @@ from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError, ResumeRequired
 from dynq.eval.evaluate import reference_predictions
 from dynq.executors import Executor
+from dynq.gguf_io.gram import GramFile, open_gram
 from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
+from dynq.quantize import encoder_name
 from dynq.sources.described import describe
 from dynq.sources.ref import SourceRef
 
@@ -105,19 +107,24 @@ def profile(
     ctx: RunContext | None = None,
     resume: bool = False,
     executor: Executor | None = None,
+    gram: str | os.PathLike[str] | GramFile | None = None,
 ) -> Profile:
     """The sensitivity profile of the float reference at `source_path` on calibration `text`, from the cache under
     ctx.cache_dir/profiles when one was made with the same model, imatrix, text and settings. While it is measured,
     each tensor's errors and each probe are kept beside the cache entry; `resume` continues an interrupted profile
     of the same inputs from them, and without it such a leftover is an error. With `executor` (local processes, a
     Ray cluster) the encode errors (a task per tensor) and the probes (a task per group) are measured there, with
-    the same results."""
+    the same results. With `gram` (the Gram file of the imatrix's pass) errors and probes use the error-feedback
+    encoder, so that a mix solved from the profile is chosen for the encoder `quantize(gram=...)` writes it with."""
     ctx = context(ctx)
     path = Path(source_path)
     described = describe(path, str(path), ctx.cache_dir)  # a profile from the cache needs no parse of the header
     tensors = profiled_tensors(described)
     check_float_reference(described, tensors)
     method = _method(types, rows, group_blocks, probe_type, n_ctx, chunks)
+    grams = _checked_gram(gram, imatrix, tensors)
+    if grams is not None:
+        method = dataclasses.replace(method, encoder=encoder_name("ggml", "cpu", grams))
     model_ref = ModelRef(described.spec, described.fingerprint())
     imx_ref, txt_ref = imatrix_ref(imatrix), text_ref(text.text, text.provenance)
     cached = cache_path(ctx.cache_dir, path.stem, cache_key(model_ref.fingerprint, imx_ref, txt_ref, method))
@@ -140,7 +147,7 @@ def profile(
         if resume:
             progress.load()
         errors, probes, error_seconds, probe_seconds = _measure(path, model, tensors, groups, imatrix, text, method,
-                                                                backend, progress, ctx, executor)  # fmt: skip
+                                                                backend, progress, ctx, executor, grams)  # fmt: skip
     finally:
         partial.unlock()
 
@@ -211,6 +218,17 @@ class ProfileProgress:
         atomic_write_text(self.path, json.dumps(record))
 
 
+def _checked_gram(gram: str | os.PathLike[str] | GramFile | None, imatrix: Imatrix | None,
+                  tensors: Sequence[TensorInfo]) -> GramFile | None:  # fmt: skip
+    if gram is None:
+        return None
+    g = gram if isinstance(gram, GramFile) else GramFile(gram)
+    if imatrix is None:
+        raise DynqError(f"{g.path}: a profile with error feedback also needs the imatrix collected with it")
+    g.check_against(imatrix, [t.name for t in tensors if g.matrix(t.name) is not None], "the imatrix")
+    return g
+
+
 def _measure(
     path: Path,
     model: GGUFModel,
@@ -223,6 +241,7 @@ def _measure(
     progress: ProfileProgress,
     ctx: RunContext,
     executor: Executor | None,
+    gram: GramFile | None,
 ) -> tuple[dict[str, dict[str, float]], list[Probe], float, float]:
     """The errors of every tensor (on `executor` when given, a task per tensor), then the probes, going on from what
     `progress` holds; returns both and the seconds each took in this run."""
@@ -231,7 +250,7 @@ def _measure(
     todo = [info for info in tensors if info.name not in errors]
     if executor is not None:
         ref = SourceRef.of(model, ctx.cache_dir)
-        tasks = (ErrorsTask.of(ref, info, imatrix, method.types, method.rows, method.probe_type, method.seed)
+        tasks = (ErrorsTask.of(ref, info, imatrix, method.types, method.rows, method.probe_type, method.seed, gram)
                  for info in todo)  # fmt: skip
         for i, (info, found) in enumerate(zip(todo, executor.ordered(errors_task, tasks), strict=True)):
             ctx.report("profile-errors", len(tensors) - len(todo) + i, len(tensors), "tensors", info.name)
@@ -242,14 +261,14 @@ def _measure(
             for i, info in enumerate(todo):
                 ctx.report("profile-errors", len(tensors) - len(todo) + i, len(tensors), "tensors", info.name)
                 errors[info.name] = tensor_errors(model, info, imatrix, method.types, method.rows, backend,
-                                                  method.probe_type, method.seed, pool)  # fmt: skip
+                                                  method.probe_type, method.seed, pool, gram)  # fmt: skip
                 progress.save()
     ctx.report("profile-errors", len(tensors), len(tensors), "tensors")
     error_seconds = time.perf_counter() - started
     ctx.logger.info("profile errors of %d tensors in %.1f s", len(tensors), error_seconds)
 
     started = time.perf_counter()
-    probes = _run_probes(path, model, tensors, groups, imatrix, text, method, backend, ctx, progress, executor)
+    probes = _run_probes(path, model, tensors, groups, imatrix, text, method, backend, ctx, progress, executor, gram)
     probe_seconds = time.perf_counter() - started
     ctx.logger.info("profile probes of %d groups in %.1f s", len(probes), probe_seconds)
     return errors, probes, error_seconds, probe_seconds
@@ -278,6 +297,7 @@ def _run_probes(
     ctx: RunContext,
     progress: ProfileProgress,
     executor: Executor | None,
+    gram: GramFile | None,
 ) -> list[Probe]:
     """One probe per group: the group degraded in the work file, its mean KLD against the reference, restored;
     groups `progress` holds are not probed again. On `executor`, a task per group, each worker with a work file of
@@ -295,8 +315,10 @@ def _run_probes(
     if executor is not None:
         left = [(g, typed) for g, typed in todo if g not in done]
         ref = SourceRef.of(model, ctx.cache_dir)
+        gram_path = str(gram.path.resolve()) if gram is not None else None
         tasks = (ProbeTask(ref, g, tuple(typed), _entries(imatrix, [t.name for t, _ in typed]), text, method.n_ctx,
-                           method.chunks, executor.task_threads or ctx.threads) for g, typed in left)  # fmt: skip
+                           method.chunks, executor.task_threads or ctx.threads, gram_path)
+                 for g, typed in left)  # fmt: skip
         for i, probe in enumerate(executor.ordered(probe_task, tasks)):
             ctx.report("profile-probes", len(todo) - len(left) + i, len(todo), "probes", probe.group)
             probes.append(probe)
@@ -309,7 +331,7 @@ def _run_probes(
                 continue
             ctx.report("profile-probes", i, len(todo), "probes", g)
             started = time.perf_counter()
-            kld = live.kld(typed, imatrix, backend)
+            kld = live.kld(typed, imatrix, backend, gram)
             probes.append(Probe(g, tuple(t.name for t, _ in typed), kld, time.perf_counter() - started))
             progress.save()
             ctx.logger.info("probe %s: KLD %.5f in %.1f s", g, kld, probes[-1].seconds)
@@ -330,6 +352,7 @@ class ProbeTask:
     n_ctx: int
     chunks: int
     threads: int
+    gram: str | None = None  # the Gram file's path where the task runs
 
 
 def _entries(imatrix: Imatrix | None, names: Sequence[str]) -> Imatrix | None:
@@ -351,5 +374,5 @@ def probe_task(task: ProbeTask) -> Probe:
     """A worker's side of a `ProbeTask`."""
     started = time.perf_counter()
     live = _live(task.source, task.text, task.n_ctx, task.chunks, task.threads)
-    kld = live.kld(list(task.typed), task.imatrix, GgmlBackend(task.threads))
+    kld = live.kld(list(task.typed), task.imatrix, GgmlBackend(task.threads), open_gram(task.gram))
     return Probe(task.group, tuple(t.name for t, _ in task.typed), kld, time.perf_counter() - started)

@@ -86,6 +86,9 @@ class Method:
     types: tuple[str, ...]
     seed: int = 0
     kld_floor: float = KLD_FLOOR
+    # "" for llama.cpp's encoders; else the error-feedback encoder and its Gram file (quantize.encoder_name): the
+    # errors and probes describe the encoder the solved mix will be written with
+    encoder: str = ""
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,8 @@ def cache_key(fingerprint: str, imatrix: ImatrixRef | None, text: TextRef, metho
         "model": fingerprint,
         "imatrix": None if imatrix is None else imatrix.sha256,
         "text": text.sha256,
-        "method": to_data(method),
+        # a plain profile keeps the key it had before the encoder was part of the method
+        "method": {k: v for k, v in to_data(method).items() if k != "encoder" or v},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -21,6 +21,9 @@ def profile_command(
     source: Annotated[str, typer.Argument(help="float reference GGUF (F16/BF16/F32) of the model")],
     output: Annotated[Path, typer.Option("--output", "-o", help="profile file to write (JSON)")],
     imatrix: Annotated[str | None, typer.Option(help="importance matrix of the model (GGUF or .dat)")] = None,
+    gram: Annotated[
+        Path | None, typer.Option(help="Gram file of the imatrix's pass: measure the error-feedback encoder")
+    ] = None,
     text: Annotated[list[Path] | None, typer.Option(help="calibration text file(s); default: the built-in set")] = None,
     n_ctx: Annotated[int, typer.Option("--ctx", help="tokens per probe chunk")] = DEFAULTS["n_ctx"],
     chunks: Annotated[int, typer.Option(help="chunks each probe is judged on")] = DEFAULTS["chunks"],
@@ -47,7 +50,7 @@ def profile_command(
     with elsewhere(ray, processes) as executor, progress_bar("profiling") as on_step:
         result = api.profile(ensure_source(source), imatrix=imatrix, text=calib, rows=rows, group_blocks=group_blocks,
                              probe_type=probe_type, n_ctx=n_ctx, chunks=chunks, resume=resume, executor=executor,
-                             ctx=run_context(threads, progress=on_step))  # fmt: skip
+                             ctx=run_context(threads, progress=on_step), gram=gram)  # fmt: skip
     result.save(output, overwrite=force)
     seconds = result.seconds
     say("wrote ", data(output), f": {len(result.tensors)} tensors, {len(result.probes)} probes "

@@ -126,8 +126,6 @@ def quantize(
         raise OutputExists(output)
     if (recipe is None) == (target is None):
         raise DynqError("give either --recipe or --target")
-    if target is not None and gram is not None:
-        raise DynqError("--gram works with --recipe: a size target's profile measures the plain encoders")
     max_size = parse_size(split_max_size) if split_max_size else 0
     with elsewhere(ray, processes) as executor:
         if target is not None:
@@ -137,7 +135,7 @@ def quantize(
                 result = api.quantize_for(ensure_source(source), target, output, imatrix=imatrix, profile=profile,
                                           ctx=run_context(threads, device, on_step), backend=backend,
                                           split_max_size=max_size, reuse_encoded=reuse_encoded, resume=resume,
-                                          overwrite=force, executor=executor).result  # fmt: skip
+                                          overwrite=force, executor=executor, gram=gram).result  # fmt: skip
         else:
             assert recipe is not None
             opened = api.open_source(ensure_source(source))  # opened once: the plan and the quantize share it

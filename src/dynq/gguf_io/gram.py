@@ -12,6 +12,7 @@ the file: one matrix is resident at a time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable
@@ -136,6 +137,16 @@ class GramFile:
             if not np.allclose(diag, entry.sums[0], rtol=1e-3, atol=1e-4 * scale):
                 raise DynqError(f"{self.path}: the Gram matrix of {w} is not from the pass that made {origin} (its "
                                 "diagonal is not the imatrix's sums); give the imatrix made with it")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def _opened(path: str) -> GramFile:
+    return GramFile(path)
+
+
+def open_gram(path: str | None) -> GramFile | None:
+    """The Gram file a task names, opened once per worker process."""
+    return None if path is None else _opened(path)
 
 
 def _list(path: Path, reader: GGUFReader, key: str) -> list[Any]:

@@ -114,12 +114,23 @@ class _Window:
         return self.layout.write_codes(self.data, self.codes.T.contiguous().numpy())
 
 
+def encode_rows(
+    backend: KernelBackend, t: QType, rows: F32Array, importance: F32Array | None,
+    gram: npt.NDArray[np.floating] | None,
+) -> U8Array:  # fmt: skip
+    """`backend`'s encode, with error feedback through `gram` when there is one (on the backend's threads)."""
+    if gram is None:
+        return backend.encode(t, rows, importance)
+    return encode_with_feedback(t, rows, importance, gram, backend, threads=backend.threads)
+
+
 def encode_with_feedback(
     t: QType, rows: F32Array, importance: F32Array | None, gram: npt.NDArray[np.floating], inner: KernelBackend,
-    *, threads: int = 1, damp: float = DEFAULT_DAMP,
+    *, threads: int = 1, damp: float = DEFAULT_DAMP, factor: torch.Tensor | None = None,
 ) -> U8Array:  # fmt: skip
     """Encode `rows` [n, k] to `t` with error feedback through `gram` [k, k] (the Gram matrix of the layer's inputs),
-    each window's scales chosen by `inner` with `importance`."""
+    each window's scales chosen by `inner` with `importance`. `factor` is `inverse_factor(gram, damp)` when the
+    caller encodes the same matrix at several types."""
     n, k = rows.shape
     if gram.shape != (k, k):
         raise DynqError(f"its Gram matrix is {gram.shape[0]}×{gram.shape[1]} but its rows have {k} columns; "
@@ -131,7 +142,7 @@ def encode_with_feedback(
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))  # process-wide: set for this call, given back after
     try:
-        u = inverse_factor(gram, damp).to(torch.float32)
+        u = (factor if factor is not None else inverse_factor(gram, damp)).to(torch.float32)
         columns = torch.from_numpy(np.ascontiguousarray(rows.T, dtype=np.float32))  # [k, n]: column j is row j
         original = columns.clone()
         out = np.empty((n, t.row_bytes(k)), dtype=np.uint8)
