@@ -64,6 +64,7 @@ from dynq.gguf_io.imatrix import as_imatrix, read_imatrix, write_imatrix_dat, wr
 from dynq.gguf_io.partial import partial_dir
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
+from dynq.lab.rotate import rotate
 from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.tools import build_tools as _build_tools
 from dynq.llamacpp.tools import tools_built as _tools_built
@@ -314,7 +315,7 @@ __all__ = [
     "coverage_summary", "evaluate", "evaluation", "executor", "export_ollama", "f16_conversion", "fetch",
     "gguf_file", "inspect", "llama_quantize_command", "loop_rate", "loops", "merge", "needs_fetch", "offload",
     "open_source", "plan", "presets", "profile", "qtype", "quantize", "quantize_for", "read_imatrix", "read_texts",
-    "recipe", "recipe_from_dict", "refine", "runner", "save_gram", "save_imatrix", "shape_inventories", "solve",
-    "split", "tools_built", "verify", "write_synthetic", "zoo_models",
+    "recipe", "recipe_from_dict", "refine", "rotate", "runner", "save_gram", "save_imatrix", "shape_inventories",
+    "solve", "split", "tools_built", "verify", "write_synthetic", "zoo_models",
 ]
 # fmt: on

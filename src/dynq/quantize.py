@@ -55,7 +55,8 @@ class QuantizeResult:
     peak_rss_bytes: int
 
 
-def _encode_float(t: QType, values: F32Array) -> U8Array:
+def encode_float(t: QType, values: F32Array) -> U8Array:
+    """Values stored as a float type (F32, F16, BF16 rounded to nearest even)."""
     if t.name == "F32":
         return values.astype(np.float32).view(np.uint8)
     if t.name == "F16":
@@ -84,7 +85,7 @@ def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, im
         bad = int(np.count_nonzero(~np.isfinite(values)))
         raise DynqError(f"{p.info.name}: {bad} weights are NaN or Inf in the source; the model file is damaged")
     if p.qtype.is_float:
-        return _encode_float(p.qtype, values)
+        return encode_float(p.qtype, values)
     rows = values.reshape(-1, p.info.row_length)
     h = gram.matrix(p.info.name) if gram is not None and n_matrices(p.info) == 1 else None
     try:

@@ -174,6 +174,18 @@ def synthetic(
     say("wrote ", data(path), f" ({path.stat().st_size:,} bytes)")
 
 
+def rotate(
+    source: Annotated[Path, typer.Argument(help="float reference GGUF (F16/BF16/F32) of a llama-family model")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output .gguf")],
+    seed: Annotated[int, typer.Option(help="seed of the random orthogonal rotation")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+) -> None:
+    """Rotate the residual stream by a random orthogonal matrix, fused into the weights: the same model, weights
+    whose outliers are spread over every channel (an experiment for low-bit encoding; see docs/feedback.md)."""
+    path = api.rotate(source, output, seed=seed, overwrite=force)
+    say("wrote ", data(path), f" (rotated, seed {seed})")
+
+
 def fetch(name: Annotated[str, typer.Argument(help="zoo:NAME, or 'texts' for the built-in texts")]) -> None:
     """Download a zoo model or the built-in calibration and evaluation texts into the cache; print where."""
     sys.stdout.write(clean(fetch_with_bar(name)) + "\n")
@@ -187,6 +199,6 @@ def build_tools() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for command in (inspect, plan, compare, quantize, presets, synthetic, fetch):
+    for command in (inspect, plan, compare, quantize, presets, synthetic, rotate, fetch):
         app.command()(command)
     app.command(name="build-tools")(build_tools)
