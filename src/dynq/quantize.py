@@ -92,6 +92,9 @@ def encode_matrix(p: PlannedTensor, values: F32Array, backend: KernelBackend, im
         return encode_rows(backend, p.qtype, rows, importance, h)
     except DynqError as e:
         raise DynqError(f"{p.info.name}: {e}") from None
+    finally:
+        if h is not None and gram is not None:
+            gram.release(p.info.name)
 
 
 def encoded_parts(

@@ -138,8 +138,11 @@ def tensor_errors(
         wanted.append(probe)
 
     h = gram.matrix(info.name) if gram is not None and n_matrices(info) == 1 else None
-    if h is not None:
-        return _output_errors(values, importance_row(importance, 0), np.asarray(h), wanted, backend, source)
+    if gram is not None and h is not None:
+        try:
+            return _output_errors(values, importance_row(importance, 0), np.asarray(h), wanted, backend, source)
+        finally:
+            gram.release(info.name)
 
     def error(t: QType) -> float:
         decoded = np.empty_like(values)

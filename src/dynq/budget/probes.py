@@ -135,6 +135,8 @@ class ProbeFile:
                     encoded = encode_with_feedback(t, values, w, h, backend, threads=backend.threads, factor=factor)
                 decoded = dequantized(encoded, t)
                 yield a * row_bytes, _stored_as(decoded, source)
+        if gram is not None:
+            gram.release(info.name)
 
     def restore(self) -> None:
         """Copy the original bytes of every overwritten tensor back from the reference."""

@@ -28,7 +28,7 @@ from dynq.core.arrays import F32Array
 from dynq.core.atomic import atomic_path, check_output_folder
 from dynq.core.importance import Imatrix
 from dynq.errors import DynqError
-from dynq.gguf_io.reader import field_value
+from dynq.gguf_io.reader import field_value, release_pages
 
 VERSION = 1
 _TYPE = "gram"
@@ -101,7 +101,7 @@ class GramFile:
         self.tokens = [int(t) for t in tokens]
         self.digest = str(field_value(reader, "dynq.gram.digest"))
         self.chunk_count = int(field_value(reader, "dynq.gram.chunk_count") or 0)
-        self._tensors = tensors
+        self._reader, self._tensors = reader, tensors
 
     def _array(self, name: str) -> npt.NDArray[Any]:
         t = self._tensors[name]
@@ -112,6 +112,12 @@ class GramFile:
         i = self.inputs.get(weight)
         return None if i is None else self._array(f"gram.{i}")
 
+    def release(self, weight: str) -> None:
+        """Drop `weight`'s matrix from memory (pages of a memory map count as this process's while they stay)."""
+        i = self.inputs.get(weight)
+        if i is not None:
+            release_pages(self._reader, self._tensors[f"gram.{i}"])
+
     def diagonal(self, weight: str) -> F32Array | None:
         i = self.inputs.get(weight)
         return None if i is None else np.asarray(self._array(f"gram.{i}.diag"), dtype=np.float32)
@@ -121,7 +127,8 @@ class GramFile:
 
     def check_against(self, imatrix: Imatrix, weights: Iterable[str], origin: str) -> None:
         """Every one of `weights` has a matrix whose diagonal is the imatrix's Σx² (the same pass made both) and
-        whose entries are finite: one line otherwise, before any work."""
+        whose entries are finite (each matrix read once): one line otherwise, before any work."""
+        checked: set[int] = set()
         for w in weights:
             diag, entry = self.diagonal(w), imatrix.entries.get(w)
             if diag is None:
@@ -129,14 +136,18 @@ class GramFile:
             if entry is None or entry.sums.shape != (1, diag.size):
                 raise DynqError(f"{self.path}: {w} has a Gram matrix of {diag.size} columns that {origin} does not "
                                 "match; give the imatrix collected with it")  # fmt: skip
-            m = self.matrix(w)
-            assert m is not None
-            if not np.isfinite(m).all():
-                raise DynqError(f"{self.path}: the Gram matrix of {w} holds NaN or Inf; collect the Gram file again")
             scale = float(np.abs(entry.sums).max(initial=0.0)) or 1.0
             if not np.allclose(diag, entry.sums[0], rtol=1e-3, atol=1e-4 * scale):
                 raise DynqError(f"{self.path}: the Gram matrix of {w} is not from the pass that made {origin} (its "
                                 "diagonal is not the imatrix's sums); give the imatrix made with it")  # fmt: skip
+            if self.inputs[w] in checked:
+                continue
+            checked.add(self.inputs[w])
+            m = self.matrix(w)
+            finite = m is not None and bool(np.isfinite(m).all())
+            self.release(w)
+            if not finite:
+                raise DynqError(f"{self.path}: the Gram matrix of {w} holds NaN or Inf; collect the Gram file again")
 
 
 @functools.lru_cache(maxsize=2)

@@ -96,6 +96,16 @@ def field_value(reader: GGUFReader, key: str) -> Any:
     return value
 
 
+def release_pages(reader: GGUFReader, tensor: ReaderTensor) -> None:
+    """Drop a tensor's pages from the reader's memory map: they are re-read from disk if touched again, and the
+    process's resident memory stays at what it is working on."""
+    mapped = getattr(reader.data, "_mmap", None)
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     info: TensorInfo
@@ -239,11 +249,7 @@ class GGUFModel:
         """Drop the tensor's pages from this process's memory map (they are re-read from disk if touched again),
         so that streaming through a model keeps resident memory at one tensor, not the whole file."""
         t = self._get(name)
-        mapped = getattr(self.readers[t.shard].data, "_mmap", None)
-        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = t.raw.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, start, t.raw.data_offset + t.raw.n_bytes - start)
+        release_pages(self.readers[t.shard], t.raw)
 
     def _get(self, name: str) -> GGUFTensor:
         try:
