@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dynq
+from dynq.executors import Serial
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 TWO_THREADS = dynq.RunContext(threads=2)
 
@@ -24,3 +29,19 @@ def measurements(profile_file: Path) -> dict[str, Any]:
     for p in data["probes"]:
         p.pop("seconds")
     return data
+
+
+class OneThreadTasks(Serial):
+    """Runs tasks here, one after another, as an executor that gives each task one CPU (as Ray does); records the
+    tasks it ran, as they would travel."""
+
+    name = "one thread per task"
+    task_threads = 1
+
+    def __init__(self) -> None:
+        self.tasks: list[object] = []
+
+    def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
+        for task in tasks:
+            self.tasks.append(task)
+            yield fn(task)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -26,15 +24,13 @@ from dynq.kernels.code_layout import affine_grid, code_layout, decode
 from dynq.kernels.feedback import encode_with_feedback, inverse_factor
 from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.runtime import LlamaRuntime
-from runs import TWO_THREADS, quantize_to
+from runs import TWO_THREADS, OneThreadTasks, quantize_to
 
 CALIB = " ".join(f"the {w} of and to in def return {i}" for i, w in enumerate("abcdefghijklmnopqrstuvwxyz" * 40))
 AFFINE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ2_0"}
 TABLE = {"IQ4_NL", "IQ4_XS", "IQ2_S"}  # IQ2_S: its sign bits, one per element
 MATRIX = "blk.10.ffn_down.weight"  # 576 rows of 1536 columns: a multiple of every block size
 ROWS = 96  # rows of it encoded per type (the error compared is per row, so a slice is as telling)
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @pytest.fixture(scope="module")
@@ -228,21 +224,6 @@ def test_nan_in_a_gram_file_writes_nothing(tiny: dict[str, Path]) -> None:
     assert not out.exists()
 
 
-class _TasksHere:
-    """An executor that runs its tasks here, one after another, recording them (as Ray would receive them)."""
-
-    name = "here"
-    task_threads = 1
-
-    def __init__(self) -> None:
-        self.tasks: list[object] = []
-
-    def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
-        for task in tasks:
-            self.tasks.append(task)
-            yield fn(task)
-
-
 LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q6_K")
 
 
@@ -260,7 +241,7 @@ def test_a_profile_measures_the_encoder_that_will_write(tiny: dict[str, Path], t
     down = "blk.1.ffn_down.weight"
     assert fed.tensors[down].errors["Q2_K"] != plain.tensors[down].errors["Q2_K"]
     assert fed.tensors[down].errors["Q2_K"] > fed.tensors[down].errors["Q3_K"] > fed.tensors[down].errors["Q6_K"]
-    pool = _TasksHere()
+    pool = OneThreadTasks()
     there = dynq.profile(tiny["model"], imatrix=imx, text=text, gram=tiny["gram"], executor=pool,  # type: ignore[arg-type]
                          ctx=dynq.RunContext(threads=2, cache_dir=tmp_path / "tasks"), **settings)  # fmt: skip
     assert pool.tasks and all(getattr(t, "gram", None) == str(tiny["gram"].resolve()) for t in pool.tasks)

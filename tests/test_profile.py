@@ -9,9 +9,9 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,16 +40,14 @@ from dynq.core.qtypes import qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.eval.evaluate import evaluate
-from dynq.executors import Serial
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
 from dynq.lab.synthetic import write_synthetic
 from dynq.llamacpp.runtime import LlamaRuntime
+from runs import OneThreadTasks
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
 TEXT = Text(CALIB, "test-calib")
-T = TypeVar("T")
-R = TypeVar("R")
 LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 TYPES = ("IQ2_XXS", *LADDER)  # few types: the IQ grids cost seconds to build, once per process
 
@@ -331,25 +329,10 @@ def test_a_short_text_fails_before_any_encoding(tiny: Path, tmp_path: Path) -> N
     assert not [s for s in steps if s.stage.startswith("profile")]
 
 
-class _OneThreadTasks(Serial):
-    """Runs tasks here, one after another, as an executor that gives each task one CPU; records what it ran."""
-
-    name = "one thread per task"
-    task_threads = 1
-
-    def __init__(self) -> None:
-        self.tasks: list[object] = []
-
-    def ordered(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
-        for task in tasks:
-            self.tasks.append(task)
-            yield fn(task)
-
-
 def test_probe_tasks_take_the_executors_threads(tiny: Path, imatrix: Imatrix, tmp_path: Path) -> None:
     """A probe task runs on the threads its executor gives it (one CPU per task on Ray), not the driver's count,
     and measures what the driver would."""
-    pool = _OneThreadTasks()
+    pool = OneThreadTasks()
     ctx = dynq.RunContext(threads=2, cache_dir=tmp_path)
     spread = profile(tiny, imatrix, TEXT, types=LADDER, rows=32, n_ctx=64, chunks=1, ctx=ctx, executor=pool)
     probes = [t for t in pool.tasks if isinstance(t, ProbeTask)]
