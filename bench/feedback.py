@@ -76,40 +76,53 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--recipes", default="uniform-q2_k,uniform-iq2_xxs")
+    p.add_argument("--encoders", default=",".join(ENCODERS))
+    p.add_argument("--rotated", default="", help="recipes to measure on the rotated reference too (dynq rotate)")
     p.add_argument("--calib-chunks", type=int, default=32)
     p.add_argument("--eval-chunks", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--note", default="", help="a paragraph for the table's page: what the timings ran beside")
     a = p.parse_args()
     work = Path.home() / ".cache" / "dynq" / "bench-feedback" / a.model
     work.mkdir(parents=True, exist_ok=True)
     ref = work / f"{a.model}-f16.gguf"
-    ref_cost = cached(ref, [str(BIN), "quantize", f"zoo:{a.model}", "-r", "f16", "-o", str(ref)])
-    imatrix, gram = work / f"calib{a.calib_chunks}.imatrix.gguf", work / f"calib{a.calib_chunks}.gram.gguf"
-    gram_cost = cached(gram, [str(BIN), "imatrix", str(ref), "-o", str(imatrix), "--gram", str(gram), "--chunks",
-                              str(a.calib_chunks), "--force"])  # fmt: skip
+    costs = {"reference": cached(ref, [str(BIN), "quantize", f"zoo:{a.model}", "-r", "f16", "-o", str(ref)])}
+    passes = {"": ref}
+    if a.rotated:
+        passes["rotated "] = work / f"{a.model}-f16-rot.gguf"
+        costs["rotation"] = cached(passes["rotated "], [str(BIN), "rotate", str(ref), "-o", str(passes["rotated "]),
+                                                         "--force"])  # fmt: skip
     rows: list[dict[str, Any]] = []
-    for recipe in a.recipes.split(","):
-        for encoder in ENCODERS:
-            quant = work / f"{recipe}.{encoder}.gguf"
-            options = ["--gram", str(gram)] if encoder == "feedback" else []
-            backend = "ggml" if encoder == "feedback" else encoder
-            cost = cached(quant, [str(BIN), "quantize", str(ref), "-r", recipe, "-o", str(quant), "--imatrix",
-                                  str(imatrix), "--backend", backend, "--force", *options])  # fmt: skip
-            result_file = work / f"{recipe}.{encoder}.eval{a.eval_chunks}.json"
-            if not result_file.exists():
-                result_file.write_text(json.dumps(judged(quant, ref, a.eval_chunks)))
-            result = json.loads(result_file.read_text())
-            rows.append({"recipe": recipe, "encoder": encoder, "mib": quant.stat().st_size / 2**20, **cost, **result})
-            print(f"{recipe} {encoder}: KLD {result['kld_mean']:.4f}", flush=True)
-    write(a, rows, ref_cost, gram_cost)
+    for label, source in passes.items():
+        stem = work / f"{'rot-' if label else ''}calib{a.calib_chunks}"
+        imatrix, gram = stem.with_suffix(".imatrix.gguf"), stem.with_suffix(".gram.gguf")
+        costs[f"{label}gram"] = cached(gram, [str(BIN), "imatrix", str(source), "-o", str(imatrix), "--gram",
+                                              str(gram), "--chunks", str(a.calib_chunks), "--force"])  # fmt: skip
+        recipes = a.rotated.split(",") if label else a.recipes.split(",")
+        encoders = ["ggml", "feedback"] if label else a.encoders.split(",")
+        for recipe in recipes:
+            for encoder in encoders:
+                name = f"{'rot-' if label else ''}{recipe}.{encoder}"
+                quant = work / f"{name}.gguf"
+                options = ["--gram", str(gram)] if encoder == "feedback" else []
+                backend = "ggml" if encoder == "feedback" else encoder
+                cost = cached(quant, [str(BIN), "quantize", str(source), "-r", recipe, "-o", str(quant), "--imatrix",
+                                      str(imatrix), "--backend", backend, "--force", *options])  # fmt: skip
+                result_file = work / f"{name}.eval{a.eval_chunks}.json"
+                if not result_file.exists():  # judged against the original reference, rotated or not
+                    result_file.write_text(json.dumps(judged(quant, ref, a.eval_chunks)))
+                result = json.loads(result_file.read_text())
+                rows.append({"recipe": recipe, "encoder": label + encoder, "mib": quant.stat().st_size / 2**20,
+                             **cost, **result})  # fmt: skip
+                print(f"{recipe} {label}{encoder}: KLD {result['kld_mean']:.4f}", flush=True)
+                write(a, rows, costs)
 
 
-def write(a: argparse.Namespace, rows: list[dict[str, Any]], ref_cost: dict[str, Any],
-          gram_cost: dict[str, Any]) -> None:  # fmt: skip
+def write(a: argparse.Namespace, rows: list[dict[str, Any]], costs: dict[str, dict[str, Any]]) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"feedback-{a.model}"
-    stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "gram": gram_cost, "reference": ref_cost},
-                                                    indent=1))  # fmt: skip
+    stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "stages": costs}, indent=1))
+    gram_cost = costs["gram"]
     by = {(r["recipe"], r["encoder"]): r for r in rows}
     lines = [
         f"# Error-feedback encoding on {a.model}",
@@ -117,13 +130,20 @@ def write(a: argparse.Namespace, rows: list[dict[str, Any]], ref_cost: dict[str,
         f"Same imatrix and Gram matrices from one pass over {a.calib_chunks} chunks of 512 calibration tokens "
         f"(`dynq imatrix --gram`: {gram_cost['seconds']:.0f} s, peak RSS {gram_cost['peak_rss_gib']} GiB); judged "
         f"on {a.eval_chunks} chunks of the evaluation text against the F16 reference. Same recipe, same types, same "
-        "tensor bytes per row group. 2 cores; times are wall seconds of each `dynq quantize`.",
+        "tensor bytes per row group. 2 cores; times are wall seconds of each `dynq quantize`. Rows marked rotated "
+        "are quantized from the reference rotated by `dynq rotate` (its own imatrix and Gram pass) and judged "
+        "against the original reference.",
         "",
+        "Stages: "
+        + "; ".join(f"{k}: {v['seconds']:.0f} s, peak RSS {v['peak_rss_gib']} GiB" for k, v in costs.items())
+        + ".",
+        "",
+        *([a.note, ""] if a.note else []),
         "| recipe | encoder | MiB | KLD mean | KLD p99 | top-1 | PPL | quantize s | peak RSS GiB | /ggml | /torch |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        g, t = by[(r["recipe"], "ggml")], by.get((r["recipe"], "torch"))
+        g, t = by.get((r["recipe"], "ggml"), r), by.get((r["recipe"], "torch"))
         vs_t = f"{r['kld_mean'] / t['kld_mean']:.2f}" if t else "-"
         lines.append(f"| {r['recipe']} | {r['encoder']} | {r['mib']:.1f} | {r['kld_mean']:.4f} | {r['kld_p99']:.3f} | "
                      f"{r['top1'] * 100:.1f}% | {r['ppl']:.2f} | {r['seconds']:.0f} | {r['peak_rss_gib']} | "
