@@ -257,7 +257,7 @@ def _open_gram(gram: str | os.PathLike[str] | GramFile | None, plan: QuantPlan, 
         return None
     g = gram if isinstance(gram, GramFile) else GramFile(gram)
     if imatrix is None:
-        raise DynqError(f"{g.path}: error feedback also needs the imatrix collected with it (--imatrix)")
+        raise DynqError(f"{g.path}: error feedback also needs the imatrix collected with it")
     weights = [p.info.name for p in plan.tensors if not p.qtype.is_float and g.matrix(p.info.name) is not None]
     if not weights:
         raise DynqError(f"{g.path}: no Gram matrix for any tensor of {plan.source}; collect it from this model")

@@ -295,4 +295,4 @@ def check_profile_encoder(profile: Profile, gram: GramFile | None) -> None:
         measured = profile.method.encoder or "llama.cpp's encoders"
         writing = wanted or "llama.cpp's encoders"
         raise DynqError(f"the profile measured {measured} but the quantize would write with {writing}; profile with "
-                        "the same --gram (or none)")  # fmt: skip
+                        "the same Gram file, or quantize without one")  # fmt: skip

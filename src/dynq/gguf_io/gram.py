@@ -87,7 +87,7 @@ class GramFile:
         try:
             reader = GGUFReader(self.path)
         except (OSError, ValueError, KeyError, IndexError) as e:
-            raise DynqError(f"{self.path}: not a readable Gram file ({e}); make it with dynq imatrix --gram") from None
+            raise DynqError(f"{self.path}: not a readable Gram file ({e}); make one with `imatrix --gram`") from None
         if field_value(reader, "general.type") != _TYPE:
             raise DynqError(f"{self.path}: a GGUF file but not a Gram file (general.type is not 'gram')")
         version = field_value(reader, "dynq.gram.version")
@@ -132,7 +132,7 @@ class GramFile:
         for w in weights:
             diag, entry = self.diagonal(w), imatrix.entries.get(w)
             if diag is None:
-                raise DynqError(f"{self.path}: no Gram matrix for {w}; collect it from this model (imatrix --gram)")
+                raise DynqError(f"{self.path}: no Gram matrix for {w}; collect it from this model (`imatrix --gram`)")
             if entry is None or entry.sums.shape != (1, diag.size):
                 raise DynqError(f"{self.path}: {w} has a Gram matrix of {diag.size} columns that {origin} does not "
                                 "match; give the imatrix collected with it")  # fmt: skip
