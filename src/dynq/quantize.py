@@ -19,19 +19,17 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter
-from gguf import quantize as gguf_quantize
 
 from dynq.core.arrays import F32Array, U8Array
 from dynq.core.context import RunContext, context
 from dynq.core.importance import Imatrix, importance_row, importance_rows, n_matrices
-from dynq.core.qtypes import QType
 from dynq.core.source import TensorSource, check_float_metadata
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.executors import Executor
 from dynq.gguf_io.gram import GramFile, open_gram
 from dynq.gguf_io.imatrix import ImatrixLike, as_imatrix
-from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, write_gguf
+from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, encode_float, write_gguf
 from dynq.kernels import KernelBackend, choose_backend, get_backend
 from dynq.kernels.feedback import DEFAULT_DAMP, FEEDBACK_VERSION, encode_rows
 from dynq.recipe.coverage import Coverage, imatrix_coverage
@@ -53,15 +51,6 @@ class QuantizeResult:
     files: list[Path]
     seconds: float
     peak_rss_bytes: int
-
-
-def encode_float(t: QType, values: F32Array) -> U8Array:
-    """Values stored as a float type (F32, F16, BF16 rounded to nearest even)."""
-    if t.name == "F32":
-        return values.astype(np.float32).view(np.uint8)
-    if t.name == "F16":
-        return values.astype(np.float16).view(np.uint8)
-    return np.asarray(gguf_quantize(values, t.ggml)).view(np.uint8)  # BF16, round-to-nearest-even
 
 
 def peak_rss_bytes() -> int:

@@ -29,15 +29,26 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import quantize as gguf_quantize
 
-from dynq.core.arrays import U8Array
+from dynq.core.arrays import F32Array, U8Array
 from dynq.core.atomic import check_output_folder
+from dynq.core.qtypes import QType
 from dynq.core.source import MetadataField
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError, LeftoverRun, OutputExists, ResumeRequired
 from dynq.gguf_io.partial import PartialOutput, RunHeader, WrittenTensor, file_sha256, verified_prefix
 
 log = logging.getLogger(__name__)
+
+
+def encode_float(t: QType, values: F32Array) -> U8Array:
+    """Values stored as a float type (F32, F16, BF16 rounded to nearest even)."""
+    if t.name == "F32":
+        return values.astype(np.float32).view(np.uint8)
+    if t.name == "F16":
+        return values.astype(np.float16).view(np.uint8)
+    return np.asarray(gguf_quantize(values, t.ggml)).view(np.uint8)  # BF16, round-to-nearest-even
 
 
 def copy_metadata(fields: Iterable[MetadataField], writer: GGUFWriter, drop: Callable[[str], bool]) -> None:

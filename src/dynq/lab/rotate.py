@@ -28,8 +28,7 @@ from dynq.core.qtypes import FLOATS, qtype
 from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError
 from dynq.gguf_io.reader import GGUFModel
-from dynq.gguf_io.writer import OutputTensor, copy_metadata, write_gguf
-from dynq.quantize import encode_float
+from dynq.gguf_io.writer import OutputTensor, copy_metadata, encode_float, write_gguf
 
 log = logging.getLogger(__name__)
 
