@@ -24,7 +24,7 @@ from dynq.core.atomic import atomic_write_text
 from dynq.core.importance import Imatrix
 from dynq.core.jsonfile import read_json
 from dynq.core.qtypes import FLOATS, quantizable_qtypes
-from dynq.core.records import RecordFormat, to_data
+from dynq.core.records import OMIT_IF_DEFAULT, RecordFormat, to_data
 from dynq.core.source import TensorSource
 from dynq.errors import BadInput, DynqError, OutputExists
 from dynq.gguf_io.reader import GGUFModel
@@ -88,7 +88,7 @@ class Method:
     kld_floor: float = KLD_FLOOR
     # "" for llama.cpp's encoders; else the error-feedback encoder and its Gram file (quantize.encoder_name): the
     # errors and probes describe the encoder the solved mix will be written with
-    encoder: str = ""
+    encoder: str = field(default="", metadata={OMIT_IF_DEFAULT: True})
 
 
 @dataclass(frozen=True)
@@ -231,8 +231,7 @@ def cache_key(fingerprint: str, imatrix: ImatrixRef | None, text: TextRef, metho
         "model": fingerprint,
         "imatrix": None if imatrix is None else imatrix.sha256,
         "text": text.sha256,
-        # a plain profile keeps the key it had before the encoder was part of the method
-        "method": {k: v for k, v in to_data(method).items() if k != "encoder" or v},
+        "method": to_data(method),  # a plain profile keeps the key it had before the encoder was a field
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 

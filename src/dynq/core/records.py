@@ -30,10 +30,16 @@ class _Wrong(Exception):
         super().__init__(f"{at or 'the record'} {problem}")
 
 
+OMIT_IF_DEFAULT = "omit_if_default"
+
+
 def to_data(value: Any) -> Any:
-    """`value` as JSON data: a dataclass as a dict of its fields in order, tuples and lists as lists."""
+    """`value` as JSON data: a dataclass as a dict of its fields in order, tuples and lists as lists. A field added to
+    a record later (metadata `OMIT_IF_DEFAULT`) is left out while it has its default, so that records which do not
+    use it keep the layout, and the digests, they had before it existed."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_data(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get(OMIT_IF_DEFAULT) and getattr(value, f.name) == f.default)}  # fmt: skip
     if isinstance(value, tuple | list):
         return [to_data(v) for v in value]
     if isinstance(value, dict):
