@@ -120,8 +120,8 @@ def main() -> None:
 
 def write(a: argparse.Namespace, rows: list[dict[str, Any]], costs: dict[str, dict[str, Any]]) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"feedback-{a.model}"
-    stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "stages": costs}, indent=1))
+    stem = a.out / f"feedback-{a.model}"  # the model's name has dots: no with_suffix
+    Path(f"{stem}.json").write_text(json.dumps({"rows": rows, "stages": costs}, indent=1))
     gram_cost = costs["gram"]
     by = {(r["recipe"], r["encoder"]): r for r in rows}
     lines = [
@@ -152,7 +152,7 @@ def write(a: argparse.Namespace, rows: list[dict[str, Any]], costs: dict[str, di
     for r in rows:
         first = " ⏎ ".join(r["completion"].splitlines()[:6]).replace("|", "\\|")
         lines.append(f"- {r['recipe']} / {r['encoder']}: `{first[:200]}`")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
