@@ -27,7 +27,7 @@ from dynq.core.source import TensorSource, check_float_metadata
 from dynq.encode_cache import EncodeCache
 from dynq.errors import DynqError
 from dynq.executors import Executor
-from dynq.gguf_io.gram import GramFile, open_gram
+from dynq.gguf_io.gram import GramFile, GramLike, as_gram, open_gram, task_path
 from dynq.gguf_io.imatrix import ImatrixLike, as_imatrix
 from dynq.gguf_io.writer import ChunkedBytes, OutputTensor, copy_metadata, encode_float, write_gguf
 from dynq.kernels import KernelBackend, choose_backend, get_backend
@@ -152,7 +152,7 @@ def encode_task(task: EncodeTask) -> EncodedPart:
 def _tasks(p: PlannedTensor, source: SourceRef, imatrix: Imatrix | None, backend: str, device: str,
            threads: int, gram: GramFile | None) -> list[EncodeTask]:  # fmt: skip
     importance = importance_rows(p.info, imatrix)
-    gram_path = str(gram.path.resolve()) if gram is not None else None
+    gram_path = task_path(gram)
 
     def task(e: int | None) -> EncodeTask:
         return EncodeTask(source, p, e, importance_row(importance, e or 0), backend, device, threads, gram_path)
@@ -239,12 +239,12 @@ def _inputs_key(imatrix: Imatrix | None, encoder: str) -> str:
     return h.hexdigest()
 
 
-def _open_gram(gram: str | os.PathLike[str] | GramFile | None, plan: QuantPlan, imatrix: Imatrix | None,
+def _open_gram(gram: GramLike | None, plan: QuantPlan, imatrix: Imatrix | None,
                origin: str) -> GramFile | None:  # fmt: skip
     """The Gram file for error feedback, checked before any work against the imatrix of the same pass."""
-    if gram is None:
+    g = as_gram(gram)
+    if g is None:
         return None
-    g = gram if isinstance(gram, GramFile) else GramFile(gram)
     if imatrix is None:
         raise DynqError(f"{g.path}: error feedback also needs the imatrix collected with it")
     weights = [p.info.name for p in plan.tensors if not p.qtype.is_float and g.matrix(p.info.name) is not None]
@@ -278,7 +278,7 @@ def quantize(
     resume: bool = False,
     overwrite: bool = False,
     executor: Executor | None = None,
-    gram: str | os.PathLike[str] | GramFile | None = None,
+    gram: GramLike | None = None,
 ) -> QuantizeResult:
     """Write `plan` into `output` (plus shards if `split_max_size`), reading weights from the plan's source.
 

@@ -25,7 +25,7 @@ from dynq.core.units import parse_target
 from dynq.errors import DynqError
 from dynq.eval.evaluate import EvalResult, evaluate
 from dynq.executors import Executor
-from dynq.gguf_io.gram import GramFile
+from dynq.gguf_io.gram import GramFile, GramLike, as_gram
 from dynq.gguf_io.imatrix import ImatrixLike, as_imatrix
 from dynq.quantize import QuantizeResult, encoder_name, quantize
 from dynq.recipe.plan import QuantPlan
@@ -261,7 +261,7 @@ def quantize_for(
     reuse_encoded: bool = False,
     overwrite: bool = False,
     measure: ProfileSettings | None = None,
-    gram: str | os.PathLike[str] | GramFile | None = None,
+    gram: GramLike | None = None,
 ) -> QuantizedFor:
     """Quantize `source` into a file of at most `target` bytes ('600MiB', '2.5bpw'): the profile (measured on
     `text`, default the built-in calibration text, or taken from the cache, unless `profile` is given), the solve,
@@ -271,7 +271,7 @@ def quantize_for(
     quantize both use the error-feedback encoder; a given profile must have been measured with that encoder."""
     ctx = context(ctx)
     imx = as_imatrix(imatrix)
-    grams = gram if isinstance(gram, GramFile) or gram is None else GramFile(gram)
+    grams = as_gram(gram)
     opened = open_source(source, ctx.cache_dir)  # once, for all three steps: one parse, one fingerprint
     if profile is None:
         calib = text if text is not None else calibration_text(ctx.cache_dir)

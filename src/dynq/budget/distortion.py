@@ -18,7 +18,7 @@ from dynq.core.importance import Imatrix, importance_row, importance_rows, n_mat
 from dynq.core.qtypes import F16, FLOATS, QType, fallback_for, qtype
 from dynq.core.tensors import TensorClass, TensorInfo
 from dynq.errors import DynqError
-from dynq.gguf_io.gram import GramFile, open_gram
+from dynq.gguf_io.gram import GramFile, open_gram, task_path
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels import KernelBackend
 from dynq.kernels.feedback import encode_with_feedback, inverse_factor
@@ -202,8 +202,7 @@ class ErrorsTask:
            probe_type: str, seed: int, gram: GramFile | None = None) -> ErrorsTask:  # fmt: skip
         entry = imatrix.entries.get(info.name) if imatrix is not None else None
         own = Imatrix({info.name: entry}) if entry is not None else None
-        path = str(gram.path.resolve()) if gram is not None else None
-        return ErrorsTask(source, info, own, tuple(types), rows, probe_type, seed, path)
+        return ErrorsTask(source, info, own, tuple(types), rows, probe_type, seed, task_path(gram))
 
 
 def errors_task(task: ErrorsTask) -> dict[str, float]:

@@ -56,7 +56,7 @@ from dynq.core.tensors import TensorInfo
 from dynq.errors import DynqError, ResumeRequired
 from dynq.eval.evaluate import reference_predictions
 from dynq.executors import Executor
-from dynq.gguf_io.gram import GramFile, open_gram
+from dynq.gguf_io.gram import GramFile, GramLike, as_gram, open_gram, task_path
 from dynq.gguf_io.partial import PartialOutput
 from dynq.gguf_io.reader import GGUFModel
 from dynq.kernels.ggml import GgmlBackend
@@ -107,7 +107,7 @@ def profile(
     ctx: RunContext | None = None,
     resume: bool = False,
     executor: Executor | None = None,
-    gram: str | os.PathLike[str] | GramFile | None = None,
+    gram: GramLike | None = None,
 ) -> Profile:
     """The sensitivity profile of the float reference at `source_path` on calibration `text`, from the cache under
     ctx.cache_dir/profiles when one was made with the same model, imatrix, text and settings. While it is measured,
@@ -218,11 +218,10 @@ class ProfileProgress:
         atomic_write_text(self.path, json.dumps(record))
 
 
-def _checked_gram(gram: str | os.PathLike[str] | GramFile | None, imatrix: Imatrix | None,
-                  tensors: Sequence[TensorInfo]) -> GramFile | None:  # fmt: skip
-    if gram is None:
+def _checked_gram(gram: GramLike | None, imatrix: Imatrix | None, tensors: Sequence[TensorInfo]) -> GramFile | None:
+    g = as_gram(gram)
+    if g is None:
         return None
-    g = gram if isinstance(gram, GramFile) else GramFile(gram)
     if imatrix is None:
         raise DynqError(f"{g.path}: a profile with error feedback also needs the imatrix collected with it")
     g.check_against(imatrix, [t.name for t in tensors if g.matrix(t.name) is not None], "the imatrix")
@@ -315,7 +314,7 @@ def _run_probes(
     if executor is not None:
         left = [(g, typed) for g, typed in todo if g not in done]
         ref = SourceRef.of(model, ctx.cache_dir)
-        gram_path = str(gram.path.resolve()) if gram is not None else None
+        gram_path = task_path(gram)
         tasks = (ProbeTask(ref, g, tuple(typed), _entries(imatrix, [t.name for t, _ in typed]), text, method.n_ctx,
                            method.chunks, executor.task_threads or ctx.threads, gram_path)
                  for g, typed in left)  # fmt: skip

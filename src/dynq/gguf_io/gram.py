@@ -150,6 +150,18 @@ class GramFile:
                 raise DynqError(f"{self.path}: the Gram matrix of {w} holds NaN or Inf; collect the Gram file again")
 
 
+GramLike = str | os.PathLike[str] | GramFile
+
+
+def as_gram(gram: GramLike | None) -> GramFile | None:
+    return gram if isinstance(gram, GramFile) or gram is None else GramFile(gram)
+
+
+def task_path(gram: GramFile | None) -> str | None:
+    """What a task carries of a Gram file: its absolute path, opened where the task runs (`open_gram`)."""
+    return None if gram is None else str(gram.path.resolve())
+
+
 @functools.lru_cache(maxsize=2)
 def _opened(path: str) -> GramFile:
     return GramFile(path)
