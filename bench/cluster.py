@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import dynq
-from local_ray import local_cluster
+from local_ray import LocalCluster, local_cluster
 from runs import measurements
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,12 +40,12 @@ def dynq_cli(*args: str, env: dict[str, str] | None = None) -> tuple[float, subp
     return time.perf_counter() - started, done
 
 
-def killing_a_worker(stop: threading.Event, killed: list[int]) -> None:
+def killing_a_worker(cluster: LocalCluster, stop: threading.Event, killed: list[int]) -> None:
     while not killed and not stop.is_set():
-        found = subprocess.run(["pgrep", "-f", "ray::encode_task"], capture_output=True, text=True).stdout.split()
+        found = cluster.running("ray::encode_task")  # this bench's own cluster only
         if found:
-            os.kill(int(found[0]), signal.SIGKILL)
-            killed.append(int(found[0]))
+            os.kill(found[0], signal.SIGKILL)
+            killed.append(found[0])
         time.sleep(0.05)
 
 
@@ -67,11 +67,11 @@ def main() -> None:
         text = tmp / "calib.txt"
         text.write_text((dynq.calibration(ctx=ctx).text * 2)[:200_000])
 
-        def quantize(label: str, *extra: str, kill: bool = False) -> None:
+        def quantize(label: str, *extra: str, kill: LocalCluster | None = None) -> None:
             out = tmp / f"{label}.gguf"
             killed: list[int] = []
             stop = threading.Event()
-            killer = threading.Thread(target=killing_a_worker, args=(stop, killed)) if kill else None
+            killer = threading.Thread(target=killing_a_worker, args=(kill, stop, killed)) if kill else None
             if killer is not None:
                 killer.start()
             seconds, _ = dynq_cli("quantize", str(ref), "-r", args.recipe, "-o", str(out), *extra)
@@ -102,10 +102,10 @@ def main() -> None:
         quantize("serial", "--threads", "2")
         quantize("2 local processes", "--processes", "2")
         profile("serial", "--threads", "2")
-        with local_cluster(tmp, workers=2) as address:
-            quantize("Ray: 2 worker nodes x 1 CPU", "--ray", address)
-            quantize("Ray, a worker killed mid-task", "--ray", address, kill=True)
-            profile("Ray: 2 worker nodes x 1 CPU", "--ray", address)
+        with local_cluster(tmp, workers=2) as cluster:
+            quantize("Ray: 2 worker nodes x 1 CPU", "--ray", cluster.address)
+            quantize("Ray, a worker killed mid-task", "--ray", cluster.address, kill=cluster)
+            profile("Ray: 2 worker nodes x 1 CPU", "--ray", cluster.address)
     meta = {"model": args.model, "recipe": args.recipe, "machine": f"{os.cpu_count()} cores",
             "load_average_at_start": round(load, 2)}  # fmt: skip
     (RESULTS / "cluster.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from dynq.gguf_io.partial import partial_dir
 
 BIN = Path(sys.executable).parent / "dynq"
 PROMPT = "def fibonacci(n):\n"
@@ -106,6 +109,8 @@ def main() -> None:
                 quant = work / f"{name}.gguf"
                 options = ["--gram", str(gram)] if encoder == "feedback" else []
                 backend = "ggml" if encoder == "feedback" else encoder
+                if not quant.exists():  # a stopped run's partial: start over, so the time is a whole run's
+                    shutil.rmtree(partial_dir(quant), ignore_errors=True)
                 cost = cached(quant, [str(BIN), "quantize", str(source), "-r", recipe, "-o", str(quant), "--imatrix",
                                       str(imatrix), "--backend", backend, "--force", *options])  # fmt: skip
                 result_file = work / f"{name}.eval{a.eval_chunks}.json"

@@ -5,10 +5,10 @@ split models' shard sets (fuzz_shards.py).
 Each case mutates a valid file where its structure is (a count, a string length, an array type, a tensor dimension,
 type or offset, a cut at a section boundary, a YAML value of the wrong kind...) and runs what a user would run on it.
 A case passes when it ends in a correct result or in a one-line `DynqError`; a finding is anything else: another
-exception, a run over the time limit, memory over the limit (the worker process's address space is capped at its
-size at start plus `--memory-mib`, so a declared size of 2^60 bytes that gets allocated is caught), a case known to
-be broken that is accepted (an index naming a file outside the checkpoint, a missing shard) or one known to be valid
-that is refused.
+exception, a run over its limit of CPU time (CPU time, so that a busy machine is no finding), memory over the limit
+(the worker process's address space is capped at its size at start plus `--memory-mib`, so a declared size of 2^60
+bytes that gets allocated is caught), a case known to be broken that is accepted (an index naming a file outside the
+checkpoint, a missing shard) or one known to be valid that is refused.
 
     .venv/bin/python tests/fuzzing.py --cases 20000 [--kinds gguf,imatrix-gguf,imatrix-dat,recipe,checkpoint,shards]
 """
@@ -261,7 +261,7 @@ class _Timeout(BaseException):
     pass
 
 
-def _alarm(signum: int, frame: FrameType | None) -> None:
+def _out_of_time(signum: int, frame: FrameType | None) -> None:
     raise _Timeout
 
 
@@ -270,12 +270,12 @@ def judged(kind: str, what: str, run: Callable[[], object], expect: str = "any",
     for a case that must end in an error, `work` for one that must not, `any` otherwise."""
     try:
         return _judged(kind, what, run, expect, seconds)
-    except _Timeout:  # the alarm went off as the case ended, before it was cancelled: the case took the whole limit
-        return Result(kind, "finding", f"{what}: over {seconds} s")
+    except _Timeout:  # the timer went off as the case ended, before it was cancelled: the case took the whole limit
+        return Result(kind, "finding", f"{what}: over {seconds} s of CPU")
 
 
 def _judged(kind: str, what: str, run: Callable[[], object], expect: str, seconds: int) -> Result:
-    signal.alarm(seconds)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         run()
         if expect == "refuse":
@@ -289,14 +289,14 @@ def _judged(kind: str, what: str, run: Callable[[], object], expect: str, second
             return Result(kind, "finding", f"{what}: refused, though it is valid: {str(e)[:300]}")
         return Result(kind, "error", what)
     except _Timeout:
-        return Result(kind, "finding", f"{what}: over {seconds} s")
+        return Result(kind, "finding", f"{what}: over {seconds} s of CPU")
     except MemoryError:
         return Result(kind, "finding", f"{what}: memory over the limit")
     except Exception as e:  # anything else is what the fuzzer looks for
         where = traceback.extract_tb(e.__traceback__)[-1]
         return Result(kind, "finding", f"{what}: {type(e).__name__}: {str(e)[:200]} at {where.filename}:{where.lineno}")
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
 
 
 class Fuzzer:
@@ -325,12 +325,12 @@ class Fuzzer:
         self.seeds = make_seeds(work) if "checkpoint" in kinds else None
         self.checkpoint_seconds = CASE_SECONDS
         if self.seeds is not None:
-            # Opening a valid checkpoint reads its 151,665-token vocabulary through the converter: seconds on a
-            # busy machine. A case may take four times what the seed takes (warm), and never less than the rest.
+            # Opening a valid checkpoint reads its 151,665-token vocabulary through the converter: seconds of CPU.
+            # A case may take four times the CPU time the seed takes (warm), and never less than the rest.
             dynq.open_source(str(self.seeds.single), ctx=CTX)
-            started = time.perf_counter()
+            started = time.process_time()
             dynq.open_source(str(self.seeds.single), ctx=CTX)
-            self.checkpoint_seconds = max(CASE_SECONDS, math.ceil(4 * (time.perf_counter() - started)))
+            self.checkpoint_seconds = max(CASE_SECONDS, math.ceil(4 * (time.process_time() - started)))
         self.shard_seeds = ShardSeeds.make(work) if "shards" in kinds else None
         self.count = 0
 
@@ -464,7 +464,7 @@ def fuzz(cases: int, kinds: list[str], seed: int, memory_mib: int, quantize_ever
     rng = random.Random(seed)
     logging.disable(logging.WARNING)  # a damaged file's warnings are expected, thousands of times
     warnings.simplefilter("ignore")
-    signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGPROF, _out_of_time)
     counts: dict[str, Counter[str]] = {k: Counter() for k in kinds}
     findings: list[str] = []
     started = time.perf_counter()

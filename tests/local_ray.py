@@ -13,7 +13,10 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent))
 _COUNT_NODES = "import ray,sys; ray.init(address=sys.argv[1]); print(sum(n['Alive'] for n in ray.nodes()))"
@@ -39,9 +42,34 @@ def _answers(port: int) -> bool:
         return False
 
 
+@dataclass
+class LocalCluster:
+    address: str
+    nodes: list[subprocess.Popen[bytes]]
+
+    def running(self, title: str) -> list[int]:
+        """PIDs of this cluster's processes (descendants of its own nodes, never another run's) whose command line
+        starts with `title`, as Ray names a worker running a task (`ray::encode_task`)."""
+        found = []
+        for node in self.nodes:
+            try:
+                children = psutil.Process(node.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    if " ".join(child.cmdline()).startswith(title):
+                        found.append(child.pid)
+                except psutil.Error:  # it ended while we looked
+                    continue
+        return found
+
+
 @contextmanager
-def local_cluster(logs: Path, workers: int = 2, cpus_per_worker: int = 1, timeout: float = 300) -> Iterator[str]:
-    """Start the cluster, yield its address, stop it; each node's output goes to `logs`/NAME.log."""
+def local_cluster(
+    logs: Path, workers: int = 2, cpus_per_worker: int = 1, timeout: float = 300
+) -> Iterator[LocalCluster]:
+    """Start the cluster, yield it, stop it; each node's output goes to `logs`/NAME.log."""
     if RAY is None:
         raise RuntimeError("the ray command is missing from the virtualenv: make setup installs it")
     port = free_port()
@@ -67,7 +95,7 @@ def local_cluster(logs: Path, workers: int = 2, cpus_per_worker: int = 1, timeou
                 log = (logs / f"worker{i}.log").read_text()[-2000:]
                 assert time.monotonic() < deadline and nodes[-1].poll() is None, log
                 time.sleep(1)
-        yield address
+        yield LocalCluster(address, nodes)
     finally:
         for started in reversed(nodes):
             started.send_signal(signal.SIGTERM)

@@ -15,7 +15,7 @@ runner = CliRunner()
 
 def dynq(*args: str) -> subprocess.CompletedProcess[str]:
     """The installed console entry point, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "dynq.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dynq.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_plan_json_on_a_shape_inventory() -> None:

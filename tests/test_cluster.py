@@ -19,7 +19,7 @@ import pytest
 import dynq
 from dynq.errors import DynqError
 from dynq.executors import LocalProcesses, RayCluster
-from local_ray import free_port, local_cluster
+from local_ray import LocalCluster, free_port, local_cluster
 from runs import measurements
 from tiny_models import llama_tensors, write_gguf
 
@@ -28,9 +28,14 @@ MODEL = "zoo:smollm2-135m"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with local_cluster(tmp_path_factory.mktemp("ray"), workers=2) as address:
-        yield address
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with local_cluster(tmp_path_factory.mktemp("ray"), workers=2) as started:
+        yield started
+
+
+@pytest.fixture
+def cluster(ray_cluster: LocalCluster) -> str:
+    return ray_cluster.address
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +62,27 @@ def test_quantize_on_the_cluster_equals_serial(cluster: str, reference: Path, tm
     assert remote.read_bytes() == serial.read_bytes()
 
 
-def test_a_worker_killed_mid_task_is_retried(cluster: str, reference: Path, tmp_path: Path) -> None:
+def test_a_worker_killed_mid_task_is_retried(ray_cluster: LocalCluster, reference: Path, tmp_path: Path) -> None:
     serial, remote = tmp_path / "serial.gguf", tmp_path / "ray.gguf"
     assert quantize_cli(reference, serial, "--threads", "2").returncode == 0
     killed: list[int] = []
+    finished = threading.Event()
 
-    def kill_a_busy_worker() -> None:
-        deadline = time.monotonic() + 300
-        while not killed and time.monotonic() < deadline:
-            found = subprocess.run(["pgrep", "-f", "ray::encode_task"], capture_output=True, text=True).stdout.split()
+    def kill_a_busy_worker() -> None:  # a worker of this test's own cluster, found among its nodes' descendants
+        while not killed and not finished.is_set():
+            found = ray_cluster.running("ray::encode_task")
             if found:
-                os.kill(int(found[0]), signal.SIGKILL)
-                killed.append(int(found[0]))
-            time.sleep(0.05)
+                os.kill(found[0], signal.SIGKILL)
+                killed.append(found[0])
+            time.sleep(0.02)
 
     killer = threading.Thread(target=kill_a_busy_worker)
     killer.start()
-    done = quantize_cli(reference, remote, "--ray", cluster)
-    killer.join()
+    try:
+        done = quantize_cli(reference, remote, "--ray", ray_cluster.address)
+    finally:
+        finished.set()
+        killer.join()
     assert killed, "no worker was seen running a task"
     assert done.returncode == 0, done.stderr
     assert remote.read_bytes() == serial.read_bytes()
@@ -86,12 +94,10 @@ def test_a_task_that_fails_by_itself_fails_the_run_once(cluster: str, tmp_path: 
     values[0, 0] = np.nan
     source = tmp_path / "nan.gguf"
     write_gguf(source, tensors)
-    started = time.perf_counter()
-    done = quantize_cli(source, tmp_path / "out.gguf", "--ray", cluster)
+    done = quantize_cli(source, tmp_path / "out.gguf", "--ray", cluster)  # retried forever, it would time out
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and name in errors[0] and "NaN" in errors[0], done.stderr
-    assert time.perf_counter() - started < 120
     assert not (tmp_path / "out.gguf").exists()
 
 
@@ -125,9 +131,14 @@ def test_local_processes_equal_serial(reference: Path, tmp_path: Path) -> None:
 
 
 def test_no_cluster_there_is_one_line(reference: Path, tmp_path: Path) -> None:
+    # about as quick as a run refused for a source that does not exist (the same start and imports, measured beside
+    # it, so a busy machine slows both): no wait for Ray's own connect timeouts
+    started = time.perf_counter()
+    assert quantize_cli(tmp_path / "missing.gguf", tmp_path / "out.gguf").returncode == 1
+    baseline = time.perf_counter() - started
     started = time.perf_counter()
     done = quantize_cli(reference, tmp_path / "out.gguf", "--ray", f"127.0.0.1:{free_port()}")
     assert done.returncode == 1 and "no Ray cluster answers there" in done.stderr and "Traceback" not in done.stderr
-    assert time.perf_counter() - started < 30
+    assert time.perf_counter() - started < 2 * baseline + 10
     with pytest.raises(DynqError, match="no Ray cluster"):
         RayCluster(f"127.0.0.1:{free_port()}")

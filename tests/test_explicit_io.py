@@ -49,7 +49,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_the_doors_are_really_closed(offline: None) -> None:
     with pytest.raises(Refused):
-        subprocess.run(["true"])
+        subprocess.run(["true"], timeout=10)
     with pytest.raises(Refused):
         socket.create_connection(("127.0.0.1", 9))
 

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dynq.core.tensors import TensorClass
 from dynq.eval.loops import generate
 from dynq.llamacpp.converter import convert
 from dynq.paths import cache_dir
+from dynq.sources import checkpoint as checkpoint_module
 from dynq.sources.checkpoint import HFCheckpoint
 from hf_checkpoints import tiny_deepseek_v3_fp8, tiny_qwen2, tiny_qwen2_moe
 from runs import TWO_THREADS, quantize_to
@@ -65,9 +67,30 @@ def test_f16_equals_the_converters_output(checkpoint: tuple[Path, Path], tmp_pat
     assert {k: v for k, v in mine.items() if not k.startswith(OWN_PREFIXES)} == theirs
 
 
-def test_the_plan_comes_from_headers_alone(checkpoint: tuple[Path, Path]) -> None:
+def headers_only(directory: Path, into: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the checkpoint whose weight bytes are all 0xFF (NaN in every float type), with every route dynq has
+    to weight values (lazy evaluation, the sampled fingerprint) refused: what reads a weight fails or differs."""
+    shutil.copytree(directory, into)
+    for shard in into.glob("*.safetensors"):
+        with shard.open("r+b") as f:
+            start = 8 + struct.unpack("<Q", f.read(8))[0]
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(start)
+            f.write(b"\xff" * (size - start))
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a weight was read")
+
+    for route in ("_evaluate", "_digest"):
+        monkeypatch.setattr(checkpoint_module, route, refused)
+    return into
+
+
+def test_the_plan_comes_from_headers_alone(checkpoint: tuple[Path, Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     directory, converted = checkpoint
-    planned = dynq.plan(str(directory), "dyn-iq2_xxs")
+    planned = dynq.plan(str(headers_only(directory, tmp_path / "hf", monkeypatch)), "dyn-iq2_xxs")
     reference = dynq.plan(str(converted), "dyn-iq2_xxs")
     assert [(p.info.name, p.info.shape, p.qtype.name) for p in planned.tensors] == [
         (p.info.name, p.info.shape, p.qtype.name) for p in reference.tensors
@@ -157,7 +180,7 @@ def test_a_broken_checkpoint_is_one_line_and_no_output(
     broken = _broken(two_shards, tmp_path, damage)
     out = tmp_path / "out.gguf"
     done = subprocess.run([sys.executable, "-m", "dynq.cli", "quantize", str(broken), "-r", "f16", "-o", str(out)],
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(says, lines[0]), done.stderr
@@ -178,10 +201,11 @@ def test_an_fp8_checkpoint_quantizes_to_1_bit_and_runs(tmp_path: Path) -> None:
     assert completions and all(c.n_tokens > 0 for c in completions)
 
 
-def test_offload_plans_a_checkpoint_without_reading_weights(checkpoint: tuple[Path, Path]) -> None:
+def test_offload_plans_a_checkpoint_without_reading_weights(checkpoint: tuple[Path, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     directory, converted = checkpoint
     budget = dynq.Hardware(vram=48 * 2**20)
-    ours = dynq.offload(str(directory), budget, recipe="dyn-iq1_s")
+    ours = dynq.offload(str(headers_only(directory, tmp_path / "hf", monkeypatch)), budget, recipe="dyn-iq1_s")
     theirs = dynq.offload(str(converted), budget, recipe="dyn-iq1_s")
     assert ours.best == theirs.best and ours.command == theirs.command
 

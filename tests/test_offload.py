@@ -204,7 +204,7 @@ def test_offload_on_a_synthetic_moe_file(tmp_path: Path) -> None:
 
 def test_bad_sizes_are_one_error_line() -> None:
     proc = subprocess.run([sys.executable, "-m", "dynq.cli", "offload", "shapes:deepseek-r1", "--vram", "lots"],
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
 

@@ -14,7 +14,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,10 +27,12 @@ from dynq.gguf_io.reader import GGUFModel
 from dynq.gguf_io.writer import StreamingWriter
 from dynq.lab.synthetic import write_synthetic
 from dynq.sources.content import current_digest
+from held_run import start_held
 from runs import measurements
 from tiny_models import llama_tensors, write_gguf
 
 RECIPE = "uniform-q4_k"
+JOURNALED = "dynq.gguf_io.partial:PartialOutput.record"  # a tensor's bytes are on disk and in the journal
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,12 @@ def reference(model: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return out.read_bytes()
 
 
+def quantize_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["--verbose", "quantize", str(model), "-r", RECIPE, "-o", str(out), "--threads", "1", *extra]
+
+
 def command(model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dynq.cli", "--verbose", "quantize", str(model), "-r", RECIPE, "-o", str(out),
-            "--threads", "1", *extra]  # fmt: skip
+    return [sys.executable, "-m", "dynq.cli", *quantize_args(model, out, *extra)]
 
 
 def run(model: Path, out: Path, *extra: str, limit_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,14 +71,12 @@ def journaled(out: Path) -> int:
 
 
 def start_and_kill(model: Path, out: Path, after_tensors: int, sig: int, resume: bool) -> int:
-    """Start a quantize and send `sig` once the journal holds `after_tensors` more tensors; returns its exit code."""
-    before = journaled(out)
-    proc = subprocess.Popen(command(model, out, *(["--resume"] if resume else [])), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and journaled(out) < before + after_tensors and time.monotonic() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(sig)
+    """Start a quantize, hold it once it has journaled `after_tensors` more tensors and send it `sig` there (a run
+    that ends first is not signalled); returns its exit code."""
+    args = quantize_args(model, out, *(["--resume"] if resume else []))
+    proc, held = start_held(JOURNALED, after_tensors, args)
+    if held:
+        proc.send_signal(sig)
     proc.wait(timeout=60)
     return proc.returncode
 
@@ -326,19 +328,14 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_synthetic("llama", folder / "tiny-llama.gguf"), folder / "calib.txt"
 
 
-def killed_then_resumed(args: list[str], kept: Callable[[], bool], env: dict[str, str], minimum_seconds: float) -> str:
-    """Run `dynq ARGS`, SIGKILL it once it `kept` progress and ran `minimum_seconds`, check that a rerun without
-    --resume refuses, then resume; returns the resumed run's stderr."""
+def killed_then_resumed(args: list[str], kept: str, env: dict[str, str]) -> str:
+    """Run `dynq ARGS`, SIGKILL it once `kept` (a function that saves its progress) has returned, check that a rerun
+    without --resume refuses, then resume; returns the resumed run's stderr."""
     base = [sys.executable, "-m", "dynq.cli", "--verbose", *args]
-    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    started, deadline = time.monotonic(), time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if kept() and time.monotonic() - started > minimum_seconds:
-            break
-        time.sleep(0.01)
+    proc, held = start_held(kept, 1, ["--verbose", *args], env=env)
+    assert held, "the run ended before it saved its progress: give it more work"
     proc.kill()
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: give it more work"
     again = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr, again.stderr
     resumed = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=300, env=env)
@@ -354,8 +351,7 @@ def test_an_interrupted_imatrix_resumes_to_the_same_bytes(dense: tuple[Path, Pat
                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "out.gguf"
-    progress = partial_dir(out) / "imatrix-progress.npz"
-    stderr = killed_then_resumed([*common, "-o", str(out)], progress.exists, env, 0.5)
+    stderr = killed_then_resumed([*common, "-o", str(out)], "dynq.calib.collector:ChunkProgress.maybe_save", env)
     assert "resuming after" in stderr
     assert out.read_bytes() == (tmp_path / "whole.gguf").read_bytes()
     assert not partial_dir(out).exists()
@@ -370,12 +366,8 @@ def test_an_interrupted_profile_resumes_to_the_same_measurements(dense: tuple[Pa
                            capture_output=True, text=True, timeout=600, env=whole_env)  # fmt: skip
     assert whole.returncode == 0, whole.stderr
     env = os.environ | {"DYNQ_CACHE_DIR": str(tmp_path / "cache")}
-    profiles = tmp_path / "cache" / "profiles"  # the kept measurements: in a folder named after the profile's key
-
-    def kept() -> bool:
-        return bool(list(profiles.glob(".*.dynq-partial/progress.json")))
-
-    stderr = killed_then_resumed([*common, "-o", str(tmp_path / "out.json")], kept, env, 1.0)
+    saved = "dynq.budget.profile:ProfileProgress.save"
+    stderr = killed_then_resumed([*common, "-o", str(tmp_path / "out.json")], saved, env)
     assert "resuming after" in stderr
     assert measurements(tmp_path / "out.json") == measurements(tmp_path / "whole.json")
-    assert not list(profiles.glob(".*.dynq-partial"))
+    assert not list((tmp_path / "cache" / "profiles").glob(".*.dynq-partial"))  # kept measurements: gone

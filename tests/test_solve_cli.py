@@ -28,7 +28,8 @@ runner = CliRunner()
 
 
 def dynq_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dynq.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dynq.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,7 @@ def test_a_profile_of_another_model_is_refused(made: dict[str, Path], tmp_path: 
     assert not (tmp_path / "r.yaml").exists()
 
 
+@pytest.mark.model  # builds llama.cpp's tools
 def test_bench_solver_rows_at_a_mix_size(made: dict[str, Path]) -> None:
     """A solver row takes exactly the tensor bytes of the llama.cpp mix it is named after, and is plotted; a recipe
     given as a file path is benched like a preset."""
