@@ -16,7 +16,7 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 
-.PHONY: setup test lint demo fuzz clean
+.PHONY: setup check test test-gpu lint demo fuzz clean
 
 $(LLAMA_WHEELS)/.built:
 	mkdir -p $(LLAMA_WHEELS)
@@ -34,8 +34,17 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEELS)/.built
 
 setup: $(STAMP)
 
+# The offline, model-free lane (tests marked unit: every test without model, cluster, slow or gpu): minutes.
+check: setup
+	$(PY) -m pytest -q -m unit --durations=15
+
+# The whole suite, with its slowest tests listed so that its cost stays in sight.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
+
+# The CUDA paths (tests marked gpu); on a machine without CUDA each says so and skips.
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu -rs
 
 # The long fuzz (tests/fuzzing.py): every kind of input dynq reads from strangers, mutated where its structure is.
 fuzz: setup

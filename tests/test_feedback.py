@@ -41,6 +41,7 @@ def real() -> dict[str, object]:
     return {"model": model, "imatrix": imx, "grams": grams}
 
 
+@pytest.mark.model
 def test_the_pass_shares_inputs_and_its_diagonal_is_the_imatrix(real: dict[str, object], tmp_path: Path) -> None:
     imx, grams = real["imatrix"], real["grams"]
     assert isinstance(imx, dynq.Imatrix) and isinstance(grams, GramSet)
@@ -88,6 +89,7 @@ def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("ij,jk,ik->", e, h.astype(np.float64), e))
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", QUANTIZABLE)
 def test_feedback_beats_the_plain_encoder_on_real_weights(real: dict[str, object], name: str) -> None:
     """tr((W−Q)H(W−Q)ᵀ) with the Gram matrix of the calibration pass: lower with feedback, for every type."""
@@ -118,6 +120,7 @@ def test_a_diagonal_gram_gives_the_plain_bytes(name: str, backend: str) -> None:
     assert np.array_equal(fed, kernels.encode(t, w, importance))
 
 
+@pytest.mark.model
 def test_the_same_bytes_at_any_thread_count(real: dict[str, object]) -> None:
     grams = real["grams"]
     assert isinstance(grams, GramSet)

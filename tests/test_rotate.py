@@ -34,6 +34,7 @@ def test_haar_is_orthogonal_and_seeded() -> None:
     assert np.array_equal(q, rotation.haar_orthogonal(64, 3)) and not np.array_equal(q, rotation.haar_orthogonal(64, 4))
 
 
+@pytest.mark.model
 def test_smollm2_rotated_is_the_same_model(tmp_path: Path) -> None:
     """A real model: its F16 reference and the rotated one agree in llama.cpp to F16 rounding of the new weights."""
     ref = quantize_to("zoo:smollm2-135m", "f16", tmp_path / "ref.gguf").files[0]
