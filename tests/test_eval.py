@@ -90,6 +90,26 @@ def test_evaluate_a_tiny_model(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache" / "references").glob("*.npz"))) == 1  # the reference ran once
 
 
+def test_a_reference_made_by_other_code_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached reference is keyed by the code that made it: a new REFERENCE_VERSION, or another llama.cpp, makes
+    it again rather than reading an older one."""
+    from dynq.eval import evaluate as evaluate_module
+
+    ctx = dynq.RunContext(threads=2, cache_dir=tmp_path / "cache")
+    src = write_synthetic("llama", tmp_path / "tiny.gguf")
+    text = dynq.Text(" ".join(f"the {c} of {c}{c} and to in" for c in "abcdefghijklmnopqrstuvwxyz" * 4), "t")
+    kept = lambda: len(list((tmp_path / "cache" / "references").glob("*.npz")))  # noqa: E731
+    dynq.evaluate(src, src, text=text, n_ctx=32, chunks=2, ctx=ctx)
+    dynq.evaluate(src, src, text=text, n_ctx=32, chunks=2, ctx=ctx)
+    assert kept() == 1
+    monkeypatch.setattr(evaluate_module, "REFERENCE_VERSION", evaluate_module.REFERENCE_VERSION + 1)
+    dynq.evaluate(src, src, text=text, n_ctx=32, chunks=2, ctx=ctx)
+    assert kept() == 2
+    monkeypatch.setattr(evaluate_module.metadata, "version", lambda package: "0.0.1")
+    dynq.evaluate(src, src, text=text, n_ctx=32, chunks=2, ctx=ctx)
+    assert kept() == 3
+
+
 @pytest.mark.parametrize("recipe", ["f16", "uniform-q4_0"])
 def test_logits_of_some_positions_are_those_of_all_positions(tmp_path: Path, recipe: str) -> None:
     """Evaluations ask llama.cpp for the scored half of each chunk only; those rows must be bit-identical to the

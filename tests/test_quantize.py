@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter
 
-from dynq import RunContext, fetch
+from dynq import RunContext
 from dynq.calib.collector import collect_imatrix
 from dynq.core.importance import ImatrixEntry
 from dynq.core.qtypes import quantizable_qtypes
@@ -24,6 +25,7 @@ from dynq.recipe.plan import resolve
 from dynq.recipe.presets import load_recipe
 from dynq.recipe.rules import recipe_from_dict
 from runs import TWO_THREADS, quantize_to
+from tiny_models import llama_tensors, write_gguf
 
 CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
 DYN = ["dyn-iq1_s", "dyn-iq1_m", "dyn-iq2_xxs", "dyn-q2_k_xl"]
@@ -122,20 +124,44 @@ def test_split_output_loads_as_one_model(synthetic: dict[str, Path], tmp_path: P
     np.testing.assert_array_equal(run_llama(single), run_llama(result.files[0]))
 
 
-def test_real_model_quantizes_with_bounded_memory(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
-    out = tmp_path / "smol-q4_k.gguf"
-    # In a fresh process: peak RSS is the maximum over a process's life, and earlier tests load whole models.
-    fetch("zoo:smollm2-135m")
-    code = ("import sys, dynq; a = sys.argv; print(dynq.quantize(dynq.plan(a[1], a[2]), a[3], "
-            "ctx=dynq.RunContext(threads=2)).peak_rss_bytes)")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code, "zoo:smollm2-135m", "uniform-q4_k", str(out)],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+def big_llama(path: Path, n_blocks: int = 16, n_embd: int = 1024, n_ff: int = 4096) -> int:
+    """A llama in F16 whose float32 image (~1 GB) is far larger than its largest tensor (16 MiB in float32); every
+    block holds the same values (cheap to make). Returns the largest tensor's float32 bytes."""
+    one = {name.split(".", 2)[2]: (values.astype(np.float16), T.F16 if values.ndim == 2 else T.F32)
+           for name, values, _ in llama_tensors(1, n_embd, n_ff, seed=3) if name.startswith("blk.0.")}  # fmt: skip
+    tensors = [("token_embd.weight", np.ones((96, n_embd), np.float16), T.F16)]
+    tensors += [(f"blk.{i}.{kind}", v, t) for i in range(n_blocks) for kind, (v, t) in one.items()]
+    tensors += [("output_norm.weight", np.ones(n_embd, np.float32), T.F32),
+                ("output.weight", np.ones((96, n_embd), np.float16), T.F16)]  # fmt: skip
+    write_gguf(path, tensors)
+    return n_ff * n_embd * 4
+
+
+# Peak RSS while quantizing, over the process's RSS once the plan is made (imports, headers), in a fresh process.
+_GROWTH = """import sys, dynq
+from pathlib import Path
+from dynq.quantize import peak_rss_bytes
+plan = dynq.plan(sys.argv[1], "uniform-q8_0")
+rss = lambda: next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                   if l.startswith("VmRSS:"))
+before = rss()
+assert peak_rss_bytes() < before + 2**26, "the start peaked above its resting size: the growth is not measured"
+done = dynq.quantize(plan, sys.argv[2], ctx=dynq.RunContext(threads=2))
+print(before, done.peak_rss_bytes - before)
+"""
+
+
+def test_quantize_streams_a_source_far_larger_than_its_memory(tmp_path: Path) -> None:
+    source = tmp_path / "big.gguf"
+    largest = big_llama(source)
+    image = sum(t.n_elements for t in GGUFModel(source).tensors) * 4
+    assert image > 60 * largest
+    done = subprocess.run([sys.executable, "-c", _GROWTH, str(source), str(tmp_path / "out.gguf")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout.split()[-1]) < 2 * 2**30
-    with LlamaRuntime(out, n_ctx=64, threads=2) as rt:
-        tokens = rt.tokenize("The capital of France is")
-    assert len(tokens) > 3
+    growth = int(done.stdout.split()[-1])
+    # a quantizer that read every tensor first would grow by the source's F16 bytes (image / 2) at least
+    assert growth < 12 * largest < image / 2, (growth, largest, image)
 
 
 # --- bad input: one clear line, non-zero exit, nothing under the output name ------------------------------------
@@ -223,15 +249,24 @@ def test_reuse_encoded_gives_identical_files(
 ) -> None:
     src, imx = synthetic["deepseek2"], imatrices["deepseek2"]
     ctx = RunContext(threads=2, cache_dir=tmp_path / "cache")
-    plain = quantize_to(src, "dyn-iq1_s", tmp_path / "plain.gguf", imatrix=imx, ctx=ctx)
+    quantize_to(src, "dyn-iq1_s", tmp_path / "plain.gguf", imatrix=imx, ctx=ctx)
+    entries = lambda: len(list((tmp_path / "cache" / "encoded").rglob("*.bin")))  # noqa: E731
     first = quantize_to(src, "dyn-iq1_s", tmp_path / "first.gguf", imatrix=imx, reuse_encoded=True, ctx=ctx)
-    again = quantize_to(src, "dyn-iq1_m", tmp_path / "again.gguf", imatrix=imx, reuse_encoded=True, ctx=ctx)
     assert (tmp_path / "first.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
-    assert len(list((tmp_path / "cache" / "encoded").rglob("*.bin"))) > 0
-    # dyn-iq1_m shares the gate/up experts at IQ1_S with dyn-iq1_s: read back, byte for byte the same tensors
+    # every tensor was either encoded and put, or read (tensors of the same content and type, the norms)
+    first_entries = entries()
+    assert first_entries + first.reused == len(first.plan.tensors) and first_entries > first.reused
+    again = quantize_to(src, "dyn-iq1_m", tmp_path / "again.gguf", imatrix=imx, reuse_encoded=True, ctx=ctx)
+    # dyn-iq1_m shares tensors (the gate/up experts at IQ1_S) with dyn-iq1_s: those are read back, not encoded
+    shared = {(p.info.name, p.qtype) for p in first.plan.tensors} & {(p.info.name, p.qtype) for p in again.plan.tensors}
+    assert again.reused >= len(shared) > 0
+    assert entries() == first_entries + len(again.plan.tensors) - again.reused
     a, b = GGUFModel(tmp_path / "first.gguf"), GGUFModel(tmp_path / "again.gguf")
     np.testing.assert_array_equal(a.raw("blk.2.ffn_up_exps.weight"), b.raw("blk.2.ffn_up_exps.weight"))
-    assert plain.files and first.files and again.files
+    # the same recipe again is read back whole, to the same bytes
+    third = quantize_to(src, "dyn-iq1_s", tmp_path / "third.gguf", imatrix=imx, reuse_encoded=True, ctx=ctx)
+    assert third.reused == len(first.plan.tensors)
+    assert (tmp_path / "third.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
 
 
 def test_all_experts_gives_every_expert_data(synthetic: dict[str, Path]) -> None:

@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from dynq.core.qtypes import all_qtypes, fallback_for, qtype, quantizable_qtypes
+from dynq.core.qtypes import IMATRIX_ASSERTED, IMATRIX_REQUIRED, all_qtypes, qtype, quantizable_qtypes
 from dynq.errors import DynqError
+from dynq.kernels.ggml import ggml_library
 
 
 def test_registry_sizes_match_gguf() -> None:
@@ -38,31 +39,12 @@ def test_lookup_by_name_and_number() -> None:
         qtype("Q3_X")
 
 
-def test_imatrix_requirements_follow_llama_cpp() -> None:
-    required = {t.name for t in all_qtypes() if t.imatrix_required}
-    assert required == {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}
-    asserted = {t.name for t in all_qtypes() if t.imatrix_asserted}
-    assert asserted == {"IQ1_S", "IQ2_XXS", "IQ2_XS"}
-
-
-@pytest.mark.parametrize(
-    ("target", "row", "expected"),
-    [
-        ("IQ1_S", 7168, "IQ1_S"),
-        ("IQ1_S", 896, "IQ4_NL"),  # qwen2.5-0.5b hidden size
-        ("IQ2_XXS", 128, "IQ4_NL"),  # deepseek attn_k_b
-        ("Q2_K", 576, "Q4_0"),  # smollm2 hidden size
-        ("TQ1_0", 576, "Q4_0"),
-        ("Q4_K", 576, "Q5_0"),
-        ("Q5_K", 576, "Q5_1"),
-        ("Q6_K", 576, "Q8_0"),
-        ("IQ1_S", 100, "F16"),  # not even a multiple of 32
-        ("Q8_0", 100, "F16"),
-        ("Q8_0", 96, "Q8_0"),
-    ],
-)
-def test_fallback_chain(target: str, row: int, expected: str) -> None:
-    assert fallback_for(qtype(target), row).name == expected
+def test_the_types_ggml_asserts_on_without_an_imatrix_are_libggmls() -> None:
+    """Asked of libggml; llama-quantize's own refusals and fallbacks: tests/test_llama_quantize_oracle.py."""
+    lib = ggml_library()
+    asked = {t.name for t in quantizable_qtypes() if lib.ggml_quantize_requires_imatrix(int(t.ggml))}
+    assert asked == IMATRIX_ASSERTED
+    assert {t.name for t in all_qtypes() if t.imatrix_asserted} == IMATRIX_ASSERTED <= IMATRIX_REQUIRED
 
 
 def test_nbytes() -> None:

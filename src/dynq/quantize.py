@@ -51,6 +51,7 @@ class QuantizeResult:
     files: list[Path]
     seconds: float
     peak_rss_bytes: int
+    reused: int = 0  # tensors read back from the encode cache (reuse_encoded) instead of encoded
 
 
 def peak_rss_bytes() -> int:
@@ -371,4 +372,7 @@ def quantize(
     inputs = _inputs_key(imx, encoder)
     files = write_gguf(out, plan.arch, tensors, encoded, metadata=metadata, split_max_size=split_max_size,
                        written=written, inputs=inputs, resume=resume, overwrite=overwrite, sources=digests)  # fmt: skip
-    return QuantizeResult(plan, files, time.perf_counter() - started, peak_rss_bytes())
+    reused = cache.hits if cache is not None else 0
+    if cache is not None:
+        ctx.logger.info("%d of %d tensors read from the encode cache", reused, len(plan.tensors))
+    return QuantizeResult(plan, files, time.perf_counter() - started, peak_rss_bytes(), reused)

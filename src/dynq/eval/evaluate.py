@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,14 @@ def scored_positions(n_ctx: int) -> slice:
     return slice(n_ctx // 2, n_ctx - 1)
 
 
+# Bump when what a cached reference holds, or how it is computed, changes: a reference made by other code (or another
+# llama.cpp, whose logits it records) is never read.
+REFERENCE_VERSION = 2
+
+
 def _reference_key(fingerprint: str, text: str, n_ctx: int, n_chunks: int | None, k: int) -> str:
-    h = hashlib.sha256(f"{fingerprint}:{n_ctx}:{n_chunks}:{k}:{TAIL_SAMPLES}".encode())
+    made_by = f"{REFERENCE_VERSION}:{metadata.version('llama-cpp-python')}"
+    h = hashlib.sha256(f"{made_by}:{fingerprint}:{n_ctx}:{n_chunks}:{k}:{TAIL_SAMPLES}".encode())
     h.update(text.encode())
     return h.hexdigest()[:24]
 

@@ -100,12 +100,19 @@ def write_synthetic(kind: str, path: str | Path, seed: int = 0, overwrite: bool 
     """Write the tiny random `kind` model (deepseek2, qwen3moe or llama) to `path`; an existing file is replaced
     only with `overwrite`."""
     arch, tensors, meta = _tiny(kind)
+    return write_random(path, arch, tensors, meta, seed, overwrite)
+
+
+def write_random(path: str | Path, arch: str, tensors: list[TensorInfo], meta: dict[str, object], seed: int = 0,
+                 overwrite: bool = False) -> Path:  # fmt: skip
+    """Write a model of these tensors (random weights in their stored types) and hyperparameters, with the small
+    vocabulary, as llama.cpp's tools load it (a shape inventory's `tensors` and `meta`, e.g. `dense_tensors`)."""
     path = Path(path)
     check_new_output(path, overwrite)
     with atomic_path(path) as tmp:
         rng = np.random.default_rng(seed)
         writer = GGUFWriter(tmp, arch)
-        writer.add_name(f"tiny-{kind}")
+        writer.add_name(f"tiny-{arch}")
         for key, value in meta.items():
             _add_value(writer, key, value)
         writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
