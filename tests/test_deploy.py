@@ -339,8 +339,11 @@ def test_export_ollama_for_qwen2_5_coder(tmp_path: Path) -> None:
 
 def test_runner_streams_what_it_returns(tiny_llama: Path) -> None:
     pieces: list[str] = []
+    import llama_cpp
+
     with Runner(tiny_llama, n_ctx=64, threads=1, seed=3) as runner:
-        assert runner.offload.n_gpu_layers == 0
+        # nothing offloaded where llama.cpp has no GPU backend; where it has one, the planner's layers (test_gpu.py)
+        assert (runner.offload.n_gpu_layers == 0) == (not llama_cpp.llama_supports_gpu_offload())
         g = runner.complete("the of and", Sampling(max_tokens=12), pieces.append)
         again = runner.complete("the of and", Sampling(max_tokens=12))
     assert "".join(pieces) == g.text and g.text
@@ -359,16 +362,19 @@ def test_gpu_offload_takes_the_planners_layers(tmp_path: Path, monkeypatch: pyte
     from dynq.deploy.offload import GPU_RESERVE, Hardware, Settings, plan_offload
 
     source = write_synthetic("deepseek2", tmp_path / "ds.gguf")
-    assert run.gpu_offload(source, 256).n_gpu_layers == 0  # this machine's llama.cpp has no GPU backend
 
-    class GpuLlama:
+    class FakeLlama:
+        gpu = False
+
         def llama_backend_init(self) -> None:
             pass
 
         def llama_supports_gpu_offload(self) -> bool:
-            return True
+            return self.gpu
 
-    monkeypatch.setattr(run, "llama", GpuLlama)
+    monkeypatch.setattr(run, "llama", FakeLlama)  # a llama.cpp without a GPU backend, whatever this machine's is
+    assert run.gpu_offload(source, 256).n_gpu_layers == 0
+    FakeLlama.gpu = True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     model = byte_model(GGUFModel(source).inventory())
