@@ -4,6 +4,7 @@ pipes given as files, file names and templates that try to add Modelfile directi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import subprocess
@@ -516,3 +517,49 @@ def test_importance_within_the_band_encodes_as_well_as_importance_near_one(tmp_p
             error[power] = float(np.linalg.norm(out.load(name) - weights) / np.linalg.norm(weights))
         np.testing.assert_array_equal(raw[-38], raw[0])
         assert error[40] == pytest.approx(error[0], rel=0.01), recipe
+
+
+# --- promises of docs/reliability.md that each need their own case ------------------------------------------------
+
+
+NAN_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ1_M", "TQ2_0", "MXFP4"]
+
+
+@pytest.mark.parametrize("target", NAN_TYPES)
+def test_nan_stops_with_the_tensor_name_for_every_type_family(target: str, tmp_path: Path) -> None:
+    """Float copies, legacy, K, table and lattice i-quants, ternary and MXFP4: a NaN never reaches ggml."""
+    source = model_with(tmp_path / "m.gguf", {"blk.1.ffn_up.weight": lambda v: v.__setitem__((3, 5), np.nan)},
+                        n_embd=256)  # fmt: skip
+    plan = dynq.plan(source, "f16")
+    at = dynq.qtype(target)
+    tensors = [dataclasses.replace(p, qtype=at) if p.info.name == "blk.1.ffn_up.weight" else p for p in plan.tensors]
+    plan = dataclasses.replace(plan, tensors=tensors)
+    imatrix = tmp_path / "m.imatrix.gguf"
+    write_imatrix_gguf(imatrix_for(source), imatrix)
+    with pytest.raises(DynqError, match=r"blk\.1\.ffn_up\.weight.*NaN"):
+        dynq.quantize(plan, tmp_path / "out.gguf", imatrix=imatrix, ctx=dynq.RunContext(threads=1))
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_a_recipe_over_one_mib_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("name: big\nrules:\n" + "  - {match: 'attn_q', type: q4_k}\n" * 40_000)
+    assert big.stat().st_size > 2**20
+    started = time.perf_counter()
+    with pytest.raises(DynqError, match="at most 1 MiB"):
+        load_recipe(str(big))
+    assert time.perf_counter() - started < 1  # refused by its size, before any parsing
+
+
+def test_a_modelfile_refuses_what_it_cannot_quote_and_drops_stops_it_cannot_hold(tmp_path: Path) -> None:
+    from dynq.deploy.ollama import Vocab, modelfile
+
+    source = write_synthetic("llama", tmp_path / "tiny.gguf")
+    chat = with_chat_template(source, tmp_path / "chat.gguf", CHATML)
+    vocab = Vocab("<s>", "<|im_end|>", False, ("<|im_end|>", 'say "bye"', "two\nlines", "bell\x07"))
+    written = modelfile(GGUFModel(chat), vocab, "chat.gguf", 0.6, 0.05).text
+    stops = [line for line in written.splitlines() if line.startswith("PARAMETER stop")]
+    assert stops == ['PARAMETER stop "<|im_end|>"']
+    quoted = with_chat_template(source, tmp_path / "quoted.gguf", CHATML.replace("named SmolLM", 'named """x'))
+    with pytest.raises(DynqError, match='"""'):
+        modelfile(GGUFModel(quoted), vocab, "quoted.gguf", 0.6, 0.05)

@@ -371,3 +371,25 @@ def test_an_interrupted_profile_resumes_to_the_same_measurements(dense: tuple[Pa
     assert "resuming after" in stderr
     assert measurements(tmp_path / "out.json") == measurements(tmp_path / "whole.json")
     assert not list((tmp_path / "cache" / "profiles").glob(".*.dynq-partial"))  # kept measurements: gone
+
+
+def test_ctrl_c_keeps_the_partial_for_resume(model: Path, reference: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    code = start_and_kill(model, out, 3, signal.SIGINT, resume=False)
+    assert code == 130 and not out.exists()
+    assert journaled(out) >= 3
+    done = run(model, out, "--resume")
+    assert done.returncode == 0 and "resuming after" in done.stderr, done.stderr
+    assert out.read_bytes() == reference
+
+
+def test_a_resume_with_another_encoder_is_refused(model: Path, reference: bytes, tmp_path: Path) -> None:
+    """The journal holds llama.cpp's encoder's tensors: dynq's torch encoders may not continue them."""
+    out = tmp_path / "out.gguf"
+    start_and_kill(model, out, 3, signal.SIGKILL, resume=False)
+    done = run(model, out, "--resume", "--backend", "torch")
+    assert done.returncode == 1 and "other inputs" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not out.exists() and journaled(out) >= 3
+    done = run(model, out, "--resume")
+    assert done.returncode == 0 and "resuming after" in done.stderr, done.stderr
+    assert out.read_bytes() == reference

@@ -67,3 +67,32 @@ def test_a_unit_test_reaching_for_a_model_fails(pytester: pytest.Pytester, monke
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:timeout")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*a unit test fetched a zoo model: mark it `model`*"])
+
+
+def promises(doc: str) -> dict[str, list[tuple[str, str]]]:
+    """Each promise of docs/reliability.md (a bullet with a bold title) and the tests it names, as (file, function):
+    `*tests/FILE.py*` or `*tests/FILE.py::test_name*`."""
+    found = {}
+    for bullet in re.split(r"\n(?=- \*\*|#)", doc):
+        if title := re.match(r"- \*\*(.+?)\*\*", bullet):
+            refs = re.findall(r"\*(tests/\w+\.py)(?:::(\w+))?\*", re.sub(r"\s+", " ", bullet))
+            found[title.group(1)] = refs
+    return found
+
+
+def test_every_promise_of_the_reliability_doc_names_tests_that_exist() -> None:
+    found = promises((ROOT / "docs" / "reliability.md").read_text())
+    assert len(found) >= 15
+    missing = {title: refs for title, refs in found.items() if not refs}
+    assert missing == {}, f"promises with no test named: {list(missing)}"
+    for title, refs in found.items():
+        for file, function in refs:
+            path = ROOT / file
+            assert path.is_file(), (title, file)
+            if function:
+                assert re.search(rf"^def {function}\(", path.read_text(), re.M), (title, f"{file}::{function}")
+
+
+def test_the_promise_reader_sees_a_promise_without_a_test() -> None:
+    doc = "# x\n\n- **Kept.** words *tests/test_resume.py*\n- **Bare.** words, no test\n"
+    assert promises(doc) == {"Kept.": [("tests/test_resume.py", "")], "Bare.": []}

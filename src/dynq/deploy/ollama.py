@@ -265,7 +265,8 @@ def modelfile(model: GGUFModel, vocab: Vocab, gguf_name: str, temperature: float
     lines += [f"PARAMETER temperature {temperature:g}", f"PARAMETER min_p {min_p:g}"]
     # a stop text is the model's data: one that a Modelfile line cannot hold as it is (a quote, a line break, any
     # control character) is left out rather than let it end the line and start a directive of its own
-    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops) if s and '"' not in s and not has_control(s)]
+    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops) if s and not has_control(s) and '"' not in s
+              and "\n" not in s]  # fmt: skip
     return Modelfile("\n".join(lines) + "\n", family.name if family else None, system, problems)
 
 
