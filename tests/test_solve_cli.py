@@ -234,3 +234,16 @@ def test_quantize_target_runs_every_step_on_the_threads_asked(
                               str(out)])  # fmt: skip
     assert ran.exit_code == 0, ran.output
     assert seen == {"solve": 1, "quantize": 1}
+
+
+def test_solve_keeps_what_its_base_recipe_pins(made: dict[str, Path], tmp_path: Path) -> None:
+    low, high = sizes(made)
+    base = tmp_path / "base.yaml"
+    base.write_text("name: pinned\nrules:\n  - {match: attn_q, type: q8_0}\n")
+    out = tmp_path / "r.yaml"
+    done = dynq_cli("solve", made["tiny"], "--profile", made["profile"], "--target", str((low + high) // 2), "--base",
+                    base, "--name", "with-base", "-o", out)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plan = dynq.plan(made["tiny"], out)
+    assert plan.recipe.name == "with-base"
+    assert {p.qtype.name for p in plan.tensors if p.info.kind == "attn_q.weight"} == {"Q8_0"}

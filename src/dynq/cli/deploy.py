@@ -69,7 +69,7 @@ def run(
     with runner:
         layers = runner.offload.n_gpu_layers
         err.print(line(data(runner.path.name), f": GPU layers {'all' if layers < 0 else layers} (",
-                       data(runner.offload.reason), f"); temperature {temperature:g}, min_p {min_p:g}", style="dim"),
+                       data(runner.offload.reason), f"); {sampling.summary()}", style="dim"),
                   soft_wrap=True)  # fmt: skip
         if not chat:
             assert prompt is not None

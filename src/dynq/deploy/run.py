@@ -36,6 +36,14 @@ class Sampling:
     repeat_penalty: float = 1.0  # 1.0: off
     max_tokens: int = 512
 
+    def summary(self) -> str:
+        """The settings that shape the sampling, the cuts that are off left out."""
+        parts = [f"temperature {self.temperature:g}", f"min_p {self.min_p:g}"]
+        parts += [f"top_p {self.top_p:g}"] if self.top_p < 1.0 else []
+        parts += [f"top_k {self.top_k}"] if self.top_k > 0 else []
+        parts += [f"repeat_penalty {self.repeat_penalty:g}"] if self.repeat_penalty != 1.0 else []
+        return ", ".join(parts)
+
 
 @dataclass(frozen=True)
 class Generation:
