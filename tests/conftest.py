@@ -16,6 +16,7 @@ from dynq.calib import text
 from dynq.llamacpp import sdist
 from dynq.sources import zoo
 from tiny_models import llama_tensors, write_gguf
+from tiny_solve import solve_inputs
 
 # Examples are judged on what they find, never on how long one took on a busy machine.
 settings.register_profile("dynq", deadline=None, print_blob=True)
@@ -79,6 +80,12 @@ def _unit_lane_stays_offline(request: pytest.FixtureRequest, monkeypatch: pytest
         monkeypatch.setattr(module, "download", no_download)
     monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
     yield
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The solve tests' tiny model, imatrix and profile (tests/tiny_solve.py), built once per test run."""
+    return solve_inputs(tmp_path_factory.mktemp("solve"))
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import typer.main
+from typer.testing import CliRunner
 
 import dynq
 from dynq.cli import app
@@ -203,3 +205,27 @@ def test_fetch_and_build_tools_commands() -> None:
     assert Path(done.stdout.strip().splitlines()[-1]).is_file()
     done = dynq_cli("build-tools")
     assert done.returncode == 0, done.stderr
+
+
+def test_help_groups_every_command_and_each_shows_an_example() -> None:
+    from dynq.cli import PANELS
+
+    done = dynq_cli("--help")
+    assert done.returncode == 0
+    panels = [line.split("─ ")[1].split(" ")[0] for line in done.stdout.splitlines() if line.startswith("╭─ ")]
+    assert panels == ["Options", "Plan", "Make", "Judge", "Run", "Scale"]
+    assert set(PANELS) == set(options())
+    runner = CliRunner()
+    for name, (_, example) in PANELS.items():
+        assert example.split()[:2] == ["dynq", name]
+        shown = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"})  # the example on one line
+        assert f"Example: {example}" in " ".join(shown.output.split()), shown.output
+
+
+@pytest.mark.parametrize("name", ["presets", "plan", "compare", "offload"])
+def test_the_help_examples_that_need_no_files_run(name: str) -> None:
+    from dynq.cli import PANELS
+
+    done = CliRunner().invoke(app, shlex.split(PANELS[name][1])[1:])
+    assert done.exit_code == 0, done.output
+    assert done.output.strip()

@@ -15,7 +15,8 @@ from dynq.calib.text import read_texts
 from dynq.cli import app
 from dynq.core.qtypes import QType, qtype
 from dynq.recipe.refine import refine, scaled_costs
-from test_solve_cli import TYPES, made, sizes  # noqa: F401  (the module fixture)
+from test_solve_cli import sizes
+from tiny_solve import TYPES
 
 Q2, Q4, Q8 = qtype("Q2_K"), qtype("Q4_K"), qtype("Q8_0")
 runner = CliRunner()
@@ -67,13 +68,13 @@ def test_scaled_costs() -> None:
     assert scaled == {"blk.0.attn_q.weight": {"Q2_K": 3.0}, "output.weight": {"Q2_K": 2.0}}
 
 
-def test_solve_refine_on_a_tiny_model(made: dict[str, Path]) -> None:  # noqa: F811
+def test_solve_refine_on_a_tiny_model(made: dict[str, Path]) -> None:
     low, high = sizes(made)
     target = (low + high) // 2
     recipe = made["dir"] / "refined.yaml"
     args = ["solve", str(made["tiny"]), "--profile", str(made["profile"]), "--target", str(target), "-o", str(recipe),
             *[a for t in TYPES for a in ("--type", t)], "--text", str(made["text"])]  # fmt: skip
-    ran = runner.invoke(app, [*args, "--imatrix", str(made["imatrix"]), "--refine", "30", "--refine-chunks", "1"])
+    ran = runner.invoke(app, [*args, "--imatrix", str(made["imatrix"]), "--refine", "8", "--refine-chunks", "1"])
     assert ran.exit_code == 0, ran.output
     assert "refined in" in ran.output and "->" in ran.output
     assert 0.99 * target <= dynq.plan(made["tiny"], str(recipe)).total_bytes <= target

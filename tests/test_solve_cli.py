@@ -20,33 +20,14 @@ from dynq.errors import DynqError
 from dynq.lab.synthetic import write_synthetic
 from dynq.recipe.solved_recipe import recipe_yaml
 from dynq.recipe.target import pinned_by
+from tiny_solve import TYPES
 
-CALIB = " ".join(f"the {w} of and to in def return" for w in "abcdefghijklmnopqrstuvwxyz" * 20)
-FAST = ["--ctx", "64", "--chunks", "1", "--rows", "32", "--group-blocks", "2"]
-TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]
 runner = CliRunner()
 
 
 def dynq_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dynq.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=900)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("solve")
-    text = d / "calib.txt"
-    text.write_text(CALIB)
-    tiny = write_synthetic("llama", d / "tiny.gguf")
-    imatrix = d / "tiny.imatrix.gguf"
-    ran = runner.invoke(app, ["imatrix", str(tiny), "--text", str(text), "-o", str(imatrix), "--ctx", "64",
-                              "--chunks", "2", "--threads", "2"])  # fmt: skip
-    assert ran.exit_code == 0, ran.output
-    profile = d / "tiny.profile"
-    ran = runner.invoke(app, ["profile", str(tiny), "--imatrix", str(imatrix), "--text", str(text), "-o", str(profile),
-                              "--threads", "2", *FAST])  # fmt: skip
-    assert ran.exit_code == 0, ran.output
-    return {"dir": d, "tiny": tiny, "imatrix": imatrix, "profile": profile, "text": text}
 
 
 def sizes(made: dict[str, Path]) -> tuple[int, int]:

@@ -4,6 +4,7 @@ imports nothing but `dynq`'s public API, `dynq.errors` and the `dynq.core` vocab
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 import sys
@@ -35,6 +36,45 @@ def _root(
 
 for _commands in (quantize, measure, budget, offload, deploy):
     _commands.register(app)
+
+# `dynq --help` in groups, each command's help ending with one example.
+PANELS: dict[str, tuple[str, str]] = {
+    "inspect": ("Plan", "dynq inspect zoo:smollm2-135m"),
+    "presets": ("Plan", "dynq presets"),
+    "plan": ("Plan", "dynq plan shapes:deepseek-r1 -r dyn-iq1_s --no-tensors"),
+    "compare": ("Plan", "dynq compare shapes:deepseek-r1 -r uniform-iq1_s -r dyn-iq1_s"),
+    "profile": ("Plan", "dynq profile model-f16.gguf --imatrix model.imatrix.gguf -o model.profile"),
+    "solve": ("Plan", "dynq solve model-f16.gguf --profile model.profile --target 600MiB -o mix.yaml"),
+    "fetch": ("Make", "dynq fetch zoo:qwen2.5-coder-1.5b"),
+    "imatrix": ("Make", "dynq imatrix model-f16.gguf -o model.imatrix.gguf --chunks 32"),
+    "quantize": ("Make", "dynq quantize model-f16.gguf --target 600MiB --imatrix model.imatrix.gguf -o model.gguf"),
+    "rotate": ("Make", "dynq rotate model-f16.gguf -o model-rot-f16.gguf"),
+    "synthetic": ("Make", "dynq synthetic deepseek2 -o tiny-deepseek2.gguf"),
+    "build-tools": ("Make", "dynq build-tools"),
+    "eval": ("Judge", "dynq eval model.gguf --ref model-f16.gguf --chunks 8"),
+    "bench": ("Judge", "dynq bench model-f16.gguf -r dyn-iq1_s --llama-mix IQ1_S --solve-at llama:IQ1_S"),
+    "loops": ("Judge", "dynq loops model.gguf --tokens 128"),
+    "run": ("Run", 'dynq run model.gguf --chat -p "Write fizzbuzz in Python"'),
+    "export-ollama": ("Run", "dynq export-ollama model.gguf -o ollama/"),
+    "card": ("Run", "dynq card model.gguf -o README.md"),
+    "offload": ("Scale", "dynq offload shapes:deepseek-r1 -r dyn-iq1_s --vram 24GB --ram 192GB"),
+    "split": ("Scale", "dynq split model.gguf --max-size 40G -o parts/model.gguf"),
+    "merge": ("Scale", "dynq merge parts/model-00001-of-00003.gguf -o model.gguf"),
+}
+ORDER = ("Plan", "Make", "Judge", "Run", "Scale")
+
+
+def _name(info: typer.models.CommandInfo) -> str:
+    return info.name or (info.callback.__name__ if info.callback else "")
+
+
+app.registered_commands.sort(key=lambda info: ORDER.index(PANELS[_name(info)][0]))  # groups in ORDER, stable inside
+for _info in app.registered_commands:
+    _info.rich_help_panel, _example = PANELS[_name(_info)]
+    # paragraphs reflowed to the terminal's width (rich keeps a docstring's line breaks), the first one as the summary
+    _paragraphs = [" ".join(p.split()) for p in (inspect.getdoc(_info.callback) or "").split("\n\n")]
+    _info.short_help = _paragraphs[0]
+    _info.help = "\n\n".join([*_paragraphs, f"Example: {_example}"])
 
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
