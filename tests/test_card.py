@@ -160,10 +160,11 @@ def test_bench_rows_with_this_file_marked(quant: Path, tmp_path: Path) -> None:
     text = dynq.card(quant, output=tmp_path / "README.md", bench=bench).text
     table = table_after(text, "| quant |")
     assert [r[0] for r in table] == ["odd\\|\\<b\\>name", "**dyn-q2\\_k\\_xl**", "Q2\\_K"]  # by size
-    assert all(len(r) == 11 for r in table)
+    assert all(len(r) == 13 for r in table)
     marked = [r for r in table if r[-1]]
     assert len(marked) == 1 and marked[0][-1] == "**◀ this file**" and marked[0][4] == "**12.500**"
-    assert table[2][8] == "-"  # loops not measured
+    assert table[2][10] == "-"  # loops not measured
+    assert table[2][7] == table[2][8] == "-"  # the tail: rows written before it was measured
     assert "measured on another model" not in text
     # a row of another size is marked, and the card says the sizes differ
     bench.write_text(json.dumps([rows[0] | {"bytes": size * 2}]))

@@ -86,6 +86,9 @@ def test_evaluate_a_tiny_model(tmp_path: Path) -> None:
     b = dynq.evaluate(q4, src, text=text, n_ctx=64, chunks=3, ctx=ctx)
     assert a.tokens == 3 * 31 and a.to_dict()["tokens"] == 3 * 31
     assert 0 < a.kld_mean < b.kld_mean
+    # the tail: p99 <= p99.9 <= max, and the share of tokens above 1 nat
+    assert b.kld_p99 <= b.kld_p999 <= b.kld_max and 0 <= a.kld_over_1 <= b.kld_over_1 <= 1
+    assert (b.kld_over_1 > 0) == (b.kld_max > 1)
     assert a.top1 >= b.top1
     assert len(list((tmp_path / "cache" / "references").glob("*.npz"))) == 1  # the reference ran once
 

@@ -133,7 +133,8 @@ def bench(
             loops = loop_rate(generate(work, loop_tokens, ctx.threads)) if loop_tokens else float("nan")
             summary = summarize(GGUFModel(work))
             row = BenchRow(job.name, job.maker, summary.total_bytes, summary.bpw, scores.ppl, scores.kld_mean,
-                           scores.kld_p99, scores.top1, loops, seconds)  # fmt: skip
+                           scores.kld_p99, scores.top1, loops, seconds, scores.kld_p999, scores.kld_max,
+                           scores.kld_over_1)  # fmt: skip
             work.unlink()
             rows.append(row)
             _write(files, rows, title, settings)

@@ -36,6 +36,7 @@ from dynq.deploy.ollama import Modelfile, modelfile, read_vocab
 from dynq.deploy.shards import model_stem
 from dynq.errors import DynqError, OutputExists
 from dynq.eval.bench import BenchRow, pareto_front, read_bench
+from dynq.eval.bench import shown as num
 from dynq.gguf_io.reader import GGUFModel
 from dynq.inspect import FileSummary, summarize
 from dynq.recipe.rules import Recipe, recipe_from_dict
@@ -260,19 +261,18 @@ def _bench_section(rows: Sequence[BenchRow], origin: str, recipe: str | None, s:
            "falls into endless repetition; Pareto marks the quants no other beats on both size and KLD.",
            ""]  # fmt: skip
 
-    def num(x: float, fmt: str, unit: str = "") -> str:
-        return "-" if x != x else format(x, fmt) + unit  # NaN: not measured
-
     table = []
     for r in sorted(rows, key=lambda r: r.bytes):
         cells = [_md(r.name), _md(r.maker), f"{r.bytes / 2**20:.1f}", f"{r.bpw:.3f}", num(r.ppl, ".3f"),
-                 num(r.kld_mean, ".4f"), num(r.kld_p99, ".4f"), num(100 * r.top1, ".1f", "%"),
+                 num(r.kld_mean, ".4f"), num(r.kld_p99, ".4f"), num(r.kld_p999, ".3f"),
+                 num(100 * r.kld_over_1, ".2f", "%"), num(100 * r.top1, ".1f", "%"),
                  num(100 * r.loop_rate, ".0f", "%"), "yes" if (r.maker, r.name) in front else ""]  # fmt: skip
         if r in ours:
             cells = [f"**{c}**" if c else c for c in cells] + ["**◀ this file**"]
         table.append(cells + ([""] if r not in ours else []))
-    header = ["quant", "by", "size (MiB)", "bpw", "PPL", "KLD mean", "KLD p99", "top-1", "loops", "Pareto", ""]
-    out += _table(header, table, [False, False] + [True] * 8)
+    header = ["quant", "by", "size (MiB)", "bpw", "PPL", "KLD mean", "KLD p99", "KLD p99.9", "> 1 nat", "top-1",
+              "loops", "Pareto", ""]  # fmt: skip
+    out += _table(header, table, [False, False] + [True] * 10)
     if not ours:
         which = _code(recipe) if recipe else "(unknown)"
         out += ["", f"No row is this file's recipe {which}, so none is marked."]

@@ -83,8 +83,8 @@ def eval_command(
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("ppl", "ref_ppl", "kld_mean", "kld_median", "kld_p90", "kld_p99", "kld_p999", "kld_max", "top1",
-                "dp_rms"):  # fmt: skip
+    for key in ("ppl", "ref_ppl", "kld_mean", "kld_median", "kld_p90", "kld_p99", "kld_p999", "kld_max",
+                "kld_over_1", "top1", "dp_rms"):  # fmt: skip
         table.add_row(key, f"{getattr(result, key):.6f}")
     out.print(table)
 

@@ -1,6 +1,6 @@
-"""A bench's rows (one quant of one model judged against the reference: size, bpw, PPL, KLD mean and p99, top-1,
-loop rate, time), its markdown table and its plot of KLD against size with the Pareto front. The workflow that
-measures them is benchmark.py's.
+"""A bench's rows (one quant of one model judged against the reference: size, bpw, PPL, KLD mean and tail, top-1,
+loop rate, time), its markdown table and its plot of KLD (mean and tail) against size with the Pareto front. The
+workflow that measures them is benchmark.py's.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class BenchRow:
     top1: float
     loop_rate: float
     quantize_seconds: float
+    # the tail (rows written before these were measured read as NaN, shown as "-")
+    kld_p999: float = float("nan")
+    kld_max: float = float("nan")
+    kld_over_1: float = float("nan")  # share of tokens above 1 nat
 
 
 def _kind(row: BenchRow) -> str:
@@ -46,40 +50,55 @@ def pareto_front(rows: Sequence[BenchRow]) -> list[BenchRow]:
     return front
 
 
+def shown(x: float, fmt: str, unit: str = "") -> str:
+    """A measured number; "-" for one not measured (NaN)."""
+    return "-" if x != x else format(x, fmt) + unit
+
+
 def markdown_table(rows: Sequence[BenchRow], title: str, settings: str = "") -> str:
     front = {(r.maker, r.name) for r in pareto_front(rows)}
     lines = [f"# {title}", "", *([settings, ""] if settings else [])]
-    lines += ["| recipe | by | size (MiB) | bpw | PPL | KLD mean | KLD p99 | top-1 | loops | quantize (s) | Pareto |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = ["recipe", "by", "size (MiB)", "bpw", "PPL", "KLD mean", "KLD p99", "KLD p99.9", "KLD max", "> 1 nat",
+              "top-1", "loops", "quantize (s)", "Pareto"]  # fmt: skip
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(rows, key=lambda r: r.bytes):
         lines.append(
             f"| {r.name} | {r.maker} | {r.bytes / 2**20:.1f} | {r.bpw:.3f} | {r.ppl:.3f} | {r.kld_mean:.4f} | "
-            f"{r.kld_p99:.4f} | {100 * r.top1:.1f}% | {100 * r.loop_rate:.0f}% | {r.quantize_seconds:.0f} | "
-            f"{'yes' if (r.maker, r.name) in front else ''} |"
+            f"{r.kld_p99:.4f} | {shown(r.kld_p999, '.3f')} | {shown(r.kld_max, '.2f')} | "
+            f"{shown(100 * r.kld_over_1, '.2f', '%')} | {100 * r.top1:.1f}% | {100 * r.loop_rate:.0f}% | "
+            f"{r.quantize_seconds:.0f} | {'yes' if (r.maker, r.name) in front else ''} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
+    """KLD mean against size with the Pareto front (left) and the tail, p99.9 of the per-token KLD (right)."""
     # A Figure with its own Agg canvas: no pyplot, so no process-wide backend or figure registry is touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5))
+    tail = [r for r in rows if r.kld_p999 == r.kld_p999]
+    fig = Figure(figsize=(13 if tail else 8, 5))
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for label, marker in (("dynq", "o"), ("llama.cpp", "s"), ("dynq solver", "*")):
-        pts = [r for r in rows if _kind(r) == label]
-        if pts:
-            ax.scatter([r.bytes / 2**20 for r in pts], [r.kld_mean for r in pts], marker=marker, label=label)
-    front = pareto_front(rows)
-    ax.plot([r.bytes / 2**20 for r in front], [r.kld_mean for r in front], "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("size (MiB)")
-    ax.set_ylabel("mean KL divergence to the reference")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    place_labels(ax, [(r.name, r.bytes / 2**20, r.kld_mean) for r in sorted(rows, key=lambda r: r.bytes)])
+    axes = fig.subplots(1, 2 if tail else 1, squeeze=False)[0]
+    panels = [(axes[0], rows, "kld_mean", "mean KL divergence to the reference")]
+    if tail:
+        panels.append((axes[1], tail, "kld_p999", "p99.9 of the per-token KL divergence"))
+    for ax, shown_rows, key, label in panels:
+        for kind, marker in (("dynq", "o"), ("llama.cpp", "s"), ("dynq solver", "*")):
+            pts = [r for r in shown_rows if _kind(r) == kind]
+            if pts:
+                ax.scatter([r.bytes / 2**20 for r in pts], [getattr(r, key) for r in pts], marker=marker, label=kind)
+        if key == "kld_mean":
+            front = pareto_front(rows)
+            ax.plot([r.bytes / 2**20 for r in front], [r.kld_mean for r in front], "k--", lw=1, label="Pareto front")
+        ax.set_xlabel("size (MiB)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend()
+        by_size = sorted(shown_rows, key=lambda r: r.bytes)
+        place_labels(ax, [(r.name, r.bytes / 2**20, getattr(r, key)) for r in by_size])
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

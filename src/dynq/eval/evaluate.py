@@ -43,6 +43,7 @@ class EvalResult:
     kld_p99: float
     kld_p999: float
     kld_max: float
+    kld_over_1: float  # share of tokens with KL divergence above 1 nat
     top1: float
     dp_rms: float
     chunks: int

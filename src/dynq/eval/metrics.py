@@ -69,6 +69,7 @@ class Scores:
             "kld_p99": float(np.percentile(kld, 99)),
             "kld_p999": float(np.percentile(kld, 99.9)),
             "kld_max": float(kld.max()),
+            "kld_over_1": float((kld > 1.0).mean()),  # the share of tokens whose distribution the quant lost
             "top1": float(np.concatenate(self.top1).mean()),
             "dp_rms": float(np.sqrt((dp**2).mean())),
         }
