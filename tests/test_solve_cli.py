@@ -223,8 +223,9 @@ def test_solve_keeps_what_its_base_recipe_pins(made: dict[str, Path], tmp_path: 
     base.write_text("name: pinned\nrules:\n  - {match: attn_q, type: q8_0}\n")
     out = tmp_path / "r.yaml"
     done = dynq_cli("solve", made["tiny"], "--profile", made["profile"], "--target", str((low + high) // 2), "--base",
-                    base, "--name", "with-base", "-o", out)  # fmt: skip
+                    base, "--name", "with-base", "-o", out, "--plot", tmp_path / "mix.png")  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mix.png").read_bytes()[:4] == b"\x89PNG"
     plan = dynq.plan(made["tiny"], out)
     assert plan.recipe.name == "with-base"
     assert {p.qtype.name for p in plan.tensors if p.info.kind == "attn_q.weight"} == {"Q8_0"}

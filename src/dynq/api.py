@@ -27,6 +27,7 @@ from dynq.budget.allocate import (
     solve,
     verify,
 )
+from dynq.budget.picture import plot_profile
 from dynq.budget.profile import DEFAULTS as PROFILE_DEFAULTS
 from dynq.budget.profile import profile as _profile
 from dynq.budget.profile_file import Profile, ProfileSettings
@@ -72,6 +73,7 @@ from dynq.llamacpp.tools import tools_dir
 from dynq.quantize import QuantizeResult, quantize
 from dynq.recipe.coverage import TensorCoverage, coverage_summary, imatrix_coverage
 from dynq.recipe.llama_args import llama_quantize_command
+from dynq.recipe.picture import plot_plans
 from dynq.recipe.plan import QuantPlan, resolve
 from dynq.recipe.presets import RecipeLike, as_recipe, preset_names
 from dynq.recipe.rules import Recipe, recipe_from_dict
@@ -307,15 +309,15 @@ __all__ = [
     "BadInput", "BenchResult", "BenchRow", "Continuation", "DynqError", "EvalResult", "Executor", "FileSummary",
     "Generation", "GramFile", "GramSet", "Hardware", "Imatrix", "LeftoverRun", "Message", "ModelCard", "NotCached",
     "OffloadPlan", "OllamaExport", "OutputExists", "Placement", "Profile", "ProfileLike", "Progress", "QType",
-    "QuantPlan", "QuantizeResult", "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext",
-    "Runner", "Sampling", "Settings", "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text",
-    "Verified", "VersionMismatch",
+    "QuantPlan", "QuantizeResult", "QuantizedFor", "Recipe", "RefinedSolve", "ResumeRequired", "RunContext", "Runner",
+    "Sampling", "Settings", "ShardsWritten", "Solved", "TensorCoverage", "TensorSource", "Text", "Verified",
+    "VersionMismatch",
     "__version__",
-    "bench", "build_tools", "calibration", "card", "collect_gram", "collect_imatrix", "coverage",
-    "coverage_summary", "evaluate", "evaluation", "executor", "export_ollama", "f16_conversion", "fetch",
-    "gguf_file", "inspect", "llama_quantize_command", "loop_rate", "loops", "merge", "needs_fetch", "offload",
-    "open_source", "plan", "presets", "profile", "qtype", "quantize", "quantize_for", "read_imatrix", "read_texts",
-    "recipe", "recipe_from_dict", "refine", "rotate", "runner", "save_gram", "save_imatrix", "shape_inventories",
-    "solve", "split", "tools_built", "verify", "write_synthetic", "zoo_models",
+    "bench", "build_tools", "calibration", "card", "collect_gram", "collect_imatrix", "coverage", "coverage_summary",
+    "evaluate", "evaluation", "executor", "export_ollama", "f16_conversion", "fetch", "gguf_file", "inspect",
+    "llama_quantize_command", "loop_rate", "loops", "merge", "needs_fetch", "offload", "open_source", "plan",
+    "plot_plans", "plot_profile", "presets", "profile", "qtype", "quantize", "quantize_for", "read_imatrix",
+    "read_texts", "recipe", "recipe_from_dict", "refine", "rotate", "runner", "save_gram", "save_imatrix",
+    "shape_inventories", "solve", "split", "tools_built", "verify", "write_synthetic", "zoo_models",
 ]
 # fmt: on

@@ -39,6 +39,12 @@ def profile_command(
     ] = None,
     processes: Annotated[int, typer.Option(help="measure in this many local worker processes")] = 0,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="also draw each tensor's sensitivity per block and error against bits (PNG; replaced if it exists)"
+        ),
+    ] = None,
 ) -> None:
     """Measure how much each tensor hurts the output at each candidate type, on calibration text only: encode
     errors on sampled rows, scaled per tensor group by the KL divergence a probe of that group really causes.
@@ -55,6 +61,8 @@ def profile_command(
     seconds = result.seconds
     say("wrote ", data(output), f": {len(result.tensors)} tensors, {len(result.probes)} probes "
         f"(errors {seconds.get('errors', 0):.0f} s, probes {seconds.get('probes', 0):.0f} s)")  # fmt: skip
+    if plot is not None:
+        say("drew ", data(api.plot_profile(result, plot)))
 
 
 def solve_command(
@@ -84,6 +92,10 @@ def solve_command(
     ] = None,
     threads: Annotated[int, typer.Option(help="threads (--verify, --refine)")] = THREADS,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="also draw the mix's bits per weight per block and tensor kind (PNG; replaced if it exists)"),
+    ] = None,
 ) -> None:
     """Choose every tensor's type for a size: the least predicted damage whose file is at most the target. Writes an
     ordinary recipe (one rule per tensor kind and type, each with its predicted cost and bytes). --verify measures
@@ -113,6 +125,8 @@ def solve_command(
     say("wrote ", data(output), f": {len(solved.recipe.rules)} rules; {plan.total_bytes / MIB:.1f} MiB "
         f"({plan.total_bytes:,} B, {plan.bpw:.3f} bpw) for a target of {solved.target_bytes / MIB:.1f} MiB; "
         f"predicted KLD {solved.predicted_kld:.4f} ({proof})")  # fmt: skip
+    if plot is not None:
+        say("drew ", data(api.plot_plans([plan], plot, title=f"{Path(source).name}: solved for {target}")))
     if verify:
         with progress_bar("verifying") as on_step:
             checked = api.verify(solved, profile, imatrix=imatrix, text=calib,

@@ -50,6 +50,10 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     llama_args: Annotated[bool, typer.Option("--llama-args", help="print the llama-quantize command")] = False,
     tensors: Annotated[bool, typer.Option(help="show the per-tensor table")] = True,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="also draw bits per weight per block and tensor kind (PNG; replaced if it exists)"),
+    ] = None,
 ) -> None:
     """Resolve every tensor to a type, with the reason, from names and shapes alone."""
     quant_plan = api.plan(ensure_source(source), recipe)
@@ -70,6 +74,8 @@ def plan(
         print_json(payload)
         return
     draw_plan(out, quant_plan, coverage, tensors)
+    if plot is not None:
+        say("drew ", data(api.plot_plans([quant_plan], plot, title=source)))
     if coverage is not None and imx is not None:
         s = api.coverage_summary(coverage, imx, imatrix or "")
         say("imatrix ", data(imatrix), f": {s['covered']} tensors covered, {len(s['partial'])} partial, "
@@ -79,10 +85,18 @@ def plan(
 def compare(
     source: Annotated[str, typer.Argument(help="GGUF file, zoo:NAME or shapes:NAME")],
     recipes: Annotated[list[str], typer.Option("--recipe", "-r", help="recipes to compare (repeat)")],
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="also draw each plan's bits per weight per block and tensor kind, side by side (PNG; replaced)"
+        ),
+    ] = None,
 ) -> None:
     """Plan several recipes on one model and compare sizes and bits per weight per tensor class."""
     plans = [api.plan(ensure_source(source), r) for r in recipes]
     draw_comparison(out, plans)
+    if plot is not None:
+        say("drew ", data(api.plot_plans(plans, plot, title=source)))
 
 
 def quantize(
