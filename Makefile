@@ -16,7 +16,7 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 
-.PHONY: setup check test test-gpu lint demo fuzz clean
+.PHONY: setup check test test-long test-gpu lint demo fuzz clean
 
 $(LLAMA_WHEELS)/.built:
 	mkdir -p $(LLAMA_WHEELS)
@@ -38,9 +38,14 @@ setup: $(STAMP)
 check: setup
 	$(PY) -m pytest -q -m unit --durations=15
 
-# The whole suite, with its slowest tests listed so that its cost stays in sight.
+# Every lane but the long one, with its slowest tests listed so that its cost stays in sight.
 test: setup
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q -m "not slow" --durations=30
+
+# The long lane (tests marked slow: more models on the same paths, fault injection on a cluster) and the long fuzz.
+test-long: setup
+	$(PY) -m pytest -q -m slow --durations=30
+	$(MAKE) fuzz
 
 # The CUDA paths (tests marked gpu); on a machine without CUDA each says so and skips.
 test-gpu: setup

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.model  # the session fetches smollm2-135m
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 

@@ -4,6 +4,7 @@ also when a worker process is killed mid-task; a task that fails by itself fails
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,12 +20,13 @@ import pytest
 import dynq
 from dynq.errors import DynqError
 from dynq.executors import LocalProcesses, RayCluster
+from dynq.lab.synthetic import TINY_LLAMA, write_random
+from dynq.sources.shapes import dense_tensors
 from local_ray import LocalCluster, free_port, local_cluster
 from runs import measurements
 from tiny_models import llama_tensors, write_gguf
 
-pytestmark = pytest.mark.model
-MODEL = "zoo:smollm2-135m"
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +42,10 @@ def cluster(ray_cluster: LocalCluster) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real zoo model in F16 (profile needs a float reference) and its serial quantize."""
-    dynq.fetch(MODEL)
-    folder = tmp_path_factory.mktemp("cluster")
-    out = folder / "smollm2-f16.gguf"
-    dynq.quantize(dynq.plan(MODEL, "f16"), out, ctx=dynq.RunContext(threads=2))
-    return out
+    """A synthetic llama of 40M parameters in float (profile needs a float reference): tasks long enough to be seen
+    running on a worker, a model quick to quantize several times."""
+    config = dataclasses.replace(TINY_LLAMA, n_layer=6, n_embd=768, n_ff=2048)
+    return write_random(tmp_path_factory.mktemp("cluster") / "llama-40m.gguf", "llama", *dense_tensors(config))
 
 
 def quantize_cli(source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -62,6 +62,7 @@ def test_quantize_on_the_cluster_equals_serial(cluster: str, reference: Path, tm
     assert remote.read_bytes() == serial.read_bytes()
 
 
+@pytest.mark.slow  # fault injection on the cluster: the long lane
 def test_a_worker_killed_mid_task_is_retried(ray_cluster: LocalCluster, reference: Path, tmp_path: Path) -> None:
     serial, remote = tmp_path / "serial.gguf", tmp_path / "ray.gguf"
     assert quantize_cli(reference, serial, "--threads", "2").returncode == 0
@@ -88,6 +89,7 @@ def test_a_worker_killed_mid_task_is_retried(ray_cluster: LocalCluster, referenc
     assert remote.read_bytes() == serial.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_task_that_fails_by_itself_fails_the_run_once(cluster: str, tmp_path: Path) -> None:
     tensors = [(n, v.copy(), t) for n, v, t in llama_tensors()]
     name, values, _ = tensors[5]
@@ -101,6 +103,7 @@ def test_a_task_that_fails_by_itself_fails_the_run_once(cluster: str, tmp_path: 
     assert not (tmp_path / "out.gguf").exists()
 
 
+@pytest.mark.slow
 def test_profile_on_the_cluster_equals_serial(cluster: str, reference: Path, tmp_path: Path) -> None:
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)))

@@ -445,13 +445,13 @@ def test_run_chat_answers_as_llama_cpp_python_chat_does() -> None:
 TRANSFORMERS_CASES = [
     ("zoo:smollm2-135m", "LlamaForCausalLM",
      "The quick brown fox jumps over the lazy dog. In Python, a list comprehension builds a new list"),
-    ("zoo:qwen2.5-coder-0.5b", "Qwen2ForCausalLM",
-     "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]"),
+    pytest.param("zoo:qwen2.5-coder-0.5b", "Qwen2ForCausalLM",
+                 "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]",
+                 marks=pytest.mark.slow),  # the same path on a second architecture: the long lane
 ]  # fmt: skip
 
 
 @pytest.mark.model
-@pytest.mark.slow
 @pytest.mark.parametrize(("source", "architecture", "text"), TRANSFORMERS_CASES)
 def test_transformers_loads_a_dynq_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, architecture: str, text: str

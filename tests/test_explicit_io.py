@@ -73,7 +73,6 @@ def test_library_paths_run_offline(offline: None, tmp_path: Path) -> None:
 
 
 @pytest.mark.model
-@pytest.mark.slow
 def test_a_checkpoint_opens_and_plans_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Opening a Hugging Face checkpoint loads llama.cpp's converter from the cache (`make setup` put it there) and
     reaches for neither the network nor pip."""

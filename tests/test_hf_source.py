@@ -27,7 +27,7 @@ from dynq.sources.checkpoint import HFCheckpoint
 from hf_checkpoints import tiny_deepseek_v3_fp8, tiny_qwen2, tiny_qwen2_moe
 from runs import TWO_THREADS, quantize_to
 
-pytestmark = [pytest.mark.model, pytest.mark.slow]
+pytestmark = pytest.mark.model
 
 MAKERS: dict[str, Callable[[Path], Path]] = {
     "qwen2": tiny_qwen2,
@@ -38,7 +38,9 @@ MAKERS: dict[str, Callable[[Path], Path]] = {
 OWN_PREFIXES = ("dynq.",)
 
 
-@pytest.fixture(scope="module", params=sorted(MAKERS))
+# MoE, FP8 and MLA in one checkpoint run in `make test`; the dense and the Qwen2-MoE ones in the long lane
+@pytest.fixture(scope="module", params=[p if p == "deepseek-v3-fp8" else pytest.param(p, marks=pytest.mark.slow)
+                                        for p in sorted(MAKERS)])  # fmt: skip
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny checkpoint and llama.cpp's own F16 conversion of it."""
     folder = tmp_path_factory.mktemp(request.param)

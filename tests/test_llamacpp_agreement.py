@@ -20,7 +20,7 @@ from dynq.llamacpp.compare import llama_imatrix, llama_kld, llama_kld_base
 from dynq.paths import cache_dir
 from runs import TWO_THREADS, quantize_to
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model  # builds llama.cpp's tools
 
 TEXT = "\n".join(f"the {c} of {c}{c} and to in def return {i}" for i, c in enumerate("abcdefghijklmnopqrstuvwxyz" * 12))
 

@@ -94,6 +94,7 @@ def test_fewer_experts_change_the_output_and_the_report_says_why_k(moe: tuple[Pa
     assert 0.0 < report.expert_share < 1.0
 
 
+@pytest.mark.slow  # a second build of the whole model: the long lane
 def test_the_same_bytes_twice(dense: Path, moe: tuple[Path, MoeReport]) -> None:
     again, _ = _build(dense, "moe2-again.gguf")
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (moe[0], again)]
