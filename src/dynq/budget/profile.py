@@ -67,7 +67,7 @@ from dynq.sources.ref import SourceRef
 log = logging.getLogger(__name__)
 
 # The default settings: on the 1.5B model, 51 probes of 256 tokens in 2.7x one quantize's time. What four times the
-# probe text and 7-block groups measured instead is in the README ("Choose types for a size").
+# probe text and 7-block groups measured instead is in docs/solve.md.
 ROWS = 128
 GROUP_BLOCKS = 4
 N_CTX = 256
