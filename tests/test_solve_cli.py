@@ -180,8 +180,11 @@ def test_bench_solver_rows_at_a_mix_size(made: dict[str, Path]) -> None:
     ran = runner.invoke(app, ["bench", str(made["tiny"]), "-r", str(recipe), "--llama-mix", "Q4_K_M",
                               "--solve-at", "llama:Q4_K_M", "--profile", str(made["profile"]), "--imatrix",
                               str(made["imatrix"]), "--out-dir", str(out), "--ctx", "64", "--chunks", "1",
-                              "--loop-tokens", "0", "--name", "tiny", "--threads", "2"])  # fmt: skip
+                              "--loop-tokens", "0", "--name", "tiny", "--threads", "2", "--keep",
+                              str(made["dir"] / "kept")])  # fmt: skip
     assert ran.exit_code == 0, ran.output
+    kept = sorted((made["dir"] / "kept").iterdir())  # one quant per row, kept whole
+    assert len(kept) == 3 and all(p.read_bytes()[:4] == b"GGUF" for p in kept), kept
     rows = {r["name"]: r for r in json.loads((out / "tiny.json").read_text())}
     assert set(rows) == {str(recipe), "Q4_K_M", "solved@Q4_K_M"}
     assert 0.99 * rows["Q4_K_M"]["bytes"] <= rows["solved@Q4_K_M"]["bytes"] <= rows["Q4_K_M"]["bytes"]

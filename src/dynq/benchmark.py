@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -83,17 +84,21 @@ def bench(
     chunks: int | None = None,
     loop_tokens: int = 256,
     resume: bool = False,
+    keep: str | Path | None = None,
     ctx: RunContext | None = None,
     on_row: Callable[[BenchRow], None] | None = None,
 ) -> BenchResult:
     """Measure every recipe, llama.cpp mix and solve target on the reference `ref` (F16/BF16) with the same
     imatrix; write OUT_DIR/NAME.md, .json and .png after every row. Solve targets use `profile` (default: the
     reference's profile on the built-in calibration text, from the cache or measured). `resume` keeps the rows
-    of OUT_DIR/NAME.json (made with the same settings) and measures only the others."""
+    of OUT_DIR/NAME.json (made with the same settings) and measures only the others. Each quant is deleted after
+    its row unless `keep` names a folder to move it to (as NAME-ROW.gguf)."""
     ctx = context(ctx)
     ref, out = Path(ref), Path(out_dir)
     stem = name or ref.stem
     out.mkdir(parents=True, exist_ok=True)
+    if keep is not None:
+        Path(keep).mkdir(parents=True, exist_ok=True)
     files = (out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.png")
     title = f"{stem}: dynq recipes and llama.cpp mixes against the reference"
     settings = (
@@ -135,7 +140,10 @@ def bench(
             row = BenchRow(job.name, job.maker, summary.total_bytes, summary.bpw, scores.ppl, scores.kld_mean,
                            scores.kld_p99, scores.top1, loops, seconds, scores.kld_p999, scores.kld_max,
                            scores.kld_over_1)  # fmt: skip
-            work.unlink()
+            if keep is not None:
+                shutil.move(work, kept_path(keep, stem, job.name))
+            else:
+                work.unlink()
             rows.append(row)
             _write(files, rows, title, settings)
             if on_row is not None:
@@ -143,6 +151,11 @@ def bench(
     markdown = markdown_table(rows, title, settings)
     plot(rows, files[2], stem)
     return BenchResult(rows, kept, *files, markdown)
+
+
+def kept_path(keep: str | Path, stem: str, row: str) -> Path:
+    """Where `bench(keep=)` puts the quant of row `row`."""
+    return Path(keep) / f"{stem}-{_UNSAFE.sub('_', row)}.gguf"
 
 
 def _write(files: tuple[Path, Path, Path], rows: Sequence[BenchRow], title: str, settings: str) -> None:

@@ -131,6 +131,7 @@ def bench(
     profile: Annotated[
         Path | None, typer.Option(help="profile the solver rows use (default: profile the reference, cached)")
     ] = None,
+    keep: Annotated[Path | None, typer.Option(help="keep each quant in this folder (default: deleted)")] = None,
 ) -> None:
     """Quantize one model with dynq recipes, llama.cpp mixes and solved mixes at given sizes, judge all against the
     reference, tabulate."""
@@ -149,7 +150,7 @@ def bench(
 
     result = api.bench(ref, recipes=recipes, llama_mixes=llama_mix or [], solve_at=solve_at or [], imatrix=imatrix,
                        profile=made, out_dir=out_dir, name=name, n_ctx=n_ctx, chunks=chunks, loop_tokens=loop_tokens,
-                       resume=resume, ctx=run_context(threads), on_row=on_row)  # fmt: skip
+                       resume=resume, keep=keep, ctx=run_context(threads), on_row=on_row)  # fmt: skip
     if result.kept:
         measured = len(result.rows) - result.kept
         say(f"resumed: {result.kept} rows kept from ", data(result.json), f", {measured} measured")
