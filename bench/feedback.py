@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--eval-chunks", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--note", default="", help="a paragraph for the table's page: what the timings ran beside")
+    p.add_argument("--cached-only", action="store_true", help="rewrite the table from the rows already measured")
     a = p.parse_args()
     work = Path.home() / ".cache" / "dynq" / "bench-feedback" / a.model
     work.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,8 @@ def main() -> None:
             for encoder in encoders:
                 name = f"{'rot-' if label else ''}{recipe}.{encoder}"
                 quant = work / f"{name}.gguf"
+                if a.cached_only and not (work / f"{name}.eval{a.eval_chunks}.json").exists():
+                    continue
                 options = ["--gram", str(gram)] if encoder == "feedback" else []
                 backend = "ggml" if encoder == "feedback" else encoder
                 if not quant.exists():  # a stopped run's partial: start over, so the time is a whole run's

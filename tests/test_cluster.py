@@ -104,6 +104,7 @@ def test_a_task_that_fails_by_itself_fails_the_run_once(cluster: str, tmp_path: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two profiles, one of them through Ray
 def test_profile_on_the_cluster_equals_serial(cluster: str, reference: Path, tmp_path: Path) -> None:
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)))

@@ -47,6 +47,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+@pytest.mark.model  # the `offline` fixture warms the caches first
 def test_the_doors_are_really_closed(offline: None) -> None:
     with pytest.raises(Refused):
         subprocess.run(["true"], timeout=10)
@@ -54,6 +55,7 @@ def test_the_doors_are_really_closed(offline: None) -> None:
         socket.create_connection(("127.0.0.1", 9))
 
 
+@pytest.mark.model
 def test_library_paths_run_offline(offline: None, tmp_path: Path) -> None:
     ctx = dynq.RunContext(threads=2)
     assert dynq.inspect(ZOO).n_tensors > 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 FUZZER = Path(__file__).with_name("fuzzing.py")
+pytestmark = pytest.mark.timeout(1200)  # the fuzzer's own limit below
 
 
 def fuzz(kinds: str, cases: int, seed: int) -> dict[str, dict[str, int]]:

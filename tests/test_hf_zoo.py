@@ -16,7 +16,7 @@ from dynq.llamacpp.converter import convert
 from dynq.paths import cache_dir
 from runs import TWO_THREADS, quantize_to
 
-pytestmark = [pytest.mark.model, pytest.mark.slow]
+pytestmark = [pytest.mark.model, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
