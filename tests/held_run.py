@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,9 @@ def _hold_after(target: str, calls: int) -> None:
 if __name__ == "__main__":
     target, calls, separator, *rest = sys.argv[1:]
     assert separator == "--", __doc__
+    # Ctrl-C as at a terminal, even when the test run was started in the background (a shell's `&` ignores SIGINT
+    # for its children, and Python then keeps it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _hold_after(target, int(calls))
     sys.argv = ["dynq", *rest]
     from dynq.cli import main

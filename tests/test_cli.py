@@ -81,8 +81,8 @@ def test_unmatched_rule_warns(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["warnings"]
 
 
-def test_readme_recipe_example_is_valid(tmp_path: Path) -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+def test_the_docs_recipe_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[1] / "docs" / "plan.md").read_text()
     example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     recipe = tmp_path / "my-mix.yaml"
     recipe.write_text(example)

@@ -70,6 +70,13 @@ def journaled(out: Path) -> int:
     return max(0, len(journal.read_bytes().splitlines()) - 1) if journal.exists() else 0
 
 
+def resumes_to(reference: bytes, model: Path, out: Path) -> None:
+    """`--resume` continues the kept tensors and ends with the uninterrupted run's bytes."""
+    done = run(model, out, "--resume")
+    assert done.returncode == 0 and "resuming after" in done.stderr, done.stderr
+    assert out.read_bytes() == reference
+
+
 def start_and_kill(model: Path, out: Path, after_tensors: int, sig: int, resume: bool) -> int:
     """Start a quantize, hold it once it has journaled `after_tensors` more tensors and send it `sig` there (a run
     that ends first is not signalled); returns its exit code."""
@@ -128,9 +135,7 @@ def test_resume_from_other_inputs_is_refused(model: Path, reference: bytes, tmp_
     assert not out.exists()
     # the refused resume lost nothing: the right inputs still continue the kept tensors
     assert journaled(out) >= 2
-    done = run(model, out, "--resume")
-    assert done.returncode == 0 and "resuming after" in done.stderr, done.stderr
-    assert out.read_bytes() == reference
+    resumes_to(reference, model, out)
 
 
 def test_damaged_partial_is_redone_from_the_damage(model: Path, reference: bytes, tmp_path: Path) -> None:
@@ -378,9 +383,7 @@ def test_ctrl_c_keeps_the_partial_for_resume(model: Path, reference: bytes, tmp_
     code = start_and_kill(model, out, 3, signal.SIGINT, resume=False)
     assert code == 130 and not out.exists()
     assert journaled(out) >= 3
-    done = run(model, out, "--resume")
-    assert done.returncode == 0 and "resuming after" in done.stderr, done.stderr
-    assert out.read_bytes() == reference
+    resumes_to(reference, model, out)
 
 
 def test_a_resume_with_another_encoder_is_refused(model: Path, reference: bytes, tmp_path: Path) -> None:
@@ -390,6 +393,4 @@ def test_a_resume_with_another_encoder_is_refused(model: Path, reference: bytes,
     done = run(model, out, "--resume", "--backend", "torch")
     assert done.returncode == 1 and "other inputs" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not out.exists() and journaled(out) >= 3
-    done = run(model, out, "--resume")
-    assert done.returncode == 0 and "resuming after" in done.stderr, done.stderr
-    assert out.read_bytes() == reference
+    resumes_to(reference, model, out)
