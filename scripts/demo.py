@@ -126,7 +126,7 @@ def main() -> None:
     order = [MIX, f"solved@{MIX}", uniform]
     table = Table(title=f"qwen2.5-coder-1.5b at llama.cpp's {MIX} size, {EVAL_CHUNKS}x512 evaluation tokens")
     for column in ("file", "by", "MiB", "bpw", "KLD mean", "KLD p99", "top-1", "loops"):
-        table.add_column(column, justify="left" if column in ("file", "by") else "right")
+        table.add_column(column, justify="left" if column in ("file", "by") else "right", no_wrap=column == "file")
     for name in order:
         r = rows[name]
         table.add_row(Text(name), r.maker, f"{r.bytes / 2**20:.1f}", f"{r.bpw:.3f}", f"{r.kld_mean:.3f}",
