@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from dynq.budget.profile_file import Profile
-from dynq.core.atomic import atomic_path
 from dynq.core.qtypes import qtype
 from dynq.core.tensors import block_of, kind_of
+from dynq.recipe.picture import label_grid, save_png
 
 
 def sensitivity_grid(profile: Profile, at: str) -> tuple[list[str], list[int], np.ndarray]:
@@ -41,9 +41,7 @@ def plot_profile(profile: Profile, path: str | Path, curves: int = 6) -> Path:
     finite = grid[np.isfinite(grid) & (grid > 0)]
     norm = LogNorm(vmin=float(finite.min()), vmax=float(finite.max())) if finite.size else None
     image = heat.imshow(grid, aspect="auto", cmap="magma", norm=norm, interpolation="nearest")
-    heat.set_yticks(range(len(kinds)), [k.removesuffix(".weight") for k in kinds], fontsize=7)
-    step = max(1, len(blocks) // 30)
-    heat.set_xticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=7)
+    label_grid(heat, kinds, blocks)
     heat.set_xlabel("block")
     heat.set_title(f"predicted KL divergence each tensor adds at {at}", fontsize=9)
     fig.colorbar(image, ax=heat, label="KLD (nats)")
@@ -66,6 +64,4 @@ def plot_profile(profile: Profile, path: str | Path, curves: int = 6) -> Path:
     curve.legend(fontsize=6)
     fig.suptitle(f"{Path(profile.model.spec).name}: profile", fontsize=10)
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return Path(path)
+    return save_png(fig, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,20 @@ def bpw_grid(plan: QuantPlan, kinds: Sequence[str], blocks: Sequence[int]) -> np
     return grid
 
 
+def label_grid(ax: Any, kinds: Sequence[str], blocks: Sequence[int]) -> None:
+    """A kinds x blocks heatmap's ticks: every kind, at most about 30 block numbers."""
+    ax.set_yticks(range(len(kinds)), [k.removesuffix(".weight") for k in kinds], fontsize=7)
+    step = max(1, len(blocks) // 30)
+    ax.set_xticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=7)
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write `fig` to `path` as PNG, under a temporary name first."""
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return Path(path)
+
+
 def plot_plans(plans: Sequence[QuantPlan], path: str | Path, title: str = "") -> Path:
     """One heatmap per plan (rows: tensor kinds, columns: blocks, colour: bits per weight on one shared scale), with
     each plan's name, size and overall bpw above it; written to `path` (temporary name, then renamed)."""
@@ -49,15 +64,11 @@ def plot_plans(plans: Sequence[QuantPlan], path: str | Path, title: str = "") ->
     image = None
     for ax, plan, grid in zip(axes, plans, grids, strict=True):
         image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=1.5, vmax=8.5, interpolation="nearest")
-        ax.set_yticks(range(len(kinds)), [k.removesuffix(".weight") for k in kinds], fontsize=7)
-        step = max(1, len(blocks) // 30)
-        ax.set_xticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=7)
+        label_grid(ax, kinds, blocks)
         ax.set_title(f"{plan.recipe.name}: {plan.total_bytes / 2**30:.2f} GiB, {plan.bpw:.3f} bpw", fontsize=9)
     axes[-1].set_xlabel("block")
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="bits per weight (grey: float, kept whole)", extend="max", shrink=0.9)
     if title:
         fig.suptitle(title)
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return Path(path)
+    return save_png(fig, path)
